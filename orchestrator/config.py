@@ -1,0 +1,399 @@
+"""The one typed, validated configuration tree of a training run.
+
+A config is built from a preset (a YAML file in orchestrator/presets/, or any YAML path) plus
+``key=value`` overrides (``optim.lr=3e-3 scaling.num_workers=8``). Values in overrides are parsed with
+yaml.safe_load, so ``true``, ``1e-3``, ``[0.9, 0.999]`` and ``null`` mean what they look like.
+Every validation failure raises ConfigError naming the key, the bad value and what would be accepted,
+before anything touches Ray, storage or MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "digits"
+
+
+def mixer_home() -> Path:
+    """Where the embedded default keeps data, runs and the MLflow store (override with MIXER_HOME)."""
+    return Path(os.environ.get("MIXER_HOME", Path.home() / ".mixer")).expanduser().resolve()
+
+
+class ConfigError(ValueError):
+    """A config key has a value that cannot be used; the message names key, value and what is accepted."""
+
+
+@dataclass
+class RunSection:
+    name: str = "digits"  # Ray Train run name; re-running with the same name resumes the run
+    storage_path: str = ""  # "" -> $MIXER_HOME/runs; local path or s3://bucket/prefix
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    name: str = "mixer_digits"
+    # Overrides of the registry's size fields; None keeps the variant's value.
+    img_size: int | None = None
+    patch_size: int | None = None
+    depth: int | None = None
+    hidden_dim: int | None = None  # C
+    tokens_mlp_dim: int | None = None  # D_S
+    channels_mlp_dim: int | None = None  # D_C
+    num_classes: int | None = None  # None -> taken from the dataset manifest
+    gelu: Literal["exact", "tanh"] = "exact"
+    init: Literal["official", "timm"] = "official"
+    head_bias: float | Literal["neg_log_k"] | None = None
+
+
+@dataclass
+class DataSection:
+    url: str = ""  # dataset root (with manifest.json); "" -> the embedded digits dataset
+    train_split: str = "train"
+    val_split: str = "val"
+    transform: Literal["inception", "digits"] = "digits"
+    loader_workers: int = 1  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01
+    endpoint_url: str | None = None  # S3-compatible endpoint; None -> AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL
+    anon: bool = False
+    profile: str | None = None
+    num_train_samples: int | None = None  # only for --dry-run planning when the dataset is not reachable
+
+
+@dataclass
+class OptimSection:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    weight_decay: float = 0.1  # decoupled, applied to weights only (not biases or norms)
+    clip_norm: float | None = 1.0
+    global_batch_size: int = 4096
+    micro_batch_size: int | None = None  # per worker and step; None -> global / num_workers
+
+
+@dataclass
+class ScheduleSection:
+    epochs: float = 300.0
+    warmup_steps: int = 10_000
+    decay: Literal["linear", "cosine"] = "linear"
+    end_lr_factor: float = 1e-5  # final lr = lr * end_lr_factor (big_vision: 1e-5)
+
+
+@dataclass
+class RegSection:
+    randaug_num_ops: int = 2
+    randaug_magnitude: int = 15  # 0 disables RandAugment
+    mixup_alpha: float = 0.5  # 0 disables mixup
+    label_smoothing: float = 0.0
+    dropout: float = 0.0
+    head_dropout: float = 0.0
+    stochastic_depth: float = 0.1
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 0  # 0 -> once per epoch
+    fewshot_every_steps: int = 0  # 0 -> off
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 0  # 0 -> once per epoch
+    num_to_keep: int = 2
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint
+    startup_timeout_s: float = 120.0  # how long to wait for the cluster to have room for the workers
+
+
+@dataclass
+class TrainSection:
+    bf16: bool = True  # autocast on GPU; ignored on CPU
+    compile: bool = False
+    log_every_steps: int = 10
+    max_steps: int | None = None  # cap the planned steps (smoke runs)
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    uri: str | None = None  # None -> MLFLOW_TRACKING_URI or sqlite:///$MIXER_HOME/mlflow.db
+    experiment: str = "mixer-pretrain"
+    parent_run_id: str | None = None  # set by Tune for nested trial runs
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    reg: RegSection = field(default_factory=RegSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolved_storage_path(self) -> str:
+        return self.run.storage_path or str(mixer_home() / "runs")
+
+
+# ---------------------------------------------------------------- parsing ---------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _load_yaml_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(preset_or_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build and validate a Config from a preset name or YAML path plus overrides."""
+    source = preset_or_file or DEFAULT_PRESET
+    path = Path(source)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        if (PRESET_DIR / f"{source}.yaml").exists():
+            path = PRESET_DIR / f"{source}.yaml"
+        else:
+            raise ConfigError(
+                f"--config {source!r} is neither an existing .yaml file nor a preset; "
+                f"presets: {', '.join(list_presets())}"
+            )
+    tree = _load_yaml_file(path)
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _set_dotted(tree, key, value)
+    else:
+        for item in overrides or []:
+            key, value = parse_override(item)
+            _set_dotted(tree, key, value)
+    cfg = config_from_dict(tree)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-3)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(
+            f"override key {key!r} must be section.key with a section among: "
+            f"{', '.join(f.name for f in dataclasses.fields(Config))}"
+        )
+    section, name = parts
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {node!r}")
+    node[name] = value
+
+
+def config_from_dict(tree: dict) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = set(tree) - set(sections)
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s) {sorted(unknown)}; accepted sections: {', '.join(sections)}"
+        )
+    kwargs = {}
+    for name, f in sections.items():
+        section_cls = f.default_factory  # type: ignore[misc]
+        values = tree.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+        kwargs[name] = _build_section(name, section_cls, values)
+    return Config(**kwargs)
+
+
+def _build_section(section: str, cls: type, values: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"unknown config key {section}.{key}; accepted keys in {section}: {', '.join(sorted(fields))}")
+    out = {}
+    for key, value in values.items():
+        out[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**out)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the annotation; allow int where float is expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r} is not accepted; expected {_describe(hint)}")
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise ConfigError(f"{key}={value!r} is not accepted; expected one of {list(typing.get_args(hint))}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is not accepted; expected a list of {_describe(item)}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}={value!r}: expected null")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new annotation kind in the tree
+        raise TypeError(f"unsupported annotation {hint} for {key}")
+    raise ConfigError(f"{key}={value!r} is not accepted; expected {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + str(list(typing.get_args(hint)))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# ---------------------------------------------------------------- validation ------------------------------
+
+
+def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not accepted; expected {accepted}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks and cross-field checks; the model's own sizes are checked by model.get_config."""
+    from model import get_config  # the model layer owns its own validation
+
+    r = cfg.run
+    _require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    o = cfg.optim
+    _require(o.lr > 0, "optim.lr", o.lr, "a positive number")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "a positive number or null")
+    _require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
+    s = cfg.scaling
+    _require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
+    _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
+    _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
+    micro = o.micro_batch_size or o.global_batch_size // s.num_workers
+    _require(micro > 0, "optim.micro_batch_size", o.micro_batch_size, "a positive integer")
+    per_step = micro * s.num_workers
+    _require(
+        o.global_batch_size % per_step == 0,
+        "optim.global_batch_size",
+        o.global_batch_size,
+        f"a multiple of scaling.num_workers x micro batch = {s.num_workers} x {micro} = {per_step} "
+        "(gradient accumulation keeps the global batch fixed, so it must divide evenly)",
+    )
+    sc = cfg.schedule
+    _require(sc.epochs > 0, "schedule.epochs", sc.epochs, "a positive number")
+    _require(sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "an integer >= 0")
+    _require(0 <= sc.end_lr_factor <= 1, "schedule.end_lr_factor", sc.end_lr_factor, "a number in [0, 1]")
+    g = cfg.reg
+    _require(g.randaug_num_ops >= 0, "reg.randaug_num_ops", g.randaug_num_ops, "an integer >= 0")
+    _require(0 <= g.randaug_magnitude <= 30, "reg.randaug_magnitude", g.randaug_magnitude, "an integer in [0, 30]")
+    _require(g.mixup_alpha >= 0, "reg.mixup_alpha", g.mixup_alpha, "a number >= 0 (0 disables mixup)")
+    for key in ("label_smoothing", "dropout", "head_dropout", "stochastic_depth"):
+        v = getattr(g, key)
+        _require(0 <= v < 1, f"reg.{key}", v, "a number in [0, 1)")
+    d = cfg.data
+    _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "an integer >= 0")
+    _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
+    _require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
+    _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
+    _require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
+    _require(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps, "an integer >= 1")
+    _require(
+        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+        "train.max_steps", cfg.train.max_steps, "null or an integer >= 1",
+    )
+    try:
+        get_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 10))
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def model_overrides(cfg: Config, num_classes: int) -> dict[str, Any]:
+    """The keyword overrides passed to model.create_model for this config."""
+    m = cfg.model
+    out: dict[str, Any] = {
+        "num_classes": num_classes,
+        "gelu": m.gelu,
+        "init": m.init,
+        "drop_rate": cfg.reg.dropout,
+        "head_drop_rate": cfg.reg.head_dropout,
+        "drop_path_rate": cfg.reg.stochastic_depth,
+    }
+    if m.head_bias is not None:
+        out["head_bias"] = m.head_bias
+    for key in ("img_size", "patch_size", "depth", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
+        value = getattr(m, key)
+        if value is not None:
+            out[key] = value
+    return out
+

@@ -1,0 +1,177 @@
+"""Driver side of a training run: resolve and check everything, then hand the loop to Ray Train.
+
+Order matters: config, data and tracking are checked before any Ray resource is requested; the cluster's
+capacity is checked before the worker group is started (Train V2 otherwise waits and retries forever).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Config, ConfigError, mixer_home
+from orchestrator.train_loop import Job
+
+RUN_NAME_TAG = "mixer.run_name"
+
+
+class ClusterTooSmallError(RuntimeError):
+    """The Ray cluster cannot fit the requested worker group."""
+
+
+@dataclass
+class ResolvedData:
+    url: str
+    storage_options: dict
+    num_classes: int
+    class_names: list[str]
+    train_samples: int
+    batches_per_rank_per_epoch: int | None
+
+
+def storage_options(cfg: Config) -> dict[str, Any]:
+    """fsspec options from the config; credentials are never here (they come from the environment)."""
+    from pipelines.storage import resolve_storage_options
+
+    return resolve_storage_options(
+        endpoint_url=cfg.data.endpoint_url, anon=cfg.data.anon, profile=cfg.data.profile
+    )
+
+
+def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedData:
+    """Find the dataset (writing the embedded digits set on first use) and read its manifest."""
+    from pipelines.digits import ensure_digits_dataset
+    from pipelines.manifest import load_manifest
+    from pipelines.storage import check_dataset_reachable
+
+    opts = storage_options(cfg)
+    url = cfg.data.url or ensure_digits_dataset(str(mixer_home() / "data" / "digits"))
+    try:
+        check_dataset_reachable(url, opts)
+        manifest = load_manifest(url, storage_options=opts)
+    except Exception as e:
+        if allow_unreachable and cfg.data.num_train_samples:
+            print(f"[dry-run] dataset not checked ({type(e).__name__}: {e}); planning with "
+                  f"data.num_train_samples={cfg.data.num_train_samples}")
+            return ResolvedData(url, opts, cfg.model.num_classes or 1000, [], cfg.data.num_train_samples, None)
+        raise ConfigError(f"data.url={url!r} cannot be used: {e}") from None
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        if split not in manifest.splits:
+            raise ConfigError(
+                f"data.{'train' if split == cfg.data.train_split else 'val'}_split={split!r} is not in the "
+                f"dataset at {url}; splits there: {sorted(manifest.splits)}"
+            )
+    if cfg.model.num_classes is not None and cfg.model.num_classes != manifest.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the dataset at {url} has {manifest.num_classes} "
+            "classes; leave model.num_classes unset (null) to take it from the dataset"
+        )
+    micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size // cfg.scaling.num_workers
+    from pipelines.loader import ShardLoader
+
+    probe = ShardLoader(
+        url, cfg.data.train_split, batch_size=micro, rank=0, world_size=cfg.scaling.num_workers,
+        num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
+    )
+    return ResolvedData(
+        url, opts, manifest.num_classes, list(manifest.class_names),
+        manifest.num_samples(cfg.data.train_split), len(probe),
+    )
+
+
+def resolve_tracking(cfg: Config) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    from orchestrator.tracking import check_tracking_reachable, resolve_tracking_uri
+
+    mixer_home().mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(cfg.tracking.uri, str(mixer_home()))
+    try:
+        check_tracking_reachable(uri)
+    except Exception as e:
+        raise ConfigError(f"tracking.uri={uri!r} cannot be used: {e}") from None
+    return uri
+
+
+def storage_target(cfg: Config, opts: dict):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig.
+
+    pyarrow ignores AWS_ENDPOINT_URL, so an s3:// path on a custom endpoint goes through s3fs.
+    """
+    path = cfg.resolved_storage_path()
+    if not path.startswith("s3://"):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return path, None
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    if not endpoint:
+        return path, None
+    import pyarrow.fs
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**opts)
+    return path[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True)
+
+
+def check_capacity(cfg: Config) -> None:
+    """Fail with a clear message when the cluster cannot fit the worker group (within startup_timeout_s)."""
+    import ray
+
+    need = {"CPU": cfg.scaling.num_workers * cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(cfg.scaling.num_workers)
+    deadline = time.monotonic() + cfg.scaling.startup_timeout_s
+    while True:
+        total = ray.cluster_resources()
+        short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if total.get(k, 0.0) < v}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            detail = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+            raise ClusterTooSmallError(
+                f"the Ray cluster cannot fit scaling.num_workers={cfg.scaling.num_workers} workers "
+                f"({detail}); lower scaling.num_workers or scaling.cpus_per_worker, or add nodes "
+                f"(waited {cfg.scaling.startup_timeout_s:g}s for the cluster to grow)"
+            )
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
+
+
+def build_trainer(cfg: Config, job: Job):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train_loop import train_worker
+
+    storage_path, filesystem = storage_target(cfg, job.storage_options)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "job": asdict(job)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            # A finite controller limit: a worker group that cannot start is an error, not an endless retry.
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=2),
+        ),
+    )

@@ -1,0 +1,127 @@
+"""Pretrain an MLP-Mixer with Ray Train, tracked in MLflow.
+
+    python -m orchestrator.pretrain                          # embedded default: digits on 2 local workers
+    python -m orchestrator.pretrain --config imagenet1k_b16 data.url=s3://bucket/in1k scaling.num_workers=32
+    python -m orchestrator.pretrain --dry-run optim.lr=3e-3  # print resolved config and plan, start nothing
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m orchestrator.pretrain ...
+
+Re-running with the same run.name (and run.storage_path) resumes from that run's latest checkpoint and keeps
+logging into the same MLflow run. The training step is in orchestrator/train_step.py, the per-worker
+loop in orchestrator/train_loop.py, the Ray Train set-up in orchestrator/launch.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.config import Config, ConfigError, list_presets, load_config, model_overrides
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.pretrain",
+        description="Pretrain an MLP-Mixer on Ray Train. Overrides are section.key=value.",
+        epilog=f"presets: {', '.join(list_presets())}",
+    )
+    parser.add_argument("--config", default=None, help="preset name or YAML file (default: digits)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, then exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        pretrain(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def plan_for(cfg: Config, *, allow_unreachable: bool = False):
+    from model import get_config
+
+    from orchestrator.launch import resolve_data
+    from orchestrator.run_plan import make_plan
+
+    data = resolve_data(cfg, allow_unreachable=allow_unreachable)
+    model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
+    return data, model_cfg, make_plan(cfg, model_cfg, data.train_samples, data.batches_per_rank_per_epoch)
+
+
+def dry_run(cfg: Config) -> None:
+    data, _, plan = plan_for(cfg, allow_unreachable=True)
+    print("# resolved config")
+    print(cfg.to_yaml())
+    print("# plan")
+    print(f"dataset              {data.url} ({data.num_classes} classes)")
+    print(plan.describe())
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run training; exits with 3 when the cluster is too small, 1 when training fails."""
+    from orchestrator import launch, run_tracking
+
+    data, model_cfg, plan = plan_for(cfg)
+    tracking_uri = launch.resolve_tracking(cfg)
+    print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
+
+    run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
+    job = launch.Job(
+        dataset_url=data.url,
+        num_classes=data.num_classes,
+        train_samples=data.train_samples,
+        mlflow_run_id=run.run_id if run else None,
+        tracking_uri=tracking_uri,
+        storage_options=data.storage_options,
+    )
+    launch.init_ray()
+    try:
+        launch.check_capacity(cfg)
+    except launch.ClusterTooSmallError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if run:
+            run.end("FAILED")
+        raise SystemExit(3) from None
+
+    trainer = launch.build_trainer(cfg, job)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if run:
+            run.end("FAILED")
+        raise SystemExit(1) from None
+
+    metrics = dict(result.metrics or {})
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    if run:
+        run_tracking.finish_run(run, cfg, model_cfg, result)
+    print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
+    return metrics
+
+
+def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, checkpoint_path: str | None) -> None:
+    print("\n=== done ===")
+    if "val/top1" in metrics:
+        print(f"top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  after step {metrics.get('step')}")
+    print(f"checkpoint      {checkpoint_path}")
+    if run:
+        from orchestrator.report import report_command
+
+        print(f"MLflow run id   {run.run_id}")
+        print(f"MLflow UI       mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+        print(f"compare runs    {report_command(cfg.tracking.experiment, tracking_uri=tracking_uri)}")
+        missing = run.unlogged_summary()
+        if missing:
+            print(f"not logged to MLflow: {missing}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

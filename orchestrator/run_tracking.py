@@ -1,0 +1,139 @@
+"""The driver's side of MLflow for a training run: open (or re-open) the run, then close it with artifacts.
+
+Workers only log metrics (rank 0, orchestrator/train_loop.py). The driver owns the run's lifecycle so a
+run restarted by Ray, or re-submitted with the same run.name, keeps one MLflow run.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+from orchestrator.config import Config
+from orchestrator.tracking import RunTracker, flatten_config
+
+RUN_NAME_TAG = "mixer.run_name"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def find_run_id(tracking_uri: str, experiment: str, run_name: str) -> str | None:
+    """The newest MLflow run of `experiment` made for Ray run `run_name`, if any."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
+    import mlflow
+    import ray
+    import torch
+
+    run_id = find_run_id(tracking_uri, cfg.tracking.experiment, cfg.run.name)
+    tracker = RunTracker(
+        tracking_uri, cfg.tracking.experiment, cfg.run.name, run_id=run_id,
+        parent_run_id=cfg.tracking.parent_run_id,
+        tags={
+            RUN_NAME_TAG: cfg.run.name,
+            "model_name": cfg.model.name,
+            "world_size": str(cfg.scaling.num_workers),
+            "git_commit": _git_commit(),
+            "versions.torch": torch.__version__,
+            "versions.ray": ray.__version__,
+            "versions.mlflow": mlflow.__version__,
+            "versions.python": platform.python_version(),
+        },
+    )
+    tracker.start()
+    if run_id is None:
+        params = flatten_config(cfg.to_dict())
+        resolved = model_cfg.to_dict()
+        # The model's resolved sizes (not only the overrides) so runs compare on D_S, D_C, C, depth, patch.
+        params.update({f"model.{k}": v for k, v in resolved.items()})
+        params.update({
+            "compute.num_params": plan.num_params,
+            "compute.fwd_gflops_per_image": round(plan.fwd_gflops_per_image, 6),
+            "compute.train_gflops_per_image": round(plan.train_gflops_per_image, 6),
+            "compute.accelerator": "gpu" if cfg.scaling.use_gpu else "cpu",
+            "plan.total_steps": plan.total_steps,
+            "plan.grad_accum_steps": plan.grad_accum_steps,
+            "plan.micro_batch_size": plan.micro_batch_size,
+            "plan.train_flops_total": f"{plan.train_flops_total:.6g}",
+        })
+        tracker.log_params(params)
+        tracker.log_dict(cfg.to_dict(), "config/resolved_config.yaml")
+    else:
+        print(f"[mlflow] continuing run {run_id} of {cfg.run.name}", flush=True)
+    return tracker
+
+
+def finish_run(tracker: RunTracker, cfg: Config, model_cfg, result) -> None:
+    """Log the final model (with an input example) and a training-curve figure, then end the run."""
+    import torch
+    from model import MlpMixer
+
+    from orchestrator.checkpointing import load_checkpoint
+
+    metrics = dict(result.metrics or {})
+    if "val/top1" in metrics:
+        tracker.log_metrics({"final/top1": metrics["val/top1"], "final/top5": metrics["val/top5"]},
+                            int(metrics.get("step", 0)))
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as path:
+            state = load_checkpoint(path)
+        model = MlpMixer(model_cfg)
+        model.load_state_dict(state["model"])
+        model.eval()
+        example = torch.zeros(1, model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
+        tracker.log_model(model, example)
+    fig = curves_figure(tracker)
+    if fig is not None:
+        tracker.log_figure(fig, "curves.png")
+    tracker.end("FINISHED")
+
+
+def curves_figure(tracker: RunTracker):
+    """Loss and top-1 against the step, read back from MLflow (so restarts are included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracker.tracking_uri)
+        loss = client.get_metric_history(tracker.run_id, "train/loss")
+        top1 = client.get_metric_history(tracker.run_id, "val/top1")
+    except Exception:  # tracking unreachable at the end: the figure is skipped, the run summary says so
+        return None
+    if not loss and not top1:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    loss = sorted(loss, key=lambda m: m.step)
+    top1 = sorted(top1, key=lambda m: m.step)
+    ax1.plot([m.step for m in loss], [m.value for m in loss])
+    ax1.set(xlabel="step", ylabel="train loss", title="training loss")
+    ax2.plot([m.step for m in top1], [m.value for m in top1], marker="o")
+    ax2.set(xlabel="step", ylabel="top-1", title="validation top-1")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

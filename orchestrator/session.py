@@ -1,0 +1,85 @@
+"""Where the training loop runs: a Ray Train worker or a plain single process.
+
+The loop only talks to a Session (rank, device, model preparation, checkpoint hand-off, reporting), so the
+same loop runs under Ray Train and without Ray (tests, benchmarks, debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.checkpointing import LocalCheckpointStore
+
+
+class LocalSession:
+    """One process, no Ray; checkpoints go to `checkpoint_root` (see LocalCheckpointStore)."""
+
+    world_rank = 0
+    world_size = 1
+    local_rank = 0
+
+    def __init__(self, checkpoint_root: str, num_to_keep: int = 2, device: str | None = None):
+        self.store = LocalCheckpointStore(checkpoint_root, num_to_keep)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        yield self.store.latest()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None:
+            self.store.commit(checkpoint_dir, metrics["step"])
+        self.reports.append(metrics)
+
+    def staging_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="ckpt_"))
+
+
+class RaySession:
+    """A Ray Train V2 worker: DDP via prepare_model, checkpoints persisted by ray.train.report."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.world_rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.device = ray.train.torch.get_device()
+        self._train = ray.train
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield Path(path)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        # A barrier: every rank calls it the same number of times; only rank 0 hands over a checkpoint.
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
+        self._train.report(metrics, checkpoint=checkpoint)
+
+    def staging_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="ckpt_"))

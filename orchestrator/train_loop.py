@@ -1,0 +1,258 @@
+"""The training loop of one worker: build, restore, step, evaluate, checkpoint, track.
+
+`train_worker(config_dict)` is what Ray Train runs on every worker (see orchestrator/launch.py);
+`run_training(cfg, session, job)` is the same loop with an explicit Session, so it also runs without Ray.
+The step itself lives in orchestrator/train_step.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from model import create_model, pretrained_data_config
+from pipelines.loader import ShardLoader
+from pipelines.mixup import mixup_batch
+from pipelines.transforms import make_transform
+
+from orchestrator.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orchestrator.config import Config, config_from_dict, model_overrides
+from orchestrator.evaluation import evaluate
+from orchestrator.optim import build_optimizer, build_scheduler
+from orchestrator.run_plan import make_plan, peak_tflops
+from orchestrator.train_step import train_step
+
+
+@dataclass
+class Job:
+    """What the driver resolved before launching: passed to every worker unchanged."""
+
+    dataset_url: str
+    num_classes: int
+    train_samples: int
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    storage_options: dict
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Entry point on each Ray Train worker."""
+    from orchestrator.session import RaySession
+
+    cfg = config_from_dict(payload["config"])
+    run_training(cfg, RaySession(), Job(**payload["job"]))
+
+
+def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if (cfg.train.bf16 and device.type == "cuda") else None
+
+
+def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, micro_batch: int):
+    data_cfg = pretrained_data_config(cfg.model.name)
+    common = dict(
+        input_size=model_cfg.img_size,
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+        interpolation=data_cfg["interpolation"],
+        crop_pct=data_cfg["crop_pct"],
+        preset=cfg.data.transform,
+    )
+    train_tf = make_transform(
+        True,
+        randaug_num_ops=cfg.reg.randaug_num_ops,
+        randaug_magnitude=cfg.reg.randaug_magnitude or None,
+        **common,
+    )
+    eval_tf = make_transform(False, **common)
+    loader_args = dict(
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.run.seed,
+        storage_options=job.storage_options,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        pin_memory=cfg.scaling.use_gpu,
+    )
+    train = ShardLoader(
+        job.dataset_url, cfg.data.train_split, batch_size=micro_batch, transform=train_tf, training=True,
+        shuffle_buffer=cfg.data.shuffle_buffer, **loader_args,
+    )
+    val = ShardLoader(
+        job.dataset_url, cfg.data.val_split, batch_size=max(micro_batch, 64), transform=eval_tf, training=False,
+        **loader_args,
+    )
+    return train, val
+
+
+def _stream(loader: ShardLoader, start_epoch: int, resumed: bool) -> Iterator[tuple[int, Any]]:
+    """Batches across epoch boundaries; the first epoch continues from the loaded position when resumed."""
+    epoch = start_epoch
+    while True:
+        if not resumed:
+            loader.set_epoch(epoch)
+        resumed = False
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
+    rank, world = session.world_rank, session.world_size
+    device = session.device
+    torch.manual_seed(cfg.run.seed * 1000 + rank)
+
+    model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
+    model_cfg = model.cfg
+    workers = cfg.scaling.num_workers
+    micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size // workers
+    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, micro)
+    plan = make_plan(cfg, model_cfg, job.train_samples, len(train_loader))
+    accum = plan.grad_accum_steps
+
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, plan.total_steps, cfg.schedule)
+
+    step, start_epoch, resumed, run_id, accel_hours = 0, 0, False, job.mlflow_run_id, 0.0
+    with session.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = load_checkpoint(ckpt_dir, map_location="cpu")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = state["step"]
+            train_loader.load_state_dict(state["data"])
+            start_epoch, resumed = state["data"]["epoch"], True
+            run_id = state.get("mlflow_run_id") or run_id
+            accel_hours = state.get("accelerator_hours", 0.0)
+            rngs = state.get("rng", [])
+            if rank < len(rngs):
+                set_rng_state(rngs[rank])
+            if rank == 0:
+                print(f"[resume] from {ckpt_dir.name}: step {step}, epoch {start_epoch}", flush=True)
+
+    train_model = session.prepare_model(model)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    autocast = _autocast_dtype(cfg, device)
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+    tracker = _start_tracker(cfg, job, run_id) if rank == 0 else None
+    stream = _stream(train_loader, start_epoch, resumed)
+    mix_gen = torch.Generator()
+    final: dict[str, Any] = {}
+    window_t, window_images, run_t0 = time.perf_counter(), 0, time.perf_counter()
+    best_top1 = 0.0
+
+    first_step = step
+    if rank == 0:
+        print(f"[plan]\n{plan.describe()}", flush=True)
+
+    while step < plan.total_steps:
+        micro_batches = []
+        for i in range(accum):
+            epoch, (x, y) = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
+                mix_gen.manual_seed(hash((cfg.run.seed, rank, step, i)) & 0x7FFFFFFF)
+                x, y = mixup_batch(
+                    x, y, job.num_classes, cfg.reg.mixup_alpha, mix_gen, label_smoothing=cfg.reg.label_smoothing
+                )
+            micro_batches.append((x, y))
+        result = train_step(
+            train_model, micro_batches, optimizer, scheduler,
+            loss_kind=cfg.reg.loss, clip_norm=cfg.optim.clip_norm, autocast_dtype=autocast,
+        )
+        step += 1
+        window_images += result.images * world
+
+        if step % cfg.train.log_every_steps == 0 or step == plan.total_steps:
+            now = time.perf_counter()
+            elapsed = now - window_t
+            img_s = window_images / elapsed if elapsed > 0 else 0.0
+            accel_hours += elapsed * world / 3600
+            metrics = {
+                "train/loss": result.loss.item(),
+                "train/lr": result.lr,
+                "train/grad_norm": float(result.grad_norm),
+                "train/img_per_s": img_s,
+                "train/img_per_s_per_device": img_s / world,
+                "compute/flops": plan.train_flops_per_step * step,
+                "compute/accelerator_hours": accel_hours,
+                "train/epoch": epoch,
+            }
+            if peak:
+                metrics["train/mfu"] = img_s / world * plan.train_gflops_per_image * 1e9 / (peak * 1e12)
+            if rank == 0:
+                eta = (plan.total_steps - step) * (now - run_t0) / max(step - first_step, 1)
+                print(
+                    f"step {step}/{plan.total_steps} epoch {epoch} loss {metrics['train/loss']:.4f} "
+                    f"lr {result.lr:.2e} {img_s:.0f} img/s ETA {eta:.0f}s",
+                    flush=True,
+                )
+                if tracker:
+                    tracker.log_metrics(metrics, step)
+            window_t, window_images = time.perf_counter(), 0
+
+        eval_due = step % plan.eval_every_steps == 0 or step == plan.total_steps
+        ckpt_due = step % plan.checkpoint_every_steps == 0 or step == plan.total_steps
+        if eval_due or ckpt_due:
+            report: dict[str, Any] = {"step": step, "epoch": epoch}
+            if eval_due:
+                t0 = time.perf_counter()
+                val = evaluate(model, val_loader, device, autocast)
+                window_t += time.perf_counter() - t0  # evaluation time is not training throughput
+                best_top1 = max(best_top1, val["top1"])
+                report.update({"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"]})
+                if rank == 0:
+                    print(f"eval step {step}: top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} "
+                          f"loss {val['loss']:.4f} ({val['count']} images)", flush=True)
+                    if tracker:
+                        tracker.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
+            ckpt_dir = None
+            if ckpt_due:
+                rngs = _gather_rng_states(world)
+                if rank == 0:
+                    ckpt_dir = session.staging_dir()
+                    save_checkpoint(ckpt_dir, {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "data": train_loader.state_dict(),
+                        "rng": rngs,
+                        "mlflow_run_id": run_id,
+                        "accelerator_hours": accel_hours,
+                        "config": cfg.to_dict(),
+                    })
+            session.report(report, ckpt_dir)
+            final.update(report)
+
+    final["best_top1"] = best_top1
+    final["accelerator_hours"] = accel_hours
+    return final
+
+
+def _gather_rng_states(world: int) -> list[dict]:
+    import torch.distributed as dist
+
+    mine = rng_state()
+    if world == 1 or not dist.is_initialized():
+        return [mine]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _start_tracker(cfg: Config, job: Job, run_id: str | None):
+    """Rank 0 logs metrics into the run the driver created (or the one the checkpoint names)."""
+    if not cfg.tracking.enabled or run_id is None:
+        return None
+    from orchestrator.tracking import RunTracker
+
+    tracker = RunTracker(job.tracking_uri, cfg.tracking.experiment, cfg.run.name, run_id=run_id)
+    tracker.start()
+    return tracker

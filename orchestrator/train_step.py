@@ -1,0 +1,73 @@
+"""The training step: forward, loss, backward (with gradient accumulation), clip, optimizer, schedule.
+
+Plain PyTorch with no Ray in it: the same function runs in a Ray Train worker, in a single process, and in
+the benchmark. `model` may be wrapped in DistributedDataParallel; gradients are then all-reduced on the
+last micro-batch only (no_sync on the others), so the global batch stays fixed whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss over the micro-batches (a tensor: no host sync unless it is read)
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    lr: float
+    images: int  # images this worker processed in the step
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """softmax: cross-entropy; sigmoid: big_vision's sigmoid_xent (sum over classes, mean over batch).
+
+    targets are class indices (int64) or per-class probabilities (mixup / label smoothing).
+    """
+    logits = logits.float()
+    if kind == "softmax":
+        return F.cross_entropy(logits, targets)
+    if targets.dtype == torch.long:
+        targets = F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    per_class = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return per_class.sum(-1).mean()
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    loss_kind: str = "softmax",
+    clip_norm: float | None = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepResult:
+    model.train()
+    n = len(micro_batches)
+    total_loss = torch.zeros((), device=micro_batches[0][0].device)
+    images = 0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(x)
+            loss = classification_loss(logits, y, loss_kind)
+            (loss / n).backward()
+        total_loss += loss.detach()
+        images += x.shape[0]
+    if clip_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(loss=total_loss / n, grad_norm=grad_norm, lr=lr, images=images)
