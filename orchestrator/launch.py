@@ -150,7 +150,8 @@ def check_capacity(cfg: Config) -> None:
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
 
 
-def build_trainer(cfg: Config, job: Job):
+def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
+    """A TorchTrainer for this run; Tune passes its TuneReportCallback in `callbacks`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -173,5 +174,6 @@ def build_trainer(cfg: Config, job: Job):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             # A finite controller limit: a worker group that cannot start is an error, not an endless retry.
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=2),
+            callbacks=callbacks or None,
         ),
     )
