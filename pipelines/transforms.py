@@ -13,12 +13,17 @@ tensor); ``python -m pipelines.bench`` compares it with PIL.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode
 from torchvision.transforms import InterpolationMode, v2
+
+# torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec (not a dependency here); they are
+# still the fastest decode path available to us (see pipelines/bench.py), so the per-call warning is muted.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
 _INTERP = {
     "bicubic": InterpolationMode.BICUBIC,
