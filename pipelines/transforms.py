@@ -21,10 +21,6 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode
 from torchvision.transforms import InterpolationMode, v2
 
-# torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec (not a dependency here); they are
-# still the fastest decode path available to us (see pipelines/bench.py), so the per-call warning is muted.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
-
 _INTERP = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
@@ -35,7 +31,11 @@ _INTERP = {
 def decode_image(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """Raw encoded bytes (JPEG/PNG/...) -> uint8 RGB CHW tensor. Raises on corrupt data."""
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return _tv_decode(buf, mode=ImageReadMode.RGB)
+    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here); they
+    # are still the fastest decode path we have (see pipelines/bench.py), so the per-call warning is muted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _tv_decode(buf, mode=ImageReadMode.RGB)
 
 
 def decode_image_pil(data: bytes) -> torch.Tensor:
