@@ -213,7 +213,6 @@ def _quick_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
         ck.setdefault("read_timeout", 3)
         ck.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
         opts["config_kwargs"] = ck
-        opts.setdefault("retries", 2)
         # a fresh instance: don't inherit a cached client with long timeouts
         opts["skip_instance_cache"] = True
     return opts
@@ -245,7 +244,8 @@ def check_dataset_reachable(
     try:
         found = with_retries(probe, what=target, attempts=2, base_delay=0.2, storage_options=opts)
     except Exception as exc:
-        raise StorageUnreachableError(
+        cls = StorageUnreachableError if is_transient(exc) else StorageError
+        raise cls(
             f"cannot reach storage for {redact_url(target)}{where}: {type(exc).__name__}: "
             f"{scrub(str(exc), opts)}. Check the endpoint URL (FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL "
             "or storage_options.endpoint_url), network access and credentials."
