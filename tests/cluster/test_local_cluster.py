@@ -91,10 +91,18 @@ def test_local_cluster_auth_jobs_node_failure_and_teardown(start_local_ray_clust
 
     # A trivial job through `ray job submit` runs on the cluster and sees both worker nodes.
     (tmp_path / "job").mkdir()
-    code = "import ray; ray.init(); r = ray.cluster_resources(); print('RESOURCES', sorted(k for k in r if k.startswith('node_')), r.get('CPU'))"
-    r = cluster.submit(["python", "-c", code], working_dir=tmp_path / "job", timeout=120)
+    code = (
+        "import os, ray; ray.init(); r = ray.cluster_resources(); "
+        "print('RESOURCES', sorted(k for k in r if k.startswith('node_')), r.get('CPU')); "
+        "print('AUTH', os.environ.get('RAY_AUTH_MODE'), 'UNBUFFERED', os.environ.get('PYTHONUNBUFFERED'))"
+    )
+    runtime_env = ("--runtime-env", str(REPO_ROOT / "cluster" / "runtime_env.yaml"))
+    r = cluster.submit(
+        ["python", "-c", code], working_dir=tmp_path / "job", timeout=120, extra_args=runtime_env
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RESOURCES ['node_0', 'node_1', 'node_2'] 2.0" in r.stdout, r.stdout
+    assert "AUTH token UNBUFFERED 1" in r.stdout, r.stdout  # node env + cluster/runtime_env.yaml env_vars
 
     # Kill worker node 1: its processes die, the GCS drops it, node 2 and the head are untouched.
     node1 = cluster.recorded_processes(1)
