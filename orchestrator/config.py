@@ -68,6 +68,7 @@ class DataSection:
     anon: bool = False
     profile: str | None = None
     num_train_samples: int | None = None  # only for --dry-run planning when the dataset is not reachable
+    trace_keys_dir: str | None = None  # debug: each rank appends the sample keys of its batches here
 
 
 @dataclass

@@ -32,13 +32,18 @@ class ResolvedData:
     batches_per_rank_per_epoch: int | None
 
 
-def storage_options(cfg: Config) -> dict[str, Any]:
+def storage_options(cfg: Config, url: str) -> dict[str, Any]:
     """fsspec options from the config; credentials are never here (they come from the environment)."""
     from pipelines.storage import resolve_storage_options
 
-    return resolve_storage_options(
-        endpoint_url=cfg.data.endpoint_url, anon=cfg.data.anon, profile=cfg.data.profile
-    )
+    given: dict[str, Any] = {}
+    if cfg.data.endpoint_url:
+        given["endpoint_url"] = cfg.data.endpoint_url
+    if cfg.data.anon:
+        given["anon"] = True
+    if cfg.data.profile:
+        given["profile"] = cfg.data.profile
+    return resolve_storage_options(url, given)
 
 
 def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedData:
@@ -47,10 +52,10 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
     from pipelines.manifest import load_manifest
     from pipelines.storage import check_dataset_reachable
 
-    opts = storage_options(cfg)
     url = cfg.data.url or ensure_digits_dataset(str(mixer_home() / "data" / "digits"))
+    opts = storage_options(cfg, url)
     try:
-        check_dataset_reachable(url, opts)
+        check_dataset_reachable(url, opts, want_file="manifest.json")
         manifest = load_manifest(url, storage_options=opts)
     except Exception as e:
         if allow_unreachable and cfg.data.num_train_samples:
@@ -96,7 +101,7 @@ def resolve_tracking(cfg: Config) -> str | None:
     return uri
 
 
-def storage_target(cfg: Config, opts: dict):
+def storage_target(cfg: Config):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig.
 
     pyarrow ignores AWS_ENDPOINT_URL, so an s3:// path on a custom endpoint goes through s3fs.
@@ -105,7 +110,8 @@ def storage_target(cfg: Config, opts: dict):
     if not path.startswith("s3://"):
         Path(path).mkdir(parents=True, exist_ok=True)
         return path, None
-    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    opts = storage_options(cfg, path)
+    endpoint = opts.get("endpoint_url")
     if not endpoint:
         return path, None
     import pyarrow.fs
@@ -157,7 +163,7 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
 
     from orchestrator.train_loop import train_worker
 
-    storage_path, filesystem = storage_target(cfg, job.storage_options)
+    storage_path, filesystem = storage_target(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1

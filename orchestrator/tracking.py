@@ -244,10 +244,9 @@ def check_tracking_reachable(uri: str, timeout: float = 3.0) -> None:
 
 
 @contextmanager
-def _http_limits(timeout: int, retries: int):
-    """Cap MLflow's HTTP retries/timeout for the calls inside (MLflow reads the env on every request)."""
-    names = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+def _env(**names: str):
+    """Set environment variables for the calls inside only (MLflow reads them on every request)."""
+    names = {k: v for k, v in names.items() if v}
     old = {k: os.environ.get(k) for k in names}
     os.environ.update(names)
     try:
@@ -258,6 +257,12 @@ def _http_limits(timeout: int, retries: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _http_limits(timeout: int, retries: int):
+    """Cap MLflow's HTTP retries/timeout (by default it retries for minutes) for the calls inside."""
+    return _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout), MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries),
+                MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
 
 
 # Error codes that mean "this request will never succeed" (drop it, count it) rather than "try again later".
@@ -547,7 +552,10 @@ class RunTracker:
 
             input_example = np.concatenate([input_example, input_example])
         try:
-            with self._limits(artifact=True), _use_tracking_uri(self.tracking_uri):
+            # The LoggedModel goes to the experiment in MLFLOW_EXPERIMENT_ID (else "Default", whose sqlite
+            # artifact root is ./mlruns in the cwd): point it at this run's experiment for this call only.
+            with self._limits(artifact=True), _env(MLFLOW_EXPERIMENT_ID=self.experiment_id or ""), \
+                    _use_tracking_uri(self.tracking_uri):
                 mlflow.pytorch.log_model(
                     model, name="model", input_example=input_example, run_id=self.run_id,
                     serialization_format="pt2",
@@ -602,6 +610,7 @@ class RunTracker:
         client = self._get_client()
         if self._pending_status == "RUNNING":
             with self._limits():
+                self.experiment_id = client.get_run(self.run_id).info.experiment_id
                 client.update_run(self.run_id, status="RUNNING")
             self._pending_status = None
         while self._params or self._tags:

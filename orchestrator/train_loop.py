@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from model import create_model, pretrained_data_config
 from pipelines.loader import ShardLoader
-from pipelines.mixup import mixup_batch
+from pipelines.mixup import MixupConfig
 from pipelines.transforms import make_transform
 
 from orchestrator.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -76,9 +76,13 @@ def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, 
         max_bad_fraction=cfg.data.max_bad_fraction,
         pin_memory=cfg.scaling.use_gpu,
     )
+    mixup = None
+    if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
+        mixup = MixupConfig(alpha=cfg.reg.mixup_alpha, label_smoothing=cfg.reg.label_smoothing)
     train = ShardLoader(
         job.dataset_url, cfg.data.train_split, batch_size=micro_batch, transform=train_tf, training=True,
-        shuffle_buffer=cfg.data.shuffle_buffer, **loader_args,
+        shuffle_buffer=cfg.data.shuffle_buffer, mixup=mixup, num_classes=job.num_classes,
+        return_keys=bool(cfg.data.trace_keys_dir), **loader_args,
     )
     val = ShardLoader(
         job.dataset_url, cfg.data.val_split, batch_size=max(micro_batch, 64), transform=eval_tf, training=False,
@@ -142,7 +146,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     tracker = _start_tracker(cfg, job, run_id) if rank == 0 else None
     stream = _stream(train_loader, start_epoch, resumed)
-    mix_gen = torch.Generator()
+    trace = _KeyTrace(cfg.data.trace_keys_dir, rank) if cfg.data.trace_keys_dir else None
     final: dict[str, Any] = {}
     window_t, window_images, run_t0 = time.perf_counter(), 0, time.perf_counter()
     best_top1 = 0.0
@@ -154,13 +158,10 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     while step < plan.total_steps:
         micro_batches = []
         for i in range(accum):
-            epoch, (x, y) = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
-                mix_gen.manual_seed(hash((cfg.run.seed, rank, step, i)) & 0x7FFFFFFF)
-                x, y = mixup_batch(
-                    x, y, job.num_classes, cfg.reg.mixup_alpha, mix_gen, label_smoothing=cfg.reg.label_smoothing
-                )
+            epoch, batch = next(stream)
+            if trace:
+                trace.write(step + 1, epoch, batch[2])
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             micro_batches.append((x, y))
         result = train_step(
             train_model, micro_batches, optimizer, scheduler,
@@ -234,6 +235,21 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     final["best_top1"] = best_top1
     final["accelerator_hours"] = accel_hours
     return final
+
+
+class _KeyTrace:
+    """Debug aid (data.trace_keys_dir): each rank appends the sample keys of every batch it trains on."""
+
+    def __init__(self, directory: str, rank: int):
+        from pathlib import Path
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        import json
+
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
 
 
 def _gather_rng_states(world: int) -> list[dict]:

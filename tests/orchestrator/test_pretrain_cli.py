@@ -1,0 +1,98 @@
+"""`python -m orchestrator.pretrain`: dry run and every validation error, all before any Ray resource."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def mixer_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path / "home"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dry_run_prints_resolved_config_and_plan(mixer_home):
+    env = {**os.environ, "MIXER_HOME": str(mixer_home)}
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.pretrain", "--dry-run", "scaling.num_workers=2",
+         "optim.global_batch_size=128", "optim.micro_batch_size=32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "# resolved config" in text and "mixer_digits" in text
+    # 128 global = 32 per worker x 2 workers x 2 accumulation steps
+    assert "32 per worker x 2 workers x 2 accumulation = 128 global" in text
+    assert "FLOPs for the run" in text
+    assert (mixer_home / "data" / "digits" / "manifest.json").exists()  # the embedded dataset was written
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_dry_run_of_paper_preset_without_its_bucket(mixer_home, monkeypatch, capsys):
+    # No network here: the preset's bucket is unreachable, so the plan uses data.num_train_samples.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
+    assert pretrain.main(["--config", "imagenet1k_b16", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1,281,167" in out and "4096 global" in out
+    assert "93,600" in out  # 312 steps/epoch x 300 epochs (1,281,167 // 4096 = 312)
+    assert "testing-secret-value" not in out
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["optim.lr=-1"], ["optim.lr", "-1"]),
+        (["optim.warmup=5"], ["optim.warmup", "accepted keys"]),
+        (["optim.global_batch_size=100", "scaling.num_workers=3"], ["optim.global_batch_size", "100"]),
+        (["model.patch_size=3"], ["patch_size", "3"]),
+        (["data.url=/nonexistent/dataset"], ["data.url", "/nonexistent/dataset"]),
+        (["--config", "no_such_preset"], ["no_such_preset", "digits"]),
+    ],
+)
+def test_validation_errors_exit_2_before_ray(args, expected, mixer_home, capsys):
+    import ray
+
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    for word in expected:
+        assert word in err
+    assert not ray.is_initialized()
+
+
+def test_unreachable_bucket_is_a_clear_error(mixer_home, monkeypatch, capsys):
+    port = _closed_port()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
+    assert pretrain.main([f"data.url=s3://no-bucket/data", f"data.endpoint_url=http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.url" in err and "s3://no-bucket/data" in err
+    assert "testing-secret-value" not in err
+
+
+def test_unreachable_tracking_server_is_a_clear_error(mixer_home, capsys):
+    port = _closed_port()
+    assert pretrain.main([f"tracking.uri=http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.uri" in err and str(port) in err
