@@ -713,6 +713,8 @@ class ShardLoader:
                 images, targets = mixup_batch(
                     images, labels, self.num_classes, self.mixup.alpha, mix_gen, self.mixup.label_smoothing
                 )
+                if self.pin_memory and torch.cuda.is_available():  # mixing made new, unpinned tensors
+                    images, targets = images.pin_memory(), targets.pin_memory()
             if self.return_keys:
                 yield images, targets, meta["keys"]
             else:
