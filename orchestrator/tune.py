@@ -401,8 +401,10 @@ def run_search(args: argparse.Namespace) -> int:
             trainable(setup),
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode=MODE, num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                search_alg=make_search_alg(search, base.run.seed),
+                metric=METRIC, mode=MODE, num_samples=num_samples,
+                # BasicVariantGenerator takes its own limit (Tune ignores max_concurrent_trials for it)
+                max_concurrent_trials=max_concurrent if search == "optuna" else None,
+                search_alg=make_search_alg(search, base.run.seed, max_concurrent),
                 scheduler=make_scheduler(scheduler_name, max_t, args.grace_period, args.reduction_factor),
                 trial_dirname_creator=_trial_dirname,
             ),
@@ -412,14 +414,15 @@ def run_search(args: argparse.Namespace) -> int:
     return finish_search(results, setup, space, base, data, parent, args.best_config, store)
 
 
-def make_search_alg(search: str, seed: int):
+def make_search_alg(search: str, seed: int, max_concurrent: int | None):
+    """Seeded, so the same space and run.seed sample the same trials."""
     if search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=seed)  # TPE; metric/mode come from TuneConfig
+        return OptunaSearch(seed=seed)  # TPE sampler; metric/mode come from TuneConfig
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
 
 
 def make_scheduler(name: str, max_t: int, grace_period: int, reduction_factor: float):
