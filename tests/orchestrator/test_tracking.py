@@ -1,0 +1,337 @@
+"""RunTracker against real MLflow: a sqlite store, and a real `mlflow server` process that is killed and
+restarted mid-run (the server start is the slow part: one per module)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator import tracking
+from orchestrator.tracking import (
+    RunTracker,
+    TrackingUnreachableError,
+    check_tracking_reachable,
+    flatten_config,
+    is_secret_key,
+    redact,
+    resolve_tracking_uri,
+)
+
+MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
+FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzTESTKEY1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ------------------------------------------------------------------------------------ pure helpers -----
+
+
+def test_flatten_config_dotted_and_stringified():
+    flat = flatten_config({"model": {"name": "mixer_s16_224", "depth": 8, "extra": {}},
+                           "optim": {"betas": [0.9, 0.999], "micro_batch_size": None}, "seed": 0})
+    assert flat == {"model.name": "mixer_s16_224", "model.depth": "8", "model.extra": "{}",
+                    "optim.betas": "[0.9, 0.999]", "optim.micro_batch_size": "None", "seed": "0"}
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None, str(tmp_path)) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("http://h:1", str(tmp_path)) == "http://h:1"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///rel/m.db", "x") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
+    assert resolve_tracking_uri("store", "x") == f"sqlite:///{tmp_path.resolve()}/store/mlflow.db"
+
+
+def test_secret_keys_and_values():
+    for k in ["data.key", "aws_secret_access_key", "AWS_ACCESS_KEY_ID", "api_key", "tracking.token",
+              "db.password", "gcp.credentials", "storage_options.secret", "MLFLOW_TRACKING_PASSWORD"]:
+        assert is_secret_key(k), k
+    for k in ["model.tokens_mlp_dim", "model.hidden_dim", "data.url", "optim.lr", "model.name", "run.seed"]:
+        assert not is_secret_key(k), k
+    text = f"id AKIAIOSFODNN7EXAMPLE secret {FAKE_SECRET} at https://bob:hunter22@host/x password=abc"
+    out = redact(text)
+    for s in ["AKIAIOSFODNN7EXAMPLE", FAKE_SECRET, "hunter22", "abc"]:
+        assert s not in out
+    sha = "0123456789abcdef0123456789abcdef01234567"  # a git commit is not a secret
+    assert redact(sha) == sha
+    assert redact({"a": 1, "password": "x", "n": {"token": "y", "b": "s3://u:p@h/b"}}) == {
+        "a": 1, "n": {"b": "s3://u:****@h/b"}}
+
+
+def test_check_reachable_sqlite_and_dead_http(tmp_path):
+    check_tracking_reachable(f"sqlite:///{tmp_path}/new/dir/mlflow.db")
+    assert (tmp_path / "new" / "dir").is_dir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root can write anyway
+        with pytest.raises(TrackingUnreachableError, match="not writable"):
+            check_tracking_reachable(f"sqlite:///{ro}/mlflow.db")
+    port = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnreachableError) as e:
+        check_tracking_reachable(f"http://user:s3cretpw@127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5
+    assert f"127.0.0.1:{port}" in str(e.value) and "s3cretpw" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ sqlite store -----
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def test_run_params_tags_metrics_and_resume(sqlite_uri, monkeypatch, caplog):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    caplog.set_level(logging.INFO, logger="orchestrator.tracking")
+    t = RunTracker(sqlite_uri, "unit", "run-a", tags={"model_name": "mixer_s16_224", "world_size": 2,
+                                                      "api_token": "tok-123456789"})
+    run_id = t.start()
+    params = {f"p{i:03d}": i for i in range(150)}  # more than one log_batch
+    params.update(flatten_config({"model": {"tokens_mlp_dim": 64},
+                                  "data": {"url": "s3://b/x", "storage": {"key": "AKIAIOSFODNN7EXAMPLE"}}}))
+    params["long"] = "x" * 1000
+    params["data.endpoint"] = f"http://u:{FAKE_SECRET}@127.0.0.1:9"
+    t.log_params(params)
+    for step in range(0, 50, 10):
+        t.log_metrics({"train/loss": 2.0 / (step + 1), "train/lr": 1e-3}, step)
+    t.end("FINISHED")
+    assert t.unlogged_summary() is None
+
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run-a"
+    p = run.data.params
+    assert p["p149"] == "149" and p["model.tokens_mlp_dim"] == "64" and p["data.url"] == "s3://b/x"
+    assert "data.storage.key" not in p
+    assert len(p["long"]) == tracking.PARAM_VALUE_LIMIT and p["long"].endswith(tracking.TRUNCATION_MARK)
+    assert FAKE_SECRET not in p["data.endpoint"]
+    assert run.data.tags["model_name"] == "mixer_s16_224" and run.data.tags["world_size"] == "2"
+    assert "api_token" not in run.data.tags
+    assert _history(client, run_id, "train/loss")[-1] == (40, pytest.approx(2.0 / 41))
+    assert FAKE_SECRET not in caplog.text and "AKIAIOSFODNN7EXAMPLE" not in caplog.text
+
+    # A restarted training process continues the same run.
+    t2 = RunTracker(sqlite_uri, "unit", "run-a", run_id=run_id)
+    assert t2.start() == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    t2.log_metrics({"train/loss": 0.01}, 60)
+    t2.end("FINISHED")
+    assert [s for s, _ in _history(client, run_id, "train/loss")] == [0, 10, 20, 30, 40, 60]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_parent_run_and_unknown_resume(sqlite_uri):
+    from mlflow import MlflowClient
+
+    parent = RunTracker(sqlite_uri, "unit-tune", "search")
+    pid = parent.start()
+    child = RunTracker(sqlite_uri, "unit-tune", "trial_0", parent_run_id=pid)
+    cid = child.start()
+    child.end()
+    parent.end()
+    assert MlflowClient(sqlite_uri).get_run(cid).data.tags["mlflow.parentRunId"] == pid
+    with pytest.raises(TrackingUnreachableError, match="0123abcd"):
+        RunTracker(sqlite_uri, "unit", "x", run_id="0123abcd" * 4).start()
+
+
+def test_artifacts_are_scrubbed_and_model_logged(sqlite_uri, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    t = RunTracker(sqlite_uri, "unit", "artifacts")
+    run_id = t.start()
+    t.log_dict({"data": {"url": "s3://b", "key": "AKIAIOSFODNN7EXAMPLE"}, "note": FAKE_SECRET},
+               "config/resolved_config.yaml")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    t.log_figure(fig, "curves.png")
+    notes = tmp_path / "notes.txt"
+    notes.write_text(f"creds: {FAKE_SECRET}\n")
+    t.log_artifact(str(notes), "extra")
+
+    class DataDependent(torch.nn.Module):  # torch.export cannot trace `if` on a tensor value
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum().item() > 0 else -self.fc(x)
+
+    model = DataDependent()
+    assert t.log_model(model, torch.zeros(1, 4)) == "state_dict"
+    t.end()
+    assert t.unlogged_summary() is None
+
+    client = MlflowClient(sqlite_uri)
+    root = Path(client.download_artifacts(run_id, "", str(tmp_path / "dl")))
+    cfg_text = (root / "config" / "resolved_config.yaml").read_text()
+    assert "s3://b" in cfg_text and "AKIA" not in cfg_text and FAKE_SECRET not in cfg_text
+    assert (root / "curves.png").stat().st_size > 1000
+    assert FAKE_SECRET not in (root / "extra" / "notes.txt").read_text()
+    state = torch.load(root / "model" / "state_dict.pt", weights_only=True)
+    assert torch.equal(state["fc.weight"], model.fc.weight)
+
+
+def test_log_model_pt2(sqlite_uri):
+    import mlflow
+    import torch
+
+    t = RunTracker(sqlite_uri, "unit", "model")
+    run_id = t.start()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert t.log_model(model, torch.randn(1, 3, 2, 2)) == "pt2"
+    t.end()
+    models = mlflow.MlflowClient(sqlite_uri).search_logged_models([t.experiment_id])
+    assert [m.source_run_id for m in models] == [run_id]
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(sqlite_uri):
+        loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    x = torch.randn(5, 3, 2, 2)  # a batch size other than the example's
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ a real server -----
+
+
+class MlflowServer:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("mlflow server did not start in time")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server's own session: uvicorn and job runner too
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, caplog):
+    from mlflow import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
+    check_tracking_reachable(mlflow_server.url)
+    t = RunTracker(mlflow_server.url, "outage", "run", retry_seconds=2.0)
+    run_id = t.start()
+    t.log_params({"model.name": "mixer_s16_224"})
+    for step in range(5):
+        t.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    client = MlflowClient(mlflow_server.url)
+    assert len(client.get_metric_history(run_id, "train/loss")) == 5
+
+    mlflow_server.kill()
+    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 40)
+    slowest, step = 0.0, 5
+    t_outage = time.monotonic()
+    while step < 55 or time.monotonic() - t_outage < 3:  # long enough for several retry attempts
+        t0 = time.monotonic()
+        t.log_metrics({"train/loss": 1.0 / (step + 1)}, step)  # must neither raise nor block
+        slowest = max(slowest, time.monotonic() - t0)
+        step += 1
+        time.sleep(0.02)
+    t.log_params({"late.param": 1})
+    assert t.is_down
+    assert slowest < 2.0, f"a logging call blocked {slowest:.1f} s"
+    outage_warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outage_warnings) == 1 and mlflow_server.url in outage_warnings[0].getMessage()
+    dropped = step - 5 - 40  # the buffer keeps the newest 40 points
+    summary = t.unlogged_summary()
+    assert f"{step - 5} metric values" in summary and "1 params" in summary
+    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 200_000)  # nothing more is dropped from here
+
+    mlflow_server.start()
+    deadline = time.monotonic() + 10
+    while t.is_down and time.monotonic() < deadline:  # the next attempt comes within retry_seconds
+        t.log_metrics({"train/loss": 0.001}, step)
+        step += 1
+        time.sleep(0.2)
+    assert not t.is_down
+    t.end("FINISHED")
+
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    expected = list(range(5)) + list(range(5 + dropped, step))
+    assert sorted(steps) == expected
+    run = client.get_run(run_id)
+    assert run.data.params["late.param"] == "1" and run.info.status == "FINISHED"
+    summary = t.unlogged_summary()
+    assert summary is not None and f"{dropped} metric values (train/loss)" in summary
+    assert "params" not in summary and "status" not in summary
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_server_down_at_end_and_at_start(tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnreachableError, match="127.0.0.1"):
+        RunTracker(dead, "x", "new").start()
+    # Continuing a known run while the server is away: buffer, and report it all at the end.
+    t = RunTracker(dead, "x", "resumed", run_id="f" * 32, retry_seconds=1.0)
+    assert t.start() == "f" * 32
+    t.log_params({"a": 1, "b": 2})
+    t.log_metrics({"val/top1": 0.5, "val/top5": 0.9}, 10)
+    t.log_dict({"a": 1}, "config.json")
+    t.end("FINISHED")
+    assert time.monotonic() - t0 < 15
+    summary = t.unlogged_summary()
+    for part in ["2 metric values (val/top1, val/top5)", "2 params", "config.json", "run status FINISHED", dead]:
+        assert part in summary, (part, summary)
