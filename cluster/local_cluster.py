@@ -344,33 +344,71 @@ def _worker_node(state: dict, i: int) -> dict:
     return node
 
 
-def _start_workers(state: dict, state_dir: Path, indices: list[int]) -> None:
+def _start_workers(state: dict, state_dir: Path, indices: list[int], attempts: int = 2) -> None:
+    """Start worker nodes side by side; a node whose `ray start` fails (Ray gives a raylet 30 s to register,
+    which a loaded machine can miss) is cleaned up and started once more."""
     ray = str(ray_executable())
-    taken: set[int] = set()
     token_path = Path(state["token_path"]) if state.get("token_path") else None
-    started = []
-    for i in indices:
-        node = _worker_node(state, i)
-        env = node_env(token_path)
-        if node["cuda_visible_devices"] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = node["cuda_visible_devices"]
-        cmd = [ray, "start", "--address", state["gcs_address"]]
-        cmd += _common_args(Path(node["temp_dir"]), node, taken, state.get("object_store_mb"))
-        log = state_dir / "logs" / f"start-n{i}.log"
-        started.append((node, _run_ray_start(cmd, env, log), log))
-    errors = []
-    for node, proc, log in started:
+    pending, errors = list(indices), {}
+    for attempt in range(attempts):
+        taken: set[int] = set()
+        started = []
+        for i in pending:
+            node = _worker_node(state, i)
+            env = node_env(token_path)
+            if node["cuda_visible_devices"] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = node["cuda_visible_devices"]
+            cmd = [ray, "start", "--address", state["gcs_address"]]
+            cmd += _common_args(Path(node["temp_dir"]), node, taken, state.get("object_store_mb"))
+            log = state_dir / "logs" / f"start-n{i}.log"
+            started.append((node, _run_ray_start(cmd, env, log), log))
+        pending = []
+        for node, proc, log in started:
+            try:
+                _wait_ray_start(proc, log, f"worker node {node['index']}")
+            except ClusterError as e:
+                errors[node["index"]] = str(e)
+                signal_processes(node_processes(node), grace_s=0)
+                pending.append(node["index"])
+                continue
+            node["pids"] = [_describe(p) for p in node_processes(node)]
+            node["node_id"] = _node_id(Path(node["temp_dir"]))
+            state["nodes"] = [n for n in state["nodes"] if n["index"] != node["index"]] + [node]
+            state["nodes"].sort(key=lambda n: n["index"])
+            save_state(state_dir, state)
+        if not pending:
+            return
+        if attempt + 1 < attempts:
+            print(f"`ray start` failed for worker node(s) {pending}; trying again", file=sys.stderr)
+    raise ClusterError("\n".join(errors[i] for i in pending))
+
+
+def _start_head(
+    state: dict, state_dir: Path, head: dict, token_path: Path | None, args, attempts: int = 2
+) -> None:
+    env = node_env(token_path)
+    if args.health_check_period_ms:
+        # GCS side of node-failure detection (RayConfig reads RAY_<name> from the GCS's environment):
+        # a node is declared dead after health_check_failure_threshold (5) missed periods.
+        env["RAY_health_check_period_ms"] = str(args.health_check_period_ms)
+    log = state_dir / "logs" / "start-n0.log"
+    for attempt in range(attempts):
+        taken: set[int] = set()
+        gcs_port, dashboard_port, client_port = free_port(taken), free_port(taken), free_port(taken)
+        state["dashboard_url"] = f"http://127.0.0.1:{dashboard_port}"
+        cmd = [str(ray_executable()), "start", "--head", "--port", str(gcs_port),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+               "--ray-client-server-port", str(client_port)]  # fmt: skip
+        cmd += _common_args(Path(head["temp_dir"]), head, taken, args.object_store_mb)
         try:
-            _wait_ray_start(proc, log, f"worker node {node['index']}")
-        except ClusterError as e:
-            errors.append(str(e))
-        node["pids"] = [_describe(p) for p in node_processes(node)]
-        node["node_id"] = _node_id(Path(node["temp_dir"]))
-        state["nodes"] = [n for n in state["nodes"] if n["index"] != node["index"]] + [node]
-        state["nodes"].sort(key=lambda n: n["index"])
-        save_state(state_dir, state)
-    if errors:
-        raise ClusterError("\n".join(errors))
+            _wait_ray_start(_run_ray_start(cmd, env, log), log, "the head node")
+            return
+        except ClusterError:
+            signal_processes(node_processes(head), grace_s=0)
+            shutil.rmtree(head["temp_dir"], ignore_errors=True)
+            if attempt + 1 == attempts:
+                raise
+            print("`ray start --head` failed; trying again", file=sys.stderr)
 
 
 def _any_alive(state: dict) -> bool:
@@ -395,8 +433,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     token_path = resolve_token(args.token_file)
     # Short temp root: Ray's unix socket paths (<temp-dir>/session_*/sockets/plasma_store) must fit 107 bytes.
     temp_root = Path(tempfile.mkdtemp(prefix="mxc-", dir=args.temp_root))
-    taken: set[int] = set()
-    gcs_port, dashboard_port, client_port = free_port(taken), free_port(taken), free_port(taken)
     head = {
         "index": 0,
         "role": "head",
@@ -417,7 +453,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "token_path": str(token_path) if token_path else None,
         "auth_mode": "token",
         "gcs_address": None,
-        "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
+        "dashboard_url": None,
         "workers": args.workers,
         "cpus_per_node": args.cpus_per_node,
         "gpus_per_node": args.gpus_per_node,
@@ -427,17 +463,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     save_state(state_dir, state)  # written first, so that `down` can clean up a half-started cluster
     try:
-        cmd = [ray, "start", "--head", "--port", str(gcs_port),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-               "--ray-client-server-port", str(client_port)]  # fmt: skip
-        cmd += _common_args(Path(head["temp_dir"]), head, taken, args.object_store_mb)
-        log = state_dir / "logs" / "start-n0.log"
-        head_env = node_env(token_path)
-        if args.health_check_period_ms:
-            # GCS side of node-failure detection (RayConfig reads RAY_<name> from the GCS's environment):
-            # a node is declared dead after health_check_failure_threshold (5) missed periods.
-            head_env["RAY_health_check_period_ms"] = str(args.health_check_period_ms)
-        _wait_ray_start(_run_ray_start(cmd, head_env, log), log, "the head node")
+        _start_head(state, state_dir, head, token_path, args)
         head["pids"] = [_describe(p) for p in node_processes(head)]
         head["node_id"] = _node_id(Path(head["temp_dir"]))
         state["gcs_address"] = (Path(head["temp_dir"]) / "ray_current_cluster").read_text().strip()
@@ -445,7 +471,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _start_workers(state, state_dir, list(range(1, args.workers + 1)))
         wait_for_nodes(state, args.workers + 1, timeout_s=60)
     except BaseException:
-        print("start failed; stopping what was started", file=sys.stderr)
+        print(f"start failed; stopping what was started (Ray logs kept in {temp_root})", file=sys.stderr)
         _down(state, state_dir, grace_s=0, keep_logs=True)
         raise
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # `cluster` is run from the checkout, not installed as a package
+    sys.path.insert(0, str(REPO_ROOT))
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 
