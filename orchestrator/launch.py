@@ -158,7 +158,7 @@ def check_capacity(cfg: Config) -> None:
 
 def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
     """A TorchTrainer for this run; Tune passes its TuneReportCallback in `callbacks`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.train_loop import train_worker
@@ -181,5 +181,9 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
             # A finite controller limit: a worker group that cannot start is an error, not an endless retry.
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=2),
             callbacks=callbacks or None,
+            # Train's print patch duplicates every worker line on the driver; plain prints are enough, and
+            # Train's own per-report INFO lines would drown the progress lines.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )

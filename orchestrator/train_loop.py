@@ -215,7 +215,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                         tracker.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
             ckpt_dir = None
             if ckpt_due:
-                rngs = _gather_rng_states(world)
+                rngs, data_states = _gather((rng_state(), train_loader.state_dict()), world)
                 if rank == 0:
                     ckpt_dir = session.staging_dir()
                     save_checkpoint(ckpt_dir, {
@@ -223,7 +223,8 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "step": step,
-                        "data": train_loader.state_dict(),
+                        # every rank's stream position, so a resume skips read samples without decoding them
+                        "data": ShardLoader.merge_state_dicts(data_states),
                         "rng": rngs,
                         "mlflow_run_id": run_id,
                         "accelerator_hours": accel_hours,
@@ -252,15 +253,16 @@ class _KeyTrace:
         self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
 
 
-def _gather_rng_states(world: int) -> list[dict]:
+def _gather(mine: tuple, world: int) -> tuple[list, list]:
+    """Every rank's (rng state, data position), transposed into two lists indexed by rank."""
     import torch.distributed as dist
 
-    mine = rng_state()
     if world == 1 or not dist.is_initialized():
-        return [mine]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, mine)
-    return out
+        gathered = [mine]
+    else:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    return [g[0] for g in gathered], [g[1] for g in gathered]
 
 
 def _start_tracker(cfg: Config, job: Job, run_id: str | None):
