@@ -36,6 +36,9 @@ class Job:
     mlflow_run_id: str | None
     tracking_uri: str | None
     storage_options: dict
+    # A state_dict file (local path or fsspec URL) to start from when the run has no checkpoint yet:
+    # how fine-tuning hands its adapted pretrained weights to every worker.
+    init_weights_url: str | None = None
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -122,6 +125,8 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     step, start_epoch, resumed, run_id, accel_hours = 0, 0, False, job.mlflow_run_id, 0.0
     with session.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is None and job.init_weights_url:
+            model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
         if ckpt_dir is not None:
             state = load_checkpoint(ckpt_dir, map_location="cpu")
             model.load_state_dict(state["model"])
@@ -152,8 +157,6 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     best_top1 = 0.0
 
     first_step = step
-    if rank == 0:
-        print(f"[plan]\n{plan.describe()}", flush=True)
 
     while step < plan.total_steps:
         micro_batches = []
@@ -236,6 +239,14 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     final["best_top1"] = best_top1
     final["accelerator_hours"] = accel_hours
     return final
+
+
+def _load_init_weights(url: str, storage_options: dict) -> dict:
+    import io
+
+    from pipelines.storage import read_bytes
+
+    return torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
 
 
 class _KeyTrace:
