@@ -215,11 +215,10 @@ def run_trial(params: dict, setup: dict) -> None:
     run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
     if run:
         run.set_tags({SEARCH_TAG: setup["name"], TRIAL_TAG: trial_id, STATUS_TAG: "running"})
-        sampled = {f"tune.{k}": v for k, v in params.items()}
-        try:
-            run.log_params(sampled)
-        except Exception:  # already logged by an earlier attempt of this trial
-            pass
+        # The searched values, resolved (D_S/D_C as integers) and as sampled, logged on every attempt: open_run
+        # logs the full config only for a new MLflow run, and an attempt may have died before it did.
+        space_keys = [k for k in params if k in setup["space"]["params"]]
+        run.log_params({**resolved_values(cfg, space_keys), **{f"tune.{k}": v for k, v in params.items()}})
     job = launch.Job(
         dataset_url=data.url, num_classes=data.num_classes, train_samples=data.train_samples,
         mlflow_run_id=run.run_id if run else None, tracking_uri=tracking_uri,

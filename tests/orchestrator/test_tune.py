@@ -1,0 +1,266 @@
+"""orchestrator.tune: the CLI's checks (fast), the default digits search end to end, and resume (slow, local Ray).
+
+The slow tests drive the real entry point in a subprocess with a temporary MIXER_HOME and sqlite MLflow store:
+    pytest -m slow tests/orchestrator/test_tune.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator import tune
+from orchestrator.config import load_config
+from orchestrator.search_space import load_space
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = "mixer-digits-tune"
+
+
+@pytest.fixture
+def mixer_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("MIXER_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return home
+
+
+# ---------------------------------------------------------------- fast ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "total, every_eval, every_ckpt, expected",
+    [(33, 11, 11, 3), (30, 11, 11, 3), (20, 5, 10, 4), (20, 4, 6, 7), (5, 10, 10, 1)],
+)
+def test_num_reports_matches_the_train_loop(total, every_eval, every_ckpt, expected):
+    plan = SimpleNamespace(total_steps=total, eval_every_steps=every_eval, checkpoint_every_steps=every_ckpt)
+    brute = sum(1 for s in range(1, total + 1) if s % every_eval == 0 or s % every_ckpt == 0 or s == total)
+    assert tune.num_reports(plan) == brute == expected
+
+
+def test_search_names_are_stable_and_resume_takes_the_latest(tmp_path):
+    store = tune.SearchStore(str(tmp_path), None)
+    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits"
+    with pytest.raises(tune.ConfigError, match="--resume"):
+        tune.pick_name(store, "tune-digits", True, None)
+    (tmp_path / "tune-digits").mkdir()
+    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits-2"
+    assert tune.pick_name(store, "tune-digits", True, None) == "tune-digits"
+    (tmp_path / "tune-digits-2").mkdir()
+    (tmp_path / "tune-digits-10").mkdir()
+    (tmp_path / "tune-digitsX").mkdir()
+    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits-3"
+    assert tune.pick_name(store, "tune-digits", True, None) == "tune-digits-10"
+    assert tune.pick_name(store, "tune-digits", True, "mine") == "mine"
+    with pytest.raises(tune.ConfigError, match="--name"):
+        tune.pick_name(store, "tune-digits", False, "a/b")
+    store.write_sidecar("mine", {"x": 1})
+    assert store.read_sidecar("mine") == {"x": 1} and store.read_sidecar("nothing") is None
+
+
+def test_trial_config_is_base_plus_sample_with_its_own_run_and_parent():
+    space = load_space("digits")
+    base = load_config(space.config, space.overrides)
+    setup = {"name": "tune-digits", "space_name": "digits", "space": space.to_dict(), "base_config": base.to_dict(),
+             "train_storage": "/runs/tune-digits/train_runs", "tracking_uri": "sqlite:////x.db", "parent_run_id": "p1"}
+    params = {"model.tokens_mlp_dim": 0.25, "model.channels_mlp_dim": 4, "optim.lr": 0.002}
+    cfg = tune.trial_config(setup, params, "abc_00001")
+    assert cfg.run.name == "tune-digits-abc_00001"  # stable per trial: a retried/resumed trial finds its checkpoints
+    assert cfg.run.storage_path == "/runs/tune-digits/train_runs"
+    assert (cfg.tracking.parent_run_id, cfg.tracking.uri) == ("p1", "sqlite:////x.db")
+    assert (cfg.model.tokens_mlp_dim, cfg.model.channels_mlp_dim) == (32, 512)  # C = 128 for mixer_digits
+    assert cfg.optim.lr == 0.002 and cfg.scaling.num_workers == 1
+    assert tune.trial_config(setup, params, "abc_00001") == cfg
+
+
+def test_schedulers_and_search_algorithms():
+    asha = tune.make_scheduler("asha", max_t=6, grace_period=1, reduction_factor=2)
+    assert (asha._max_t, asha._reduction_factor, asha._stop_last_trials) == (6, 2, False)
+    assert tune.make_scheduler("none", 6, 1, 2) is None
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(tune.make_search_alg("random", 0, 2), BasicVariantGenerator)
+    assert isinstance(tune.make_search_alg("grid", 0, None), BasicVariantGenerator)
+    assert isinstance(tune.make_search_alg("optuna", 0, 2), OptunaSearch)
+
+
+def test_dry_run_validates_and_plans_without_ray(mixer_home, capsys):
+    import ray
+
+    assert tune.main(["--dry-run", "schedule.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "search tune-digits" in out and "model.tokens_mlp_dim" in out
+    assert "4 trial(s); each reports 3 time(s)" in out
+    assert not ray.is_initialized()
+    assert tune.main(["--dry-run", "--space", "paper_appendix_b", "data.url=/nonexistent",
+                      "data.num_train_samples=1281167"]) == 0
+    assert "256 trial(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "space_text, args, names",
+    [
+        ("params:\n  reg.mixupp_alpha: {choice: [0.1]}\n", [], ["reg.mixupp_alpha"]),
+        ("params:\n  reg.mixup_alpha: {choice: []}\n", [], ["reg.mixup_alpha", "empty"]),
+        ("params:\n  optim.lr: {loguniform: [0.01, 0.001]}\n", [], ["optim.lr", "low"]),
+        ("params:\n  model.tokens_mlp_dim: {choice: [0.001], ratio_of: C}\n", [], ["model.tokens_mlp_dim"]),
+        ("params:\n  model.img_size: {grid: [16, 12]}\n  model.patch_size: {grid: [4, 8]}\n", [],
+         ["model.img_size=12", "model.patch_size=8"]),
+        ("params:\n  optim.lr: {loguniform: [0.001, 0.01]}\n", ["--search", "grid"], ["optim.lr", "grid"]),
+        ("params:\n  optim.lr: {choice: [0.001]}\n", ["--num-samples", "0"], ["--num-samples"]),
+        ("params:\n  optim.lr: {choice: [0.001]}\n", ["optim.lrr=1"], ["optim.lrr"]),
+    ],
+)
+def test_bad_input_exits_2_naming_the_key_before_ray(space_text, args, names, mixer_home, tmp_path, capsys):
+    import ray
+
+    f = tmp_path / "space.yaml"
+    f.write_text(space_text)
+    assert tune.main(["--space", str(f), *args]) == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert name in err, err
+    assert not ray.is_initialized()
+
+
+def test_resume_without_a_search_is_a_clear_error(mixer_home, capsys):
+    assert tune.main(["--resume"]) == 2
+    assert "no search named tune-digits" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- slow: local Ray -------------------------
+
+
+def _env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(MIXER_HOME=str(home), PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+    return env
+
+
+def _tracking(home: Path) -> str:
+    return f"sqlite:///{home / 'tune-mlflow.db'}"
+
+
+def _runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in runs if r.data.tags.get("mixer.kind") == "tune"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_default_search_end_to_end(tmp_path):
+    """The embedded default, shrunk to 3 epochs: 4 trials (D_S x D_C grid), 2 at a time, ASHA on val/top1."""
+    home = tmp_path / "home"
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.tune", "schedule.epochs=3", f"tracking.uri={_tracking(home)}"],
+        cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=840,
+    )
+    took = time.monotonic() - t0
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    print(f"default search (3 epochs) took {took:.0f}s")
+
+    client, parents, children = _runs(_tracking(home))
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.scheduler"].startswith("ASHA")
+    assert "space.model.tokens_mlp_dim" in parent.data.params and "search.algorithm" in parent.data.params
+    assert parent.data.metrics["best/top1"] > 0.3 and "best.trial_id" in parent.data.tags
+    assert {"search/space.yaml", "search/trials.json", "search/best_config.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+
+    # 4 nested children, one per trial, with distinct (D_S, D_C), each with metrics and compute
+    assert len(children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    widths = {(c.data.params["model.tokens_mlp_dim"], c.data.params["model.channels_mlp_dim"]) for c in children}
+    assert widths == {("32", "128"), ("32", "512"), ("128", "128"), ("128", "512")}
+    assert all("val/top1" in c.data.metrics and "compute/flops" in c.data.metrics for c in children)
+    # ASHA stopped at least one trial before its last evaluation; the rest finished
+    statuses = [c.data.tags["mixer.tune_status"] for c in children]
+    assert statuses.count("stopped_early") >= 1, statuses
+    assert set(statuses) <= {"stopped_early", "completed"}
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert parent.data.metrics["trials.stopped_early"] >= 1
+    assert "stopped early by ASHA" in log
+
+    # the best config is a file pretrain takes unchanged
+    m = re.search(r"best config\s+(\S+)", log)
+    assert m, log[-3000:]
+    best = Path(m.group(1))
+    assert best == home / "runs" / "tune-digits" / "best_config.yaml"
+    text = best.read_text()
+    best_child = next(c for c in children if c.data.tags["mixer.tune_trial_id"] == parent.data.tags["best.trial_id"])
+    assert f"tokens_mlp_dim: {best_child.data.params['model.tokens_mlp_dim']}" in text
+    dry = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "--config", str(best), "--dry-run"],
+                         cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "tune-digits-best" in dry.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
+    """Ctrl-C after the first trial finished; --resume runs only what is left, and each trial keeps one MLflow run."""
+    home = tmp_path / "home"
+    uri = _tracking(home)
+    args = [sys.executable, "-m", "orchestrator.tune", "--max-concurrent", "1", "schedule.epochs=2",
+            f"tracking.uri={uri}"]
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=REPO, env=_env(home), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        finished = None
+        deadline = time.monotonic() + 600
+        while finished is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(3)
+            if (home / "tune-mlflow.db").exists():
+                try:
+                    _, _, children = _runs(uri)
+                except Exception:  # the store is being created
+                    continue
+                done = [c for c in children if c.info.status == "FINISHED"]
+                finished = done[0] if done else None
+        assert finished is not None, log_path.read_text()[-5000:]
+        time.sleep(8)  # let Tune record the trial as terminated
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first_log = log_path.read_text()
+    assert rc == tune.EXIT_INTERRUPTED, first_log[-5000:]
+    assert "--resume --name tune-digits" in first_log
+    finished_id = finished.data.tags["mixer.tune_trial_id"]
+    end_time = finished.info.end_time
+
+    out = subprocess.run([sys.executable, "-m", "orchestrator.tune", "--resume"], cwd=REPO, env=_env(home),
+                         capture_output=True, text=True, timeout=900)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    assert "resuming" in log
+    assert f"run_trial_{finished_id} started" not in log  # the finished trial was not run again
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4  # one MLflow run per trial, across both driver runs
+    again = next(c for c in children if c.info.run_id == finished.info.run_id)
+    assert again.info.end_time == end_time and again.data.tags["mixer.tune_status"] == "completed"
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert len({(c.data.params["model.tokens_mlp_dim"], c.data.params["model.channels_mlp_dim"]) for c in children}) == 4
