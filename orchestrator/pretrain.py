@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan_for(cfg: Config, *, allow_unreachable: bool = False):
     from model import get_config
-
     from orchestrator.launch import resolve_data
     from orchestrator.run_plan import make_plan
 

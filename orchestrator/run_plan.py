@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass
 
 from model import count_params, forward_flops, train_flops_per_image
-
 from orchestrator.config import Config
 
 # Dense bf16 peak per accelerator (TFLOP/s), for MFU. 1,979 is H100's sparse figure, not used.

@@ -88,8 +88,8 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
 def finish_run(tracker: RunTracker, cfg: Config, model_cfg, result) -> None:
     """Log the final model (with an input example) and a training-curve figure, then end the run."""
     import torch
-    from model import MlpMixer
 
+    from model import MlpMixer
     from orchestrator.checkpointing import load_checkpoint
 
     metrics = dict(result.metrics or {})

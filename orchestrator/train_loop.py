@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from model import create_model, pretrained_data_config
-from pipelines.loader import ShardLoader
-from pipelines.mixup import MixupConfig
-from pipelines.transforms import make_transform
 
+from model import create_model, pretrained_data_config
 from orchestrator.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from orchestrator.config import Config, config_from_dict, model_overrides
 from orchestrator.evaluation import evaluate
 from orchestrator.optim import build_optimizer, build_scheduler
 from orchestrator.run_plan import make_plan, peak_tflops
 from orchestrator.train_step import train_step
+from pipelines.loader import ShardLoader
+from pipelines.mixup import MixupConfig
+from pipelines.transforms import make_transform
 
 
 @dataclass
@@ -160,7 +160,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     while step < plan.total_steps:
         micro_batches = []
-        for i in range(accum):
+        for _i in range(accum):
             epoch, batch = next(stream)
             if trace:
                 trace.write(step + 1, epoch, batch[2])

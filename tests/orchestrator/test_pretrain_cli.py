@@ -85,7 +85,7 @@ def test_unreachable_bucket_is_a_clear_error(mixer_home, monkeypatch, capsys):
     port = _closed_port()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
-    assert pretrain.main([f"data.url=s3://no-bucket/data", f"data.endpoint_url=http://127.0.0.1:{port}"]) == 2
+    assert pretrain.main(["data.url=s3://no-bucket/data", f"data.endpoint_url=http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert "data.url" in err and "s3://no-bucket/data" in err
     assert "testing-secret-value" not in err

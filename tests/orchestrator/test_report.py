@@ -50,14 +50,14 @@ def _log_run(uri, experiment, spec, parent_run_id=None):
             m.update({"train/mfu": rate / workers * 3 * gflops * 1e9 / 989e12,
                       "compute/flops": 3 * gflops * 1e9 * 4096 * step,
                       "compute/accelerator_hours": hours * frac})
-        t.log_metrics(m, step)
         if top1 is not None and i % 2 == 0:
             # rises, with a slight dip at the end so "best" differs from "last"
             acc = top1 * (1 - 0.5 * (1 - frac) ** 2) - (0.004 if i == STEPS else 0.0)
-            t.log_metrics({"val/top1": acc + (0.004 if i == STEPS - 2 else 0.0), "val/top5": min(1.0, acc + 0.15),
-                           "val/loss": 1.5 * (1 - frac) + 0.8}, step)
-    if fewshot:
-        t.log_metrics({"fewshot/5shot": top1 * 0.7, "fewshot/25shot": top1 * 0.85}, n_steps * 1000)
+            m.update({"val/top1": acc + (0.004 if i == STEPS - 2 else 0.0), "val/top5": min(1.0, acc + 0.15),
+                      "val/loss": 1.5 * (1 - frac) + 0.8})
+        if fewshot and i == n_steps:
+            m.update({"fewshot/5shot": top1 * 0.7, "fewshot/25shot": top1 * 0.85})
+        t.log_metrics(m, step)
     if status != "RUNNING":
         t.end(status)
     return run_id

@@ -29,7 +29,7 @@ def test_accumulation_equals_one_big_batch():
     ra = train_step(a, [(x, y)], oa, sa, clip_norm=None)
     rb = train_step(b, [(x[:4], y[:4]), (x[4:], y[4:])], ob, sb, clip_norm=None)
     assert torch.allclose(ra.grad_norm, rb.grad_norm, atol=1e-6)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=False):
         assert torch.allclose(pa, pb, atol=1e-6)
     assert ra.images == rb.images == 8
 
@@ -42,7 +42,7 @@ def test_clipping_bounds_the_update_and_reports_unclipped_norm():
     x, y = torch.randn(4, 3, 2, 2) * 100, torch.randint(0, 5, (4,))
     r = train_step(model, [(x, y)], opt, sched, clip_norm=0.01)
     assert r.grad_norm > 0.01
-    delta = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), before.parameters())))
+    delta = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), before.parameters(), strict=False)))
     assert delta <= 0.01 + 1e-6
 
 
