@@ -293,7 +293,7 @@ def _node_id(temp_dir: Path) -> str | None:
 
 def _run_ray_start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
+    with open(log, "a") as out:  # appended: a retried start keeps the first attempt's output
         out.write("$ " + shlex.join(cmd) + "\n")
         out.flush()
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
