@@ -134,24 +134,37 @@ def init_ray() -> None:
 
 
 def check_capacity(cfg: Config) -> None:
-    """Fail with a clear message when the cluster cannot fit the worker group (within startup_timeout_s)."""
-    import ray
+    """Fail with a clear message when the cluster cannot fit the worker group within startup_timeout_s.
 
-    need = {"CPU": cfg.scaling.num_workers * cfg.scaling.cpus_per_worker}
+    On an autoscaling cluster (KubeRay, cloud launcher) the shortfall is requested from the autoscaler
+    first, so a cluster that starts with no GPU nodes can still grow to fit the run.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
-        need["GPU"] = float(cfg.scaling.num_workers)
+        bundle["GPU"] = 1.0
+    need = {k: v * cfg.scaling.num_workers for k, v in bundle.items()}
     deadline = time.monotonic() + cfg.scaling.startup_timeout_s
+    requested = False
     while True:
         total = ray.cluster_resources()
         short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if total.get(k, 0.0) < v}
         if not short:
+            if requested:
+                request_resources(bundles=[])  # the worker group now holds what it needs
             return
+        if not requested:
+            request_resources(bundles=[bundle] * cfg.scaling.num_workers)
+            requested = True
         if time.monotonic() >= deadline:
+            request_resources(bundles=[])
             detail = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
             raise ClusterTooSmallError(
                 f"the Ray cluster cannot fit scaling.num_workers={cfg.scaling.num_workers} workers "
                 f"({detail}); lower scaling.num_workers or scaling.cpus_per_worker, or add nodes "
-                f"(waited {cfg.scaling.startup_timeout_s:g}s for the cluster to grow)"
+                f"(waited scaling.startup_timeout_s={cfg.scaling.startup_timeout_s:g}s for the cluster to grow)"
             )
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
 

@@ -2,7 +2,7 @@
 
     python -m orchestrator.report                                   # runs of experiment mixer-pretrain
     python -m orchestrator.report --experiment mixer-tune --parent <search run id>   # trials of one search
-    python -m orchestrator.report --filter "params.model.name = 'mixer_s16_224'" --out /tmp/s16
+    python -m orchestrator.report --filter 'params.`model.name` = "mixer_s16_224"' --out /tmp/s16
     python -m orchestrator.report --log-to-mlflow                   # also keep the report as an MLflow run
     python -m orchestrator.report --tracking-uri http://mlflow.internal:5000 --experiment team-mixer
 
@@ -258,7 +258,7 @@ def collect_runs(client, experiment_id: str, parent_run_id: str | None = None,
     if parent_run_id:
         filters.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
     if filter_string:
-        filters.append(f"({filter_string})" if " or " in filter_string.lower() else filter_string)
+        filters.append(filter_string)  # MLflow's grammar has AND only: appending keeps both conditions
     query = " and ".join(filters)
     runs, token = [], None
     try:
@@ -521,7 +521,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"MLflow experiment name (default: the --parent run's, else {DEFAULT_EXPERIMENT})")
     p.add_argument("--parent", default=None, metavar="RUN_ID", help="only the child runs of this run (a Tune search)")
     p.add_argument("--filter", default=None, metavar="FILTER",
-                   help="MLflow search filter, e.g. \"params.model.name = 'mixer_s16_224' and metrics.`val/top1` > 0.5\"")
+                   help="MLflow search filter (dotted names in backticks), e.g. "
+                        "'params.`model.patch_size` = \"16\" and metrics.`val/top1` > 0.5'")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: $MIXER_HOME/reports/<experiment>)")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="also log the table and figures as artifacts of a new report run tagged with the run ids")

@@ -45,8 +45,21 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     from orchestrator.session import RaySession
 
+    _quiet_per_report_logs()
     cfg = config_from_dict(payload["config"])
     run_training(cfg, RaySession(), Job(**payload["job"]))
+
+
+def _quiet_per_report_logs() -> None:
+    """Ray Train logs every report at INFO under a logger named after its source file, which its
+    LoggingConfig does not reach; those lines would drown the progress lines."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -141,7 +154,8 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
             if rank < len(rngs):
                 set_rng_state(rngs[rank])
             if rank == 0:
-                print(f"[resume] from {ckpt_dir.name}: step {step}, epoch {start_epoch}", flush=True)
+                print(f"[resume] from {ckpt_dir.name}: step {step}, data at epoch {start_epoch} batch "
+                      f"{state['data']['batches_consumed']}", flush=True)
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:

@@ -79,7 +79,8 @@ def test_short_run_then_resume_by_name(tmp_path):
 
     second = _run(home, "run.name=short", "schedule.epochs=6", *SHORT[1:])
     text = second.stdout + second.stderr
-    assert re.search(r"\[resume\] from checkpoint_\S+: step \d+, epoch 4", text), text[-3000:]
+    # 4 epochs of 11 steps were done: the run continues after step 44, at the end of epoch index 3
+    assert re.search(r"\[resume\] from checkpoint_\S+: step 44, data at epoch 3 batch 11", text), text[-3000:]
     assert len(_evals(text)) == 2  # only epochs 5 and 6 were trained
     assert re.search(r"MLflow run id\s+(\w+)", second.stdout).group(1) == run_id
     exp = client.get_experiment_by_name("mixer-digits")
@@ -118,7 +119,7 @@ def test_worker_killed_mid_run_recovers_with_exact_data_order(tmp_path):
     text = "".join(lines)
     assert proc.returncode == 0, text[-4000:]
     assert killed is not None
-    assert re.search(r"\[resume\] from checkpoint_\S+: step 10", text), text[-4000:]
+    assert re.search(r"\[resume\] from checkpoint_\S+: step 10,", text), text[-4000:]
     planned = int(re.search(r"step \d+/(\d+)", text).group(1))
     assert re.search(rf"after step {planned}\b", text)
 
