@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. depth=2 num_classes=10")
     args = parser.parse_args(argv)
 
-    model = create_model(args.name, **dict(_parse_override(o) for o in args.overrides)).eval()
+    try:
+        model = create_model(args.name, **dict(_parse_override(o) for o in args.overrides)).eval()
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     cfg = model.cfg
     print(f"{args.name}: {cfg.to_dict()}")
     print(f"params        {count_params(cfg):,} ({count_params(cfg, include_head=False):,} without head)")

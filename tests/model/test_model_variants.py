@@ -68,3 +68,11 @@ def test_variant_forward_backward_every_parameter_gets_gradient(name, init):
         assert torch.isfinite(p.grad).all(), pname
         assert p.grad.abs().sum() > 0, pname
 
+
+
+def test_smoke_demo_prints_config_params_flops_and_forward(capsys):
+    from model.__main__ import main
+
+    main(["--name", "mixer_digits", "--batch-size", "2", "depth=1"])
+    out = capsys.readouterr().out
+    assert "'depth': 1" in out and "params" in out and "GFLOPs/image" in out and "(2, 3, 16, 16) -> (2, 10)" in out
