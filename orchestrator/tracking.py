@@ -56,6 +56,7 @@ MAX_SPOOLED_ARTIFACT_BYTES = 256 * 2**20
 # Per-request limits for logging calls (MLflow reads these env vars on every request).
 REQUEST_TIMEOUT_S = 3
 ARTIFACT_REQUEST_TIMEOUT_S = 120
+START_REQUEST_TIMEOUT_S = 20
 FIRST_RETRY_S = 2.0
 
 
@@ -358,9 +359,11 @@ class RunTracker:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def _limits(self, artifact: bool = False):
+    def _limits(self, artifact: bool = False, start: bool = False):
         if artifact:
             return _http_limits(ARTIFACT_REQUEST_TIMEOUT_S, 1)
+        if start:  # before training: a slow (not dead) server may take its time
+            return _http_limits(max(START_REQUEST_TIMEOUT_S, self.request_timeout), 1)
         return _http_limits(self.request_timeout, 0)
 
     def start(self) -> str:
@@ -376,7 +379,7 @@ class RunTracker:
             tags["mlflow.parentRunId"] = self.parent_run_id
         if self.run_id is not None:
             try:
-                with self._limits():
+                with self._limits(start=True):
                     run = client.get_run(self.run_id)
                     self.experiment_id = run.info.experiment_id
                     if run.info.status != "RUNNING":
@@ -392,7 +395,7 @@ class RunTracker:
                 self.set_tags(tags)
             return self.run_id
         try:
-            with self._limits():
+            with self._limits(start=True):
                 self.experiment_id = self._ensure_experiment(client)
                 run = client.create_run(self.experiment_id, run_name=self.run_name,
                                         tags={k: _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in tags.items()})
