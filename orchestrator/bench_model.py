@@ -50,7 +50,7 @@ def cases_for(device: str, quick: bool, batch: int | None, names: list[str] | No
     else:  # 2 CPU cores: a B/16 step at 224 takes seconds even at batch 4
         default = [ModelCase("mixer_digits", 128), ModelCase("mixer_s16_224", 8), ModelCase("mixer_b16_224", 4)]
         if quick:
-            default = [ModelCase("mixer_digits", 64), ModelCase("mixer_s16_224", 4)]
+            default = [ModelCase("mixer_digits", 64), ModelCase("mixer_s16_224", 2)]
     if names:
         by_name = {c.name: c.batch for c in default}
         default = [ModelCase(n, by_name.get(n, 8 if device == "cpu" else 256)) for n in names]
@@ -136,7 +136,7 @@ class _Runner:
 
 def bench_case(
     case: ModelCase, device: torch.device, repeats: int, timm_cls, compile_modes: list[bool],
-    min_sample_s: float, peak: float | None,
+    min_sample_s: float, peak: float | None, quick: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     ours = create_model(case.name, init="official")
@@ -175,22 +175,29 @@ def bench_case(
             base = runners[name.split("+")[0]]
             r.optimizer, r.scheduler = base.optimizer, base.scheduler
 
-    # First step of each implementation: the same weights and batch must give the same loss.
-    first_loss = {name: r.step().item() for name, r in runners.items()}
+    # First step of each implementation (also the first warm-up): same weights and batch -> same loss.
+    first_loss, first_s = {}, {}
+    for name, r in runners.items():
+        t0 = time.perf_counter()
+        first_loss[name] = r.step().item()
+        first_s[name] = time.perf_counter() - t0
     out["first_step_loss"] = first_loss
     # Warm-up (compilation, allocator, autotuning) and calibration: a timed sample lasts >= min_sample_s.
-    for r in runners.values():
-        for _ in range(3 if r.compiled else 1):
+    for name, r in runners.items():
+        step_s = first_s[name]
+        if not quick or r.compiled:
+            for _ in range(3 if r.compiled else 1):
+                r.step()
+            if sync:
+                sync()
+            t0 = time.perf_counter()
             r.step()
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        r.step()
-        if sync:
-            sync()
-        r.steps_per_sample = max(1, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
+            if sync:
+                sync()
+            step_s = time.perf_counter() - t0
+        r.steps_per_sample = max(1, math.ceil(min_sample_s / max(step_s, 1e-6)))
     steps = max(r.steps_per_sample for r in runners.values())
-    for r in runners.values():  # same work per sample for every implementation
+    for r in runners.values():  # the same work per sample for every implementation
         r.steps_per_sample = steps
     rates = interleaved({n: r.sample for n, r in runners.items()}, repeats, warmup=0, sync=sync)
 
@@ -224,9 +231,13 @@ def bench_case(
 
 def run(
     device: str = "cpu", repeats: int = 5, quick: bool = False, batch: int | None = None,
-    models: list[str] | None = None, compile: str = "auto",
+    models: list[str] | None = None, compile: str = "auto", threads: int | None = None,
 ) -> dict[str, Any]:
     dev = torch.device(device)
+    if threads is None:
+        threads = 1 if dev.type == "cpu" else 0
+    if threads:
+        torch.set_num_threads(threads)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch here")
     timm_cls, timm_info = import_timm_mixer()
@@ -252,6 +263,7 @@ def run(
         "peak_note": peak_note,
         "compile_modes": compile_modes,
         "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
         "cases": [],
     }
     if timm_cls is None:
@@ -259,7 +271,7 @@ def run(
     min_sample_s = (0.2 if quick else 0.5) if dev.type == "cpu" else 0.3
     for case in cases_for(dev.type, quick, batch, models):
         print(f"[model] {case.name} batch {case.batch} on {dev.type} ({result['dtype']}) ...", flush=True)
-        result["cases"].append(bench_case(case, dev, repeats, timm_cls, compile_modes, min_sample_s, peak))
+        result["cases"].append(bench_case(case, dev, repeats, timm_cls, compile_modes, min_sample_s, peak, quick))
     return result
 
 

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--batch", type=int, default=None, help="batch size for every model (default per model)")
     g.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                    help="torch.compile: auto = eager and compiled on cuda, eager on cpu")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model part (default 1 on cpu: per-core figures; 0 = torch's default)")
     g = p.add_argument_group("data")
     g.add_argument("--images", type=int, default=None, help="synthetic JPEGs (default 256, quick 64)")
     g.add_argument("--no-s3", action="store_true", help="skip the loopback S3 (moto) cases")
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if part == "model":
             from orchestrator import bench_model
 
-            res = bench_model.run(args.device, repeats, args.quick, args.batch, args.models, args.compile)
-            title = f"model: training step ({res['dtype']}, {args.device}), {repeats} interleaved rounds"
+            res = bench_model.run(args.device, repeats, args.quick, args.batch, args.models, args.compile, args.threads)
+            title = (f"model: training step ({res['dtype']}, {args.device}, torch threads {res['torch_threads']}), "
+                     f"{repeats} interleaved rounds")
             if res["timm_skipped"]:
                 title += "\n  " + res["timm_skipped"]
         elif part == "data":
