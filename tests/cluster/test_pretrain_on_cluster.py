@@ -34,6 +34,8 @@ def _train_worker_nodes(cluster) -> dict[int, int]:
         if "RayTrainWorker" not in " ".join(proc.info["cmdline"] or []):
             continue
         try:
+            if "RayTrainWorker" in " ".join(proc.parent().cmdline()):
+                continue  # a DataLoader process forked by a train worker carries the same title
             for parent in proc.parents():
                 if parent.pid in node_of:
                     found[proc.info["pid"]] = node_of[parent.pid]

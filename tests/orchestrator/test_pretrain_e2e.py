@@ -88,11 +88,16 @@ def test_short_run_then_resume_by_name(tmp_path):
 
 
 def _ray_train_worker_pids() -> list[int]:
+    """The train worker processes (not the DataLoader processes they fork, which carry the same title)."""
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            pids.append(p.info["pid"])
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and "RayTrainWorker" not in " ".join(
+                p.parent().cmdline()
+            ):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, AttributeError):
+            continue
     return pids
 
 
