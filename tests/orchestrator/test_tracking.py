@@ -242,6 +242,7 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.kill()
                 raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1):
@@ -253,11 +254,15 @@ class MlflowServer:
 
             MlflowClient(self.url).search_experiments()  # the server opens its store on the first API call
             return
-        raise RuntimeError("mlflow server did not start in time")
+        self.kill()
+        raise RuntimeError(f"mlflow server did not start within {timeout:.0f} s")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server's own session: uvicorn and job runner too
+        if self.proc is not None:
+            try:  # the server's own session (start_new_session): uvicorn and the job runner go with it
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(10)
         self.proc = None
 
