@@ -90,14 +90,14 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
 def resolve_tracking(cfg: Config) -> str | None:
     if not cfg.tracking.enabled:
         return None
-    from orchestrator.tracking import check_tracking_reachable, resolve_tracking_uri
+    from orchestrator.tracking import check_tracking_reachable, redact, resolve_tracking_uri
 
     mixer_home().mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.uri, str(mixer_home()))
     try:
         check_tracking_reachable(uri)
     except Exception as e:
-        raise ConfigError(f"tracking.uri={uri!r} cannot be used: {e}") from None
+        raise ConfigError(f"tracking.uri={redact(uri)!r} cannot be used: {e}") from None
     return uri
 
 

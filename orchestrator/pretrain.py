@@ -113,6 +113,9 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     print(f"checkpoint      {checkpoint_path}")
     if run:
         from orchestrator.report import report_command
+        from orchestrator.tracking import redact
+
+        tracking_uri = redact(tracking_uri)
 
         print(f"MLflow run id   {run.run_id}")
         print(f"MLflow UI       mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")

@@ -72,7 +72,6 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
             "compute.num_params": plan.num_params,
             "compute.fwd_gflops_per_image": round(plan.fwd_gflops_per_image, 6),
             "compute.train_gflops_per_image": round(plan.train_gflops_per_image, 6),
-            "compute.accelerator": "gpu" if cfg.scaling.use_gpu else "cpu",
             "plan.total_steps": plan.total_steps,
             "plan.grad_accum_steps": plan.grad_accum_steps,
             "plan.micro_batch_size": plan.micro_batch_size,

@@ -164,6 +164,9 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     tracker = _start_tracker(cfg, job, run_id) if rank == 0 else None
+    if tracker:
+        accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
     stream = _stream(train_loader, start_epoch, resumed)
     trace = _KeyTrace(cfg.data.trace_keys_dir, rank) if cfg.data.trace_keys_dir else None
     final: dict[str, Any] = {}
@@ -252,6 +255,11 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     final["best_top1"] = best_top1
     final["accelerator_hours"] = accel_hours
+    if tracker:
+        tracker.flush(force=True)  # what an outage buffered; the driver ends the run
+        missing = tracker.unlogged_summary()
+        if missing:
+            print(f"[tracking] {missing}", flush=True)
     return final
 
 

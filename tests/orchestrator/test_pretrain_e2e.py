@@ -124,7 +124,7 @@ def test_worker_killed_mid_run_recovers_with_exact_data_order(tmp_path):
     text = "".join(lines)
     assert proc.returncode == 0, text[-4000:]
     assert killed is not None
-    assert re.search(r"\[resume\] from checkpoint_\S+: step 10,", text), text[-4000:]
+    assert re.search(r"\[resume\] from checkpoint_\S+: step (10|15|20),", text), text[-4000:]
     planned = int(re.search(r"step \d+/(\d+)", text).group(1))
     assert re.search(rf"after step {planned}\b", text)
 
