@@ -1,0 +1,185 @@
+"""Input pipeline throughput, images/second per core: decode + train augmentation from shards.
+
+One process, one torch thread, DataLoader workers 0, so each figure is what one core gives (a rank's loader
+workers multiply it). The images are synthetic photo-like JPEGs (pipelines.bench._synthetic_jpegs, 500x375,
+ImageNet's typical size) written as WebDataset shards with pipelines.write_shards; the transform is the
+paper's train recipe (pipelines.transforms.make_transform: RandomResizedCrop 224 bicubic, flip,
+RandAugment(2, 15), [-1, 1]). Cases, interleaved in rounds over the same images:
+
+- ``decode only``: torchvision.io decode of the in-memory JPEG bytes, nothing else (the decode ceiling);
+- ``decode+aug in memory``: decode + transform + batch over in-memory bytes (no I/O, no loader);
+- ``ShardLoader local`` / ``ShardLoader s3``: this project's loader from shards on local disk / on a
+  loopback S3 server (moto's ThreadedMotoServer on 127.0.0.1, through s3fs as a real bucket);
+- ``wds recommended local`` / ``s3``: the pipeline the webdataset documentation recommends for the same
+  work, ``wds.WebDataset(urls, shardshuffle=100).shuffle(1000).decode("torchrgb").to_tuple("jpg", "cls")
+  .map_tuple(transform, identity).batched(batch)``; webdataset 1.0.2 has no s3:// handler, so for S3 an
+  fsspec opener is registered in webdataset.gopen.gopen_schemes["s3"] (the documented extension point).
+
+``python -m pipelines.bench`` gives the finer breakdown of the loader itself (PIL vs torchvision decode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from orchestrator.bench_common import interleaved, ratios, spread, summary
+
+SHUFFLE = 1000
+
+
+@contextlib.contextmanager
+def loopback_s3() -> Iterator[dict[str, Any]]:
+    """A moto S3 server on 127.0.0.1 (dummy credentials); yields the s3fs storage options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(k, v)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        yield {"endpoint_url": endpoint}
+    finally:
+        server.stop()
+
+
+def _register_wds_s3(opts: dict[str, Any]) -> None:
+    import fsspec
+    import webdataset  # noqa: F401  (makes webdataset.gopen importable as a module)
+
+    gopen = sys.modules["webdataset.gopen"]
+
+    def open_s3(url, mode="rb", bufsize=8192, **kw):
+        return fsspec.open(url, mode, **opts).open()
+
+    gopen.gopen_schemes["s3"] = open_s3
+
+
+def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bool = True,
+        batch_size: int = 32, input_size: int = 224) -> dict[str, Any]:
+    import webdataset as wds
+
+    from pipelines.bench import _synthetic_jpegs
+    from pipelines.loader import ShardLoader, iter_piece
+    from pipelines.transforms import decode_image, make_transform
+    from pipelines.write_shards import write_dataset
+
+    images = images or (64 if quick else 256)
+    batch_size = min(batch_size, images)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="mixer-bench-data-")
+    notes: list[str] = []
+    try:
+        src, root = os.path.join(tmp, "src"), os.path.join(tmp, "shards")
+        _synthetic_jpegs(src, images, 375, 500)
+        manifest = write_dataset(src, root, fmt="jpg", val_fraction=0.0, maxcount=64, progress=False)
+        shards = manifest.shards("train")
+        local_urls = [s.url for s in shards]
+        raw = [r.image for s in shards for r in iter_piece(s.url, 0, s.num_samples, {}, lambda *a: None)]
+        tf = make_transform(True, input_size=input_size, randaug_magnitude=15)
+        bs = batch_size
+
+        def decode_only() -> float:
+            for b in raw:
+                decode_image(b)
+            return len(raw)
+
+        def in_memory() -> float:
+            n = 0
+            for i in range(0, len(raw) - bs + 1, bs):
+                torch.stack([tf(decode_image(b)) for b in raw[i: i + bs]])
+                n += bs
+            return n
+
+        def shard_loader(url: str, opts: dict | None = None):
+            loader = ShardLoader(url, batch_size=bs, num_workers=0, transform=tf, storage_options=opts,
+                                 shuffle_buffer=SHUFFLE)
+            return lambda: float(sum(x.shape[0] for x, _ in loader))
+
+        def wds_pipeline(urls: list[str]):
+            ds = (
+                wds.WebDataset(urls, shardshuffle=100, empty_check=False)
+                .shuffle(SHUFFLE)
+                .decode("torchrgb")
+                .to_tuple("jpg", "cls")
+                .map_tuple(tf, lambda c: c)
+                .batched(bs, partial=False)
+            )
+            return lambda: float(sum(x.shape[0] for x, _ in ds))
+
+        cases = {
+            "decode only": decode_only,
+            "decode+aug in memory": in_memory,
+            "ShardLoader local": shard_loader(root),
+            "wds recommended local": wds_pipeline(local_urls),
+        }
+        with contextlib.ExitStack() as stack:
+            if s3:
+                try:
+                    opts = stack.enter_context(loopback_s3())
+                    import fsspec
+
+                    fsspec.filesystem("s3", **opts).put(root, "bench/shards", recursive=True)
+                    s3_root = "s3://bench/shards"
+                    _register_wds_s3(opts)
+                    cases["ShardLoader s3"] = shard_loader(s3_root, opts)
+                    cases["wds recommended s3"] = wds_pipeline(
+                        [s3_root + "/" + os.path.relpath(u, root) for u in local_urls]
+                    )
+                except ImportError as e:
+                    notes.append(f"S3 cases skipped: {e} (moto[server] is in the dev extra: pip install -e '.[dev]')")
+            rates = interleaved(cases, repeats, warmup=1)
+    finally:
+        torch.set_num_threads(saved_threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    mean_kib = sum(map(len, raw)) / len(raw) / 1024
+    result: dict[str, Any] = {
+        "setup": (f"{len(raw)} JPEGs 500x375 (mean {mean_kib:.0f} KiB), train transform at {input_size} "
+                  f"(RandomResizedCrop, flip, RandAugment(2, 15)), batch {bs}, 1 process, 1 torch thread"),
+        "images": len(raw),
+        "batch": bs,
+        "cases": {name: {"img_per_s_per_core": summary(r)} for name, r in rates.items()},
+        "ratios": {},
+        "notes": notes,
+    }
+    for name in rates:
+        if name != "decode only":
+            result["ratios"][f"{name}/decode only"] = summary(ratios(rates[name], rates["decode only"]))
+    for where in ("local", "s3"):
+        if f"ShardLoader {where}" in rates:
+            result["ratios"][f"ShardLoader {where}/wds recommended {where}"] = summary(
+                ratios(rates[f"ShardLoader {where}"], rates[f"wds recommended {where}"])
+            )
+            result["ratios"][f"ShardLoader {where}/decode+aug in memory"] = summary(
+                ratios(rates[f"ShardLoader {where}"], rates["decode+aug in memory"])
+            )
+    return result
+
+
+def tables(result: dict[str, Any]):
+    rows = []
+    for name, c in result["cases"].items():
+        vs_decode = result["ratios"].get(f"{name}/decode only")
+        where = name.rsplit(" ", 1)[-1]
+        vs_wds = result["ratios"].get(f"{name}/wds recommended {where}")
+        rows.append([name, spread(c["img_per_s_per_core"]), spread(vs_decode) + "x" if vs_decode else "",
+                     spread(vs_wds) + "x" if vs_wds else ""])
+    return [(["case", "img/s/core median [min-max]", "vs decode only", "vs wds recommended"], rows)]

@@ -1,0 +1,317 @@
+"""Orchestration overhead: Ray Train vs the same loop without Ray, job submission latency, checkpoints.
+
+- steps/s: the digits preset on 1 worker, run by ``python -m orchestrator.pretrain`` (Ray Train V2, 1 worker,
+  1 CPU, against a local cluster) and by ``python -m orchestrator.bench_train local`` (the same
+  orchestrator.train_loop.run_training with a LocalSession in one process, torch threads = the worker's
+  CPUs, as Ray sets OMP_NUM_THREADS), interleaved run by run. Steps/s comes from the loop's own progress
+  lines (img/s per logging window, evaluation time excluded); the first window (warm-up) is dropped.
+  Start-up (process start to the first step) is reported beside it.
+- submit -> first step: ``ray job submit --working-dir . -- python -m orchestrator.pretrain ...`` against a
+  local cluster (cluster/local_cluster.py: head with 0 CPUs + 1 worker node), wall time from launching the
+  client to the job's first progress line (working-dir upload, driver start, worker group, data, step 1).
+- checkpoints: orchestrator.checkpointing.save_checkpoint of the state the loop saves (model, AdamW,
+  schedule, RNG, data position) + LocalCheckpointStore.commit, load_checkpoint + load_state_dict, and the
+  time of the step that saves a checkpoint and of the step after it, against plain steps (interleaved).
+
+    python -m orchestrator.bench_train local run.name=x data.url=/path ...   # the no-Ray loop (used above)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.bench_common import interleaved, ratios, spread, summary
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch \S+ loss \S+ lr \S+ (\d+) img/s")
+GLOBAL_BATCH = 128
+LOG_EVERY = 10
+
+
+def _overrides(tmp: Path, data_url: str, name: str, steps: int, log_every: int = LOG_EVERY) -> list[str]:
+    return [
+        f"run.name={name}", f"run.storage_path={tmp / 'runs'}", f"data.url={data_url}",
+        "tracking.enabled=false", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+        f"optim.global_batch_size={GLOBAL_BATCH}", f"train.max_steps={steps}", f"train.log_every_steps={log_every}",
+        "eval.every_steps=1000000", "checkpoint.every_steps=1000000",
+    ]
+
+
+def _run_and_parse(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run a training command; steps/s per logging window from its progress lines, start-up time."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    windows: list[float] = []
+    first_step_s = None
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            m = STEP_LINE.search(line)
+            if m:
+                if first_step_s is None:
+                    first_step_s = time.perf_counter() - t0
+                windows.append(int(m.group(3)) / GLOBAL_BATCH)
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError
+        proc.wait(timeout=max(timeout - (time.perf_counter() - t0), 1))
+    except (TimeoutError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... timed out after {timeout:.0f}s; last output:\n"
+                           + "".join(lines[-15:])) from None
+    if proc.returncode != 0 or len(windows) < 2:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}, {len(windows)} progress "
+                           "lines); last output:\n" + "".join(lines[-25:]))
+    return {"steps_per_s": statistics.median(windows[1:]), "windows": windows,
+            "first_step_s": first_step_s, "total_s": time.perf_counter() - t0}
+
+
+class LocalCluster:
+    """cluster/local_cluster.py driven through its CLI: head (0 CPUs) + 1 worker node with 1 CPU."""
+
+    def __init__(self, tmp: Path):
+        self.state_dir = tmp / "cluster"
+        self.token = tmp / "ray_token"
+        self.state: dict[str, Any] = {}
+
+    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(self.token)}
+        return subprocess.run([sys.executable, "-m", "cluster.local_cluster", *args, "--state-dir", str(self.state_dir)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def up(self, timeout: float = 300) -> float:
+        t0 = time.perf_counter()
+        r = self._cli("up", "--workers", "1", "--cpus-per-node", "1", "--token-file", str(self.token), timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"local cluster did not start: {r.stderr[-2000:]}")
+        import json
+
+        self.state = json.loads((self.state_dir / "state.json").read_text())
+        return time.perf_counter() - t0
+
+    def client_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), RAY_ADDRESS=self.state["gcs_address"])
+        return env
+
+    def down(self) -> None:
+        if self.state_dir.exists():
+            self._cli("down", "--grace", "2", timeout=120)
+
+
+def checkpoint_bench(model_name: str, batch: int, repeats: int, tmp: Path) -> dict[str, Any]:
+    from model import create_model
+    from orchestrator.checkpointing import LocalCheckpointStore, load_checkpoint, rng_state, save_checkpoint
+    from orchestrator.config import OptimSection, ScheduleSection
+    from orchestrator.optim import build_optimizer, build_scheduler
+    from orchestrator.train_step import train_step
+
+    torch.manual_seed(0)
+    model = create_model(model_name)
+    cfg = model.cfg
+    optimizer = build_optimizer(model, OptimSection())
+    scheduler = build_scheduler(optimizer, 10_000, ScheduleSection(warmup_steps=10))
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    y = torch.randint(0, cfg.num_classes, (batch,))
+    store = LocalCheckpointStore(tmp / f"ckpt-{model_name}", num_to_keep=2)
+    step_no = [0]
+
+    def step() -> None:
+        train_step(model, [(x, y)], optimizer, scheduler).loss.item()
+        step_no[0] += 1
+
+    def save() -> Path:
+        staged = Path(tempfile.mkdtemp(prefix="ckpt_", dir=tmp))
+        save_checkpoint(staged, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step_no[0], "data": {"epoch": 0, "batches": step_no[0]}, "rng": [rng_state()],
+            "mlflow_run_id": None, "accelerator_hours": 0.0, "config": {},
+        })
+        return store.commit(staged, step_no[0])
+
+    def restore() -> None:
+        state = load_checkpoint(store.latest())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+
+    step()  # warm-up (the optimizer state exists from here on)
+    step()
+    size = save().joinpath("state.pt").stat().st_size
+    samples: dict[str, list[float]] = {k: [] for k in ("plain", "save", "step+save", "after", "restore")}
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    for _ in range(repeats):
+        samples["plain"].append(timed(step))
+        samples["plain"].append(timed(step))
+        t_step = timed(step)
+        t_save = timed(save)
+        samples["save"].append(t_save)
+        samples["step+save"].append(t_step + t_save)
+        samples["after"].append(timed(step))
+        samples["restore"].append(timed(restore))
+    plain = statistics.median(samples["plain"])
+    return {
+        "model": model_name,
+        "batch": batch,
+        "checkpoint_mb": size / 1e6,
+        "save_s": summary(samples["save"]),
+        "restore_s": summary(samples["restore"]),
+        "plain_step_s": summary(samples["plain"]),
+        "step_with_save_s": summary(samples["step+save"]),
+        "step_after_save_s": summary(samples["after"]),
+        "slowdown_step_with_save": summary([s / plain for s in samples["step+save"]]),
+        "slowdown_step_after_save": summary([s / plain for s in samples["after"]]),
+    }
+
+
+def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int | None = None) -> dict[str, Any]:
+    from pipelines.digits import ensure_digits_dataset
+
+    steps = steps or (30 if quick else 60)
+    runs = max(2, min(repeats, 3 if quick else repeats))
+    tmp = Path(tempfile.mkdtemp(prefix="mixer-bench-train-"))
+    notes: list[str] = []
+    result: dict[str, Any] = {
+        "setup": (f"digits preset (mixer_digits, batch {GLOBAL_BATCH}, 1 loader worker), 1 worker x 1 CPU, "
+                  f"{steps} steps per run, {runs} runs each, interleaved"),
+        "notes": notes,
+    }
+    cluster = LocalCluster(tmp)
+    try:
+        data_url = ensure_digits_dataset(str(tmp / "digits"))
+        try:
+            result["cluster_up_s"] = cluster.up()
+            ray_env = cluster.client_env()
+        except Exception as e:  # a loaded 2-core box can time out `ray start`: fall back to ray.init per run
+            notes.append(f"local cluster did not start ({type(e).__name__}); Ray runs use ray.init() inside "
+                         f"each run instead and `ray job submit` is skipped: {str(e)[-300:]}")
+            ray_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            cluster = None
+        local_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        local_env.pop("RAY_ADDRESS", None)
+        samples: dict[str, list[dict[str, Any]]] = {"no Ray (LocalSession)": [], "Ray Train, 1 worker": []}
+        counter = [0]
+
+        def one(kind: str):
+            def fn() -> float:
+                counter[0] += 1
+                ov = _overrides(tmp, data_url, f"bench-{counter[0]}", steps)
+                if kind == "ray":
+                    cmd, env = [sys.executable, "-m", "orchestrator.pretrain", *ov], ray_env
+                    key = "Ray Train, 1 worker"
+                else:
+                    cmd, env = [sys.executable, "-m", "orchestrator.bench_train", "local", *ov], local_env
+                    key = "no Ray (LocalSession)"
+                r = _run_and_parse(cmd, env, timeout=600)
+                samples[key].append(r)
+                return r["steps_per_s"]  # interleaved() divides by the wall time; we keep our own figure
+            return fn
+
+        print(f"[train] {runs} interleaved runs each of the loop with and without Ray ({steps} steps) ...", flush=True)
+        interleaved({"local": one("local"), "ray": one("ray")}, runs, warmup=0)
+        cases = {}
+        for key, rs in samples.items():
+            cases[key] = {
+                "steps_per_s": summary([r["steps_per_s"] for r in rs]),
+                "start_to_first_step_s": summary([r["first_step_s"] for r in rs]),
+                "total_s": summary([r["total_s"] for r in rs]),
+            }
+        result["loop"] = cases
+        result["ray_vs_local_steps_per_s"] = summary(ratios(
+            [r["steps_per_s"] for r in samples["Ray Train, 1 worker"]],
+            [r["steps_per_s"] for r in samples["no Ray (LocalSession)"]],
+        ))
+
+        if submit and cluster is not None:
+            print("[train] ray job submit -> first step ...", flush=True)
+            subs = []
+            for i in range(1 if quick else 2):
+                ov = _overrides(tmp, data_url, f"bench-submit-{i}", 5, log_every=1)
+                cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+                       cluster.state["dashboard_url"], "--working-dir", ".", "--",
+                       "python", "-m", "orchestrator.pretrain", *ov]
+                try:
+                    subs.append(_run_and_parse(cmd, cluster.client_env(), timeout=600)["first_step_s"])
+                except RuntimeError as e:
+                    notes.append(f"ray job submit run {i} failed: {str(e)[-500:]}")
+            if subs:
+                result["submit_to_first_step_s"] = summary(subs)
+        elif not submit:
+            notes.append("`ray job submit` -> first step skipped (--no-submit)")
+    finally:
+        if cluster is not None:
+            cluster.down()
+
+    print("[train] checkpoint save / restore ...", flush=True)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ck_models = [("mixer_digits", 128)] if quick else [("mixer_digits", 128), ("mixer_s16_224", 4)]
+        result["checkpoint"] = [checkpoint_bench(m, b, max(repeats, 3), tmp) for m, b in ck_models]
+    finally:
+        torch.set_num_threads(saved_threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def tables(result: dict[str, Any]):
+    out = []
+    if "loop" in result:
+        rows = []
+        for key, c in result["loop"].items():
+            rel = spread(result["ray_vs_local_steps_per_s"]) + "x" if key.startswith("Ray") else ""
+            rows.append([key, spread(c["steps_per_s"]), rel, spread(c["start_to_first_step_s"])])
+        if "submit_to_first_step_s" in result:
+            rows.append(["ray job submit (local cluster)", "", "", spread(result["submit_to_first_step_s"])])
+        out.append((["run", "steps/s median [min-max]", "vs no Ray (same round)", "start -> first step s"], rows))
+    rows = []
+    for c in result.get("checkpoint", []):
+        rows.append([f"{c['model']} (batch {c['batch']})", f"{c['checkpoint_mb']:.1f}", spread(c["save_s"]),
+                     spread(c["restore_s"]), spread(c["plain_step_s"]),
+                     spread(c["slowdown_step_with_save"]) + "x", spread(c["slowdown_step_after_save"]) + "x"])
+    out.append((["checkpoint", "MB", "save s", "restore s", "plain step s", "step+save vs plain",
+                 "next step vs plain"], rows))
+    return out
+
+
+def _local_main(overrides: list[str]) -> int:
+    """The training loop without Ray, one process: what `Ray Train, 1 worker` is compared with."""
+    from orchestrator.config import load_config
+    from orchestrator.launch import resolve_data
+    from orchestrator.session import LocalSession
+    from orchestrator.train_loop import Job, run_training
+
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))  # as Ray sets OMP_NUM_THREADS per worker
+    data = resolve_data(cfg)
+    job = Job(dataset_url=data.url, num_classes=data.num_classes, train_samples=data.train_samples,
+              mlflow_run_id=None, tracking_uri=None, storage_options=data.storage_options)
+    session = LocalSession(str(Path(cfg.resolved_storage_path()) / cfg.run.name), device="cpu")
+    run_training(cfg, session, job)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "local":
+        print(__doc__)
+        raise SystemExit(2)
+    raise SystemExit(_local_main(sys.argv[2:]))
