@@ -84,9 +84,20 @@ def is_secret_key(name: str) -> bool:
     return any(w in _SECRET_WORDS for w in re.split(r"[^a-z0-9]+", low))
 
 
+def _environ_items() -> list[tuple[str, str]]:
+    """A snapshot of os.environ. Another thread may set or delete a variable while it is read (MLflow's telemetry
+    does, with _MLFLOW_TELEMETRY_SESSION_ID), which raises KeyError/RuntimeError mid-iteration: read again."""
+    for _ in range(20):
+        try:
+            return list(os.environ.items())
+        except (KeyError, RuntimeError):
+            continue
+    return list(os.environ.items())
+
+
 def _secret_env_values() -> list[str]:
     vals = []
-    for k, v in os.environ.items():
+    for k, v in _environ_items():
         if v and len(v) >= 8 and is_secret_key(k):
             vals.append(v)
     return sorted(set(vals), key=len, reverse=True)
