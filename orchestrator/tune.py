@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,13 +278,17 @@ def num_reports(plan) -> int:
     return total // e + total // c - total // lcm + (0 if total % e == 0 or total % c == 0 else 1)
 
 
-def reports_for(cfg: Config, data) -> int:
+def plan_of(cfg: Config, data):
     from model import get_config
     from orchestrator.config import model_overrides
     from orchestrator.run_plan import make_plan
 
     model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
-    return num_reports(make_plan(cfg, model_cfg, data.train_samples))
+    return make_plan(cfg, model_cfg, data.train_samples)
+
+
+def reports_for(cfg: Config, data) -> int:
+    return num_reports(plan_of(cfg, data))
 
 
 def derive_concurrency(trial_cfgs: list[Config]) -> tuple[int | None, dict[str, float]]:
@@ -354,7 +360,7 @@ def run_search(args: argparse.Namespace) -> int:
         return 0
 
     tracking_uri = launch.resolve_tracking(base)
-    launch.init_ray()
+    init_ray()
     resource_cfgs = candidate_configs(space, base, RESOURCE_KEYS)
     biggest = max(resource_cfgs, key=lambda c: per_trial_resources(c).get("CPU", 0.0))
     launch.check_capacity(biggest)
@@ -411,6 +417,28 @@ def run_search(args: argparse.Namespace) -> int:
         )
     results = tuner.fit()
     return finish_search(results, setup, space, base, data, parent, args.best_config, store)
+
+
+def init_ray() -> None:
+    """launch.init_ray, but a local instance also tells its processes which dashboard is theirs.
+
+    Ray Train's PlacementGroupCleaner (which frees the worker group of a trial that ASHA stopped) finds the
+    cluster through the state API; with no address it auto-detects, and fails ("Found multiple active Ray
+    instances") when another local Ray runs on the same host, leaking the stopped trial's CPUs.
+    """
+    import ray
+
+    from orchestrator import launch
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS"):
+        launch.init_ray()
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    ray.init(log_to_driver=True, dashboard_port=port)
 
 
 def make_search_alg(search: str, seed: int, max_concurrent: int | None):
@@ -485,7 +513,9 @@ def trial_rows(results, setup: dict, space: SearchSpace, base: Config, data) -> 
         try:
             cfg = apply(base, cfg_values, space)
             row["resolved"] = resolved_values(cfg, space.params)
-            row["expected_reports"] = reports_for(cfg, data)
+            plan = plan_of(cfg, data)
+            row["expected_reports"] = num_reports(plan)
+            row["train_flops_per_step"] = plan.train_flops_per_step
         except ConfigError as e:
             row["resolved"], row["expected_reports"] = {}, None
             row["config_error"] = str(e)
@@ -547,7 +577,7 @@ def finish_search(results, setup, space, base, data, parent, best_path, store) -
         print(f"  {r['trial_id']}  top-1 {top1}  evals {r['iterations']:>3}/{r['expected_reports']}  "
               f"{vals}  [{note}]")
     if setup["tracking_uri"]:
-        close_child_runs(setup["tracking_uri"], base, rows)
+        close_child_runs(setup["tracking_uri"], base, rows, parent.run_id if parent else None)
     best = best_row(rows)
     best_file = None
     if best is not None:
@@ -598,8 +628,9 @@ def finish_search(results, setup, space, base, data, parent, best_path, store) -
     return 0 if best is not None else 1
 
 
-def close_child_runs(tracking_uri: str, base: Config, rows: list[dict]) -> None:
-    """Trials stopped by ASHA (or lost) leave their MLflow run open: close and label them."""
+def close_child_runs(tracking_uri: str, base: Config, rows: list[dict], parent_run_id: str | None) -> None:
+    """Trials stopped by ASHA (or lost) leave their MLflow run open: close and label them. A trial that failed
+    before it opened its run gets a FAILED child run, so no trial is missing from the MLflow comparison."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.run_tracking import find_run_id
@@ -608,14 +639,32 @@ def close_child_runs(tracking_uri: str, base: Config, rows: list[dict]) -> None:
     for r in rows:
         run_id = find_run_id(tracking_uri, base.tracking.experiment, r["run_name"])
         if run_id is None:
+            if r["status"] == "ERROR" and parent_run_id:
+                record_failed_trial(tracking_uri, base, r, parent_run_id)
             continue
         r["mlflow_run_id"] = run_id
         run = client.get_run(run_id)
         status = ("stopped_early" if r["stopped_early"] else "failed" if r["status"] == "ERROR"
                   else "completed" if r["status"] == "TERMINATED" else "unfinished")
         client.set_tag(run_id, STATUS_TAG, status)
+        if "compute/flops" not in run.data.metrics and r.get("step") and r.get("train_flops_per_step"):
+            # stopped before its first training log: its compute so far, from the steps it reported
+            client.log_metric(run_id, "compute/flops", r["train_flops_per_step"] * r["step"], step=int(r["step"]))
         if run.info.status == "RUNNING" and r["status"] in ("TERMINATED", "ERROR"):
             client.set_terminated(run_id, {"stopped_early": "KILLED", "failed": "FAILED"}.get(status, "FINISHED"))
+
+
+def record_failed_trial(tracking_uri: str, base: Config, row: dict, parent_run_id: str) -> None:
+    from orchestrator.run_tracking import RUN_NAME_TAG
+    from orchestrator.tracking import RunTracker
+
+    run = RunTracker(tracking_uri, base.tracking.experiment, row["run_name"], parent_run_id=parent_run_id,
+                     tags={RUN_NAME_TAG: row["run_name"], TRIAL_TAG: row["trial_id"], STATUS_TAG: "failed",
+                           "mixer.tune_error": row.get("error", "")})
+    run.start()
+    run.log_params({**row.get("resolved", {}), **{f"tune.{k}": v for k, v in row["params"].items()}})
+    run.end("FAILED")
+    row["mlflow_run_id"] = run.run_id
 
 
 if __name__ == "__main__":

@@ -147,6 +147,23 @@ def _env(home: Path) -> dict:
     return env
 
 
+def _run_tune(home: Path, args: list[str], log_path: Path, timeout: int) -> tuple[int, str]:
+    """Run the CLI with its output in a file (kept when it times out), return (exit code, output)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *args], cwd=REPO, env=_env(home),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)  # let Ray shut its local instance down
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise AssertionError(f"tune timed out after {timeout}s:\n{log_path.read_text()[-6000:]}") from None
+    return rc, log_path.read_text()
+
+
 def _tracking(home: Path) -> str:
     return f"sqlite:///{home / 'tune-mlflow.db'}"
 
@@ -168,13 +185,9 @@ def test_default_search_end_to_end(tmp_path):
     """The embedded default, shrunk to 3 epochs: 4 trials (D_S x D_C grid), 2 at a time, ASHA on val/top1."""
     home = tmp_path / "home"
     t0 = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.tune", "schedule.epochs=3", f"tracking.uri={_tracking(home)}"],
-        cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=840,
-    )
+    rc, log = _run_tune(home, ["schedule.epochs=3", f"tracking.uri={_tracking(home)}"], tmp_path / "tune.log", 840)
     took = time.monotonic() - t0
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
+    assert rc == 0, log[-6000:]
     print(f"default search (3 epochs) took {took:.0f}s")
 
     client, parents, children = _runs(_tracking(home))
@@ -192,7 +205,9 @@ def test_default_search_end_to_end(tmp_path):
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     widths = {(c.data.params["model.tokens_mlp_dim"], c.data.params["model.channels_mlp_dim"]) for c in children}
     assert widths == {("32", "128"), ("32", "512"), ("128", "128"), ("128", "512")}
-    assert all("val/top1" in c.data.metrics and "compute/flops" in c.data.metrics for c in children)
+    assert all("val/top1" in c.data.metrics and "compute/flops" in c.data.metrics for c in children), [
+        (c.info.run_name, sorted(c.data.metrics)) for c in children]
+    assert all("compute.train_gflops_per_image" in c.data.params for c in children)
     # ASHA stopped at least one trial before its last evaluation; the rest finished
     statuses = [c.data.tags["mixer.tune_status"] for c in children]
     assert statuses.count("stopped_early") >= 1, statuses
@@ -251,10 +266,8 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
     finished_id = finished.data.tags["mixer.tune_trial_id"]
     end_time = finished.info.end_time
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.tune", "--resume"], cwd=REPO, env=_env(home),
-                         capture_output=True, text=True, timeout=900)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
+    rc, log = _run_tune(home, ["--resume"], tmp_path / "resume.log", 900)
+    assert rc == 0, log[-6000:]
     assert "resuming" in log
     assert f"run_trial_{finished_id} started" not in log  # the finished trial was not run again
     client, parents, children = _runs(uri)
@@ -264,3 +277,35 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
     assert again.info.end_time == end_time and again.data.tags["mixer.tune_status"] == "completed"
     assert all(c.info.status != "RUNNING" for c in children)
     assert len({(c.data.params["model.tokens_mlp_dim"], c.data.params["model.channels_mlp_dim"]) for c in children}) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_failed_trial_is_retried_and_recorded(tmp_path):
+    """A trial that cannot run (its val split does not exist) is retried per FailureConfig, then recorded as
+    failed in Tune's summary, the parent run's trials table and a FAILED child run; the other trial finishes."""
+    home = tmp_path / "home"
+    uri = _tracking(home)
+    space = tmp_path / "failing.yaml"
+    space.write_text(
+        "config: digits\n"
+        "overrides: {scaling.num_workers: 1, schedule.epochs: 1, tracking.experiment: mixer-digits-tune}\n"
+        "params:\n  data.val_split: {grid: [val, no_such_split]}\n"
+    )
+    rc, log = _run_tune(home, ["--space", str(space), "--scheduler", "none", "--max-failures", "1",
+                               f"tracking.uri={uri}"], tmp_path / "tune.log", 840)
+    assert rc == 0, log[-6000:]
+    assert "1 failed" in log and "no_such_split" in log
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1 and len(children) == 2
+    failed = [c for c in children if c.data.tags.get("mixer.tune_status") == "failed"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert parents[0].data.metrics["trials.failed"] == 1
+    import json
+
+    local = client.download_artifacts(parents[0].info.run_id, "search/trials.json", str(tmp_path))
+    rows = json.loads(Path(local).read_text())["trials"]
+    bad = next(r for r in rows if r["status"] == "ERROR")
+    assert bad["num_failures"] == 2  # the first attempt and one retry
+    assert "no_such_split" in bad["error"]
