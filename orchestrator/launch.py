@@ -122,15 +122,27 @@ def storage_target(cfg: Config):
 
 
 def init_ray() -> None:
+    """Join RAY_ADDRESS (a cluster, or the one `ray job submit` runs us on) or start a local instance.
+
+    A local instance also tells its processes which dashboard is theirs: Ray Train's PlacementGroupCleaner
+    finds the cluster through the state API and, with no address, fails ("Found multiple active Ray
+    instances") when another local Ray runs on the same host.
+    """
+    import socket
+
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS"):
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
+    ray.init(log_to_driver=True, dashboard_port=port)
 
 
 def check_capacity(cfg: Config) -> None:
