@@ -63,8 +63,12 @@ def dry_run(cfg: Config) -> None:
     print(plan.describe())
 
 
-def pretrain(cfg: Config) -> dict:
-    """Run training; exits with 3 when the cluster is too small, 1 when training fails."""
+def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict | None = None) -> dict:
+    """Run training; exits with 3 when the cluster is too small, 1 when training fails.
+
+    Fine-tuning (orchestrator/finetune.py) passes the adapted weights' URL (loaded by every worker when the run
+    has no checkpoint yet) and tags recording where they came from.
+    """
     from orchestrator import launch, run_tracking
 
     data, model_cfg, plan = plan_for(cfg)
@@ -72,6 +76,8 @@ def pretrain(cfg: Config) -> dict:
     print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
 
     run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
+    if run and run_tags:
+        run.set_tags(run_tags)
     job = launch.Job(
         dataset_url=data.url,
         num_classes=data.num_classes,
@@ -79,6 +85,7 @@ def pretrain(cfg: Config) -> dict:
         mlflow_run_id=run.run_id if run else None,
         tracking_uri=tracking_uri,
         storage_options=data.storage_options,
+        init_weights_url=init_weights_url,
     )
     launch.init_ray()
     try:

@@ -1,0 +1,317 @@
+"""Where fine-tuning and evaluation get their weights: one loader for every kind of checkpoint source.
+
+    from orchestrator.pretrained import load_source, adapt_for_finetune
+    src = load_source("/runs/digits")                  # a run dir: its latest complete checkpoint
+    src = load_source("s3://bucket/Mixer-B_16.npz")    # an official JAX/Flax .npz
+    src = load_source("mixer_b16.pth")                 # a timm / plain state dict (.pt, .pth, .bin, .safetensors)
+    model = src.build_model()                          # the checkpoint's own architecture, weights loaded
+    adapted = adapt_for_finetune(src, img_size=448, num_classes=10)   # App. C + new head
+
+A source is a local path or any fsspec URL:
+- one of this project's checkpoints: a directory with ``state.pt`` (or the ``state.pt`` file itself);
+- a run directory (``<storage_path>/<run name>``): its latest *complete* checkpoint: the one Ray Train's
+  ``checkpoint_manager_snapshot.json`` registers, else the newest ``checkpoint_*`` whose ``state.pt`` loads.
+  So a checkpoint of a run in progress can be read while the run writes the next one;
+- an official .npz (Flax key layout), read with ``np.load(allow_pickle=False)``;
+- a state dict in timm's / this project's key layout, read with ``torch.load(weights_only=True)`` (optionally
+  wrapped as {"state_dict": ...} or {"model": ...}) or safetensors.
+Nothing here executes pickled code. Every failure is a CheckpointError naming the source and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
+from orchestrator.checkpointing import FORMAT_VERSION, STATE_FILE
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry of the run's checkpoints
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+_STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint source cannot be used; the message names the source and the problem."""
+
+
+@dataclass
+class Source:
+    url: str  # what the user gave
+    resolved: str  # the file or checkpoint directory actually read
+    kind: str  # "project" | "npz" | "state_dict"
+    model_cfg: MixerConfig  # the architecture the weights were written by
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    config: dict | None = None  # project checkpoints: the resolved training config
+    mlflow_run_id: str | None = None  # project checkpoints: the run that wrote it
+    step: int | None = None
+
+    @property
+    def model_name(self) -> str | None:
+        return (self.config or {}).get("model", {}).get("name")
+
+    def build_model(self) -> MlpMixer:
+        """The checkpoint's own model with its weights (head included)."""
+        model = MlpMixer(self.model_cfg)
+        try:
+            load_state_dict_checked(model, self.state_dict)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {self.resolved} does not fit its own architecture: {e}") from None
+        return model
+
+    def describe(self) -> str:
+        c = self.model_cfg
+        return (f"{self.kind} checkpoint {self.resolved}: img {c.img_size}, patch {c.patch_size}, depth {c.depth}, "
+                f"C {c.hidden_dim}, D_S {c.tokens_mlp_dim}, D_C {c.channels_mlp_dim}, {c.num_classes} classes"
+                + (f", step {self.step}" if self.step is not None else ""))
+
+
+# ------------------------------------------------------------------------------------------ loading ---
+
+
+def load_source(url: str, storage_options: dict | None = None) -> Source:
+    """Read a checkpoint source (see the module docstring); CheckpointError on anything unusable."""
+    from pipelines.storage import get_fs, redact_url
+
+    url = str(url)
+    shown = redact_url(url)
+    try:
+        fs, path = get_fs(url, storage_options)
+        exists = fs.exists(path)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {shown} cannot be opened: {type(e).__name__}: {e}") from None
+    if not exists:
+        raise CheckpointError(f"checkpoint {shown} does not exist")
+    if fs.isdir(path):
+        return _load_directory(fs, path, shown)
+    return _load_file(fs, path, shown)
+
+
+def _join(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name
+
+
+def _load_directory(fs, path: str, shown: str) -> Source:
+    if fs.exists(_join(path, STATE_FILE)):
+        return _load_project(fs, _join(path, STATE_FILE), shown)
+    candidates = _run_checkpoints(fs, path)
+    if not candidates:
+        raise CheckpointError(
+            f"checkpoint {shown} is a directory without {STATE_FILE} and without complete checkpoint_* "
+            "subdirectories: expected one of this project's checkpoint directories or a run directory"
+        )
+    problems = []
+    for name in candidates:  # newest first; a partly copied state.pt of an in-flight checkpoint is skipped
+        try:
+            return _load_project(fs, _join(_join(path, name), STATE_FILE), f"{shown.rstrip('/')}/{name}")
+        except CheckpointError as e:
+            problems.append(str(e))
+    raise CheckpointError(f"no checkpoint of run directory {shown} can be loaded: {'; '.join(problems)}")
+
+
+def _run_checkpoints(fs, path: str) -> list[str]:
+    """Names of the run's checkpoint dirs with a state.pt, the registered latest first, then newest first."""
+    names = sorted(
+        (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
+         if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
+        reverse=True,  # Ray's checkpoint_<date_ms> and our checkpoint_<zero-padded step> both sort by age
+    )
+    names = [n for n in names if n != SNAPSHOT_FILE and fs.exists(_join(_join(path, n), STATE_FILE))]
+    snapshot = _join(path, SNAPSHOT_FILE)
+    if fs.exists(snapshot):
+        try:
+            latest = json.loads(fs.cat_file(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
+        except Exception:
+            latest = None
+        if latest in names:
+            names.remove(latest)
+            names.insert(0, latest)
+    return names
+
+
+def _torch_load(fs, path: str, shown: str) -> Any:
+    try:
+        data = fs.cat_file(path)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {shown} cannot be read: {type(e).__name__}: {e}") from None
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load as load_safetensors
+
+            return load_safetensors(data)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {shown} is not a readable safetensors file: {e}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        detail = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else (
+            "it holds pickled objects other than tensors and plain values, which are not executed")
+        raise CheckpointError(
+            f"checkpoint {shown} cannot be loaded safely with torch.load(weights_only=True): "
+            f"{type(e).__name__}: {detail[:300]}"
+        ) from None
+
+
+def _load_project(fs, path: str, shown: str) -> Source:
+    state = _torch_load(fs, path, shown)
+    if not isinstance(state, dict) or "model" not in state or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {shown} is not one of this project's checkpoints: expected a dict with "
+            f"format_version {FORMAT_VERSION} and 'model'"
+        )
+    config = state.get("config")
+    sd = _tensor_dict(state["model"], shown)
+    model_cfg = infer_config(sd, shown, config=config)
+    return Source(shown, path, "project", model_cfg, sd, config=config,
+                  mlflow_run_id=state.get("mlflow_run_id"), step=state.get("step"))
+
+
+def _load_file(fs, path: str, shown: str) -> Source:
+    head = fs.cat_file(path, start=0, end=4) if fs.size(path) >= 4 else b""
+    if path.endswith(".npz") or (head.startswith(b"PK") and not path.endswith(_STATE_DICT_SUFFIXES)):
+        return _load_npz(fs, path, shown)
+    obj = _torch_load(fs, path, shown)
+    if isinstance(obj, dict) and obj.get("format_version") == FORMAT_VERSION and "model" in obj:
+        return _load_project(fs, path, shown)
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    sd = _tensor_dict(obj, shown)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped state dicts
+    # timm's MlpMixer uses the exact GELU; so do this project's models unless configured otherwise
+    return Source(shown, path, "state_dict", infer_config(sd, shown), sd)
+
+
+def _load_npz(fs, path: str, shown: str) -> Source:
+    import numpy as np
+
+    from model.jax_checkpoint import infer_config as infer_npz_config
+    from model.jax_checkpoint import npz_to_state_dict
+
+    try:
+        with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {shown} is not a readable .npz (np.load, allow_pickle=False): {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+        ) from None
+    try:
+        cfg = infer_npz_config(arrays)
+        sd = npz_to_state_dict(arrays, MlpMixer(cfg))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {shown} is not an official Mixer .npz: {e}") from None
+    return Source(shown, path, "npz", cfg, sd)
+
+
+def _tensor_dict(obj: Any, shown: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {shown} is not a checkpoint: expected a state dict (parameter name -> tensor), "
+            f"got {type(obj).__name__}"
+        )
+    return dict(obj)
+
+
+def infer_config(sd: dict[str, torch.Tensor], shown: str, config: dict | None = None) -> MixerConfig:
+    """The architecture of a state dict in timm's key layout, read from its shapes."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointError(
+                f"checkpoint {shown} is not an MLP-Mixer state dict: key {key!r} is missing (expected timm's "
+                "MlpMixer layout: stem.proj, blocks.{i}.mlp_tokens/mlp_channels, norm, head)"
+            )
+        return tuple(sd[key].shape)
+
+    hidden, in_chans, patch, patch_w = shape("stem.proj.weight")
+    tokens_mlp, num_tokens = shape("blocks.0.mlp_tokens.fc1.weight")
+    channels_mlp, _ = shape("blocks.0.mlp_channels.fc1.weight")
+    num_classes, _ = shape("head.weight")
+    depth = len({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens or patch != patch_w:
+        raise CheckpointError(
+            f"checkpoint {shown} has {num_tokens} tokens of {patch}x{patch_w} patches: expected a square grid "
+            "of square patches"
+        )
+    sizes: dict[str, Any] = dict(
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=num_classes, depth=depth,
+        hidden_dim=hidden, tokens_mlp_dim=tokens_mlp, channels_mlp_dim=channels_mlp,
+    )
+    if config:  # our own checkpoints: the non-size settings the model was trained with
+        m = config.get("model", {})
+        sizes.update({k: m[k] for k in ("gelu", "init", "head_bias") if m.get(k) is not None})
+    try:
+        return MixerConfig(**sizes).validate()
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {shown} has an invalid architecture: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ fine-tuning ---
+
+
+@dataclass
+class Adapted:
+    model: MlpMixer
+    factor: int  # resolution factor K (1: unchanged)
+    head_replaced: bool
+
+
+def target_config(src: Source, *, img_size: int | None = None, expect: dict | None = None) -> MixerConfig:
+    """The fine-tuning model's architecture: the source's, at ``img_size`` (an integer multiple), with D_S
+    grown by K^2 (App. C). ``expect``: size fields the config asks for (e.g. patch_size); a mismatch with the
+    checkpoint is a CheckpointError naming the field."""
+    c = src.model_cfg
+    img_size = img_size or c.img_size
+    if img_size % c.img_size or img_size < c.img_size:
+        raise CheckpointError(
+            f"model.img_size={img_size} needs resolution factor {img_size}/{c.img_size} = {img_size / c.img_size:.4g} "
+            f"from checkpoint {src.url} (trained at {c.img_size} px): expected an integer factor K >= 1, i.e. "
+            f"model.img_size in {[c.img_size * k for k in (1, 2, 3, 4)]}"
+        )
+    factor = img_size // c.img_size
+    target = dataclasses.replace(c, img_size=img_size, tokens_mlp_dim=c.tokens_mlp_dim * factor * factor)
+    for key, want in (expect or {}).items():
+        have = getattr(target, key)
+        if want is not None and want != have:
+            hint = " (App. C: K^2 x the checkpoint's D_S)" if key == "tokens_mlp_dim" else ""
+            raise CheckpointError(
+                f"checkpoint {src.url} was written by an incompatible model: model.{key}={want} in the config but "
+                f"the checkpoint needs {have}{hint}; remove model.{key} from the config/overrides or use a "
+                "matching checkpoint"
+            )
+    return target
+
+
+def adapt_for_finetune(src: Source, *, img_size: int | None = None, num_classes: int,
+                       keep_head: bool = False, head_bias: Any = None) -> Adapted:
+    """The source model at ``img_size`` (App. C token-mixing expansion) with a fresh head for ``num_classes``
+    (zero weights, as the paper's fine-tuning), or the checkpoint's head when ``keep_head`` and it fits."""
+    target = target_config(src, img_size=img_size)
+    model = src.build_model()
+    factor = target.img_size // src.model_cfg.img_size
+    if factor > 1:
+        model = adapt_resolution(model, target.img_size)
+    head_replaced = not (keep_head and src.model_cfg.num_classes == num_classes)
+    if keep_head and src.model_cfg.num_classes != num_classes:
+        raise CheckpointError(
+            f"--keep-head: checkpoint {src.url} has a {src.model_cfg.num_classes}-class head but the dataset has "
+            f"{num_classes} classes"
+        )
+    if head_replaced:
+        if head_bias is not None:
+            model.cfg = dataclasses.replace(model.cfg, head_bias=head_bias)
+        model.reset_head(num_classes)
+    return Adapted(model, factor, head_replaced)
