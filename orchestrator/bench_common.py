@@ -34,13 +34,17 @@ def summary(samples: list[float]) -> dict[str, Any]:
 
 
 def interleaved(
-    cases: dict[str, Callable[[], float]], repeats: int, *, warmup: int = 1, sync: Callable[[], None] | None = None
+    cases: dict[str, Callable[[], float]], repeats: int, *, warmup: int = 1, sync: Callable[[], None] | None = None,
+    cpu_rates: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Rates (units per second) of every case, one sample per case per round, rounds interleaved.
 
     Each case is a callable doing a fixed amount of work and returning how many units (images, steps) it did.
     ``warmup`` untimed rounds come first. The order of the cases rotates each round, so no case always runs
     right after the same neighbour (caches, thermal state, a competing job's phase).
+    With ``cpu_rates`` given, it is filled with units per second of this process's CPU time (all its
+    threads): on an oversubscribed machine that figure is not inflated by the time the process waits for a
+    core, so it shows the cost of the work itself (wall-clock rates stay the headline figures).
     """
     sync = sync or (lambda: None)
     names = list(cases)
@@ -53,10 +57,12 @@ def interleaved(
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             units = cases[name]()
             sync()
             rates[name].append(units / (time.perf_counter() - t0))
+            if cpu_rates is not None:
+                cpu_rates.setdefault(name, []).append(units / max(time.process_time() - c0, 1e-9))
     return rates
 
 

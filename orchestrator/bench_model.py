@@ -139,6 +139,8 @@ def bench_case(
     min_sample_s: float, peak: float | None, quick: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     ours = create_model(case.name, init="official")
     with torch.no_grad():  # random head: the official zero head would make the logit check empty
         nn.init.normal_(ours.head.weight, std=ours.cfg.hidden_dim**-0.5)
@@ -199,7 +201,9 @@ def bench_case(
     steps = max(r.steps_per_sample for r in runners.values())
     for r in runners.values():  # the same work per sample for every implementation
         r.steps_per_sample = steps
-    rates = interleaved({n: r.sample for n, r in runners.items()}, repeats, warmup=0, sync=sync)
+    cpu_rates: dict[str, list[float]] = {}
+    rates = interleaved({n: r.sample for n, r in runners.items()}, repeats, warmup=0, sync=sync,
+                        cpu_rates=cpu_rates if device.type == "cpu" else None)
 
     impls: dict[str, Any] = {}
     for name, samples in rates.items():
@@ -211,6 +215,8 @@ def bench_case(
         }
         if peak:
             entry["mfu"] = s["median"] * flops / (peak * 1e12)
+        if name in cpu_rates:
+            entry["img_per_cpu_s"] = summary(cpu_rates[name])
         impls[name] = entry
     out["impls"] = impls
     out["steps_per_sample"] = steps
@@ -219,6 +225,8 @@ def bench_case(
         suffix = "+compile" if compiled else ""
         if "timm" + suffix in rates:
             out["ratios"][f"ours{suffix}/timm{suffix}"] = summary(ratios(rates["ours" + suffix], rates["timm" + suffix]))
+        if not compiled and "timm" in cpu_rates:
+            out["ratios"]["cpu time: ours/timm"] = summary(ratios(cpu_rates["ours"], cpu_rates["timm"]))
         if compiled and "ours" in rates:
             out["ratios"]["ours+compile/ours"] = summary(ratios(rates["ours+compile"], rates["ours"]))
     if device.type == "cuda":
@@ -278,7 +286,8 @@ def run(
 def tables(result: dict[str, Any]) -> list[tuple[list[str], list[list[Any]]]]:
     from orchestrator.bench_common import spread
 
-    headers = ["model", "batch", "impl", "img/s median [min-max]", "step ms", "TFLOP/s", "MFU", "vs timm (same round)"]
+    headers = ["model", "batch", "impl", "img/s median [min-max]", "step ms", "TFLOP/s", "MFU", "vs timm (same round)",
+               "img per CPU-s", "vs timm (CPU time)"]
     out = []
     for c in result["cases"]:
         for name, e in c["impls"].items():
@@ -286,6 +295,9 @@ def tables(result: dict[str, Any]) -> list[tuple[list[str], list[list[Any]]]]:
             key = f"{name}/{base}"
             rel = spread(c["ratios"][key]) + "x" if name.startswith("ours") and key in c["ratios"] else ""
             mfu = f"{e['mfu'] * 100:.1f}%" if "mfu" in e else "-"
+            cpu = spread(e["img_per_cpu_s"]) if "img_per_cpu_s" in e else "-"
+            cpu_key = "cpu time: ours/timm"
+            cpu_rel = spread(c["ratios"][cpu_key]) + "x" if name == "ours" and cpu_key in c["ratios"] else ""
             out.append([c["model"], str(c["batch"]), name, spread(e["img_per_s"]), e["step_ms"],
-                        e["achieved_tflops"], mfu, rel])
+                        e["achieved_tflops"], mfu, rel, cpu, cpu_rel])
     return [(headers, out)]

@@ -1,0 +1,71 @@
+"""`python -m orchestrator.benchmark model --quick` runs end to end on CPU and writes sane figures.
+
+The run is real (digits preset and Mixer-S/16 at batch 2, fp32, one torch thread, interleaved rounds); on an
+idle 2-core machine it takes well under a minute. The comparison with timm needs timm (dev extra); without it
+our figures are still checked and only the timm part is skipped, with the reason the benchmark gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Train GFLOP per image (3 x forward matmul FLOPs) from model.accounting, checked by hand:
+# S/16 at 224, 1000 classes: 3 * 2 * (196*768*512 + 8*(2*512*196*256 + 2*196*512*2048) + 512*1000) / 1e9.
+S16_TRAIN_GFLOPS = 3 * 2 * (196 * 768 * 512 + 8 * (2 * 512 * 196 * 256 + 2 * 196 * 512 * 2048) + 512 * 1000) / 1e9
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "model.json"
+    cmd = [sys.executable, "-m", "orchestrator.benchmark", "model", "--quick", "--repeats", "2", "--json", str(out)]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return json.loads(out.read_text()), r.stdout
+
+
+@pytest.mark.timeout(900)
+def test_model_quick_writes_sane_figures_and_matches_timm(quick_run):
+    data, stdout = quick_run
+    assert data["command"].startswith("python -m orchestrator.benchmark model --quick")
+    assert data["machine"]["cpu_count"] >= 1
+    model = data["model"]
+    assert model["device"] == "cpu" and model["dtype"] == "fp32" and model["torch_threads"] == 1
+    cases = {c["model"]: c for c in model["cases"]}
+    assert set(cases) == {"mixer_digits", "mixer_s16_224"}
+    assert cases["mixer_s16_224"]["train_gflops_per_image"] == pytest.approx(S16_TRAIN_GFLOPS, rel=1e-9)
+    for c in cases.values():
+        ours = c["impls"]["ours"]
+        s = ours["img_per_s"]
+        assert s["n"] == 2 and all(_positive(v) for v in s["samples"])
+        assert s["min"] <= s["median"] <= s["max"]
+        assert _positive(ours["step_ms"]) and _positive(ours["achieved_tflops"])
+        assert ours["step_ms"] == pytest.approx(1000 * c["batch"] / s["median"])
+        assert "mfu" not in ours  # no peak on CPU
+    assert "mixer_s16_224" in stdout and "img/s" in stdout
+
+    if model["timm_skipped"]:
+        assert "pip install -e '.[dev]'" in model["timm_skipped"]
+        pytest.skip(f"timm part not checked: {model['timm_skipped']}")
+    assert model["timm"].startswith("1.")
+    for name, c in cases.items():
+        assert c["logits"]["agree"] is True, (name, c["logits"])
+        assert c["logits"]["max_abs_diff"] <= 1e-4 * max(1.0, c["logits"]["logit_scale"])
+        assert c["logits"]["logit_scale"] > 1e-3  # the random head makes the check meaningful
+        # same weights, same batch, same step -> same first loss
+        assert c["first_step_loss"]["ours"] == pytest.approx(c["first_step_loss"]["timm"], rel=1e-4)
+        assert all(_positive(v) for v in c["impls"]["timm"]["img_per_s"]["samples"])
+        ratio = c["ratios"]["ours/timm"]
+        assert ratio["n"] == 2 and _positive(ratio["median"])
+        assert 0.05 < ratio["median"] < 20, f"{name}: ours/timm {ratio} is not a plausible throughput ratio"
+    assert "vs timm" in stdout
