@@ -87,15 +87,16 @@ def test_short_run_then_resume_by_name(tmp_path):
     assert len(client.search_runs([exp.experiment_id])) == 1
 
 
-def _ray_train_worker_pids() -> list[int]:
-    """The train worker processes (not the DataLoader processes they fork, which carry the same title)."""
+def _ray_train_worker_pids(driver_pid: int) -> list[int]:
+    """This run's train worker processes: descendants of the driver (its local Ray instance), not the
+    DataLoader processes they fork (same title), and nothing of any other Ray instance on the machine."""
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.Process(driver_pid).children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and "RayTrainWorker" not in " ".join(
+            if "RayTrainWorker" in " ".join(p.cmdline()) and "RayTrainWorker" not in " ".join(
                 p.parent().cmdline()
             ):
-                pids.append(p.info["pid"])
+                pids.append(p.pid)
         except (psutil.NoSuchProcess, AttributeError):
             continue
     return pids
@@ -115,8 +116,8 @@ def test_worker_killed_mid_run_recovers_with_exact_data_order(tmp_path):
     for line in proc.stdout:
         lines.append(line)
         if killed is None and re.search(r"\bstep 12/\d+", line):
-            pids = _ray_train_worker_pids()
-            assert pids, "no RayTrainWorker process found"
+            pids = _ray_train_worker_pids(proc.pid)
+            assert len(pids) == 2, f"expected 2 train workers, found {pids}"
             killed = pids[-1]
             os.kill(killed, signal.SIGKILL)
         assert time.monotonic() < deadline, "".join(lines[-50:])
