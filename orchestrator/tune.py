@@ -145,6 +145,28 @@ class SearchStore:
         with fs.open_output_stream(f"{base.rstrip('/')}/{name}/{SIDECAR}") as f:
             f.write(json.dumps(data, indent=1, default=str).encode())
 
+    def unfinished_trials(self, name: str) -> set[str]:
+        """Trial ids that Tune's saved experiment state holds as not finished (what --resume would continue)."""
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        root = f"{base.rstrip('/')}/{name}"
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(root))
+            states = sorted(i.path for i in infos if Path(i.path).name.startswith("experiment_state"))
+            if not states:
+                return set()
+            with fs.open_input_stream(states[-1]) as f:
+                state = json.loads(f.read().decode())
+            out = set()
+            for item in state.get("trial_data", []):
+                trial = json.loads(item[0]) if isinstance(item[0], str) else item[0]
+                if trial.get("status") in ("RUNNING", "PENDING", "PAUSED"):
+                    out.add(trial.get("trial_id"))
+            return out
+        except Exception:  # Tune's state format is internal: fall back to what fit() returned
+            return set()
+
     def read_sidecar(self, name: str) -> dict | None:
         fs, base = self._fs()
         try:
@@ -342,7 +364,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     checked = validate_space(space, base)
     param_space = space.to_tune(search)  # grid search over a range fails here, naming the key
-    num_samples = args.num_samples or space.num_samples or 1
+    num_samples = (saved or {}).get("num_samples") or args.num_samples or space.num_samples or 1
     print(f"[tune] search {name}: space {space.name} ({len(space.params)} keys, {checked} model/plan combinations "
           f"checked), search {search}, scheduler {scheduler_name}")
     for key, p in space.params.items():
@@ -416,7 +438,12 @@ def run_search(args: argparse.Namespace) -> int:
             run_config=run_config,
         )
     results = tuner.fit()
-    return finish_search(results, setup, space, base, data, parent, args.best_config, store)
+    unfinished = store.unfinished_trials(name)
+    # Ctrl-C between trials leaves none running: then fewer trials exist than the search was to make
+    expected = space.grid_size(search) * num_samples if search != "optuna" else num_samples
+    missing = len(results._experiment_analysis.trials) < expected
+    return finish_search(results, setup, space, base, data, parent, args.best_config, store,
+                         unfinished=unfinished, interrupted=missing or bool(unfinished))
 
 
 def init_ray() -> None:
@@ -564,9 +591,14 @@ def write_best_config(cfg: Config, row: dict, setup: dict, path: Path) -> Path:
     return path
 
 
-def finish_search(results, setup, space, base, data, parent, best_path, store) -> int:
+def finish_search(results, setup, space, base, data, parent, best_path, store, *,
+                  unfinished: set[str] = frozenset(), interrupted: bool = False) -> int:
     rows = trial_rows(results, setup, space, base, data)
-    interrupted = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+    for r in rows:  # Tune reports the trials it stopped on Ctrl-C as TERMINATED; its saved state says RUNNING
+        if r["trial_id"] in unfinished:
+            r["status"], r["stopped_early"] = "UNFINISHED", False
+    interrupted = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")] or (
+        [{"trial_id": "(not yet generated)"}] if interrupted else [])
     print(f"\n=== search {setup['name']} ===")
     keys = list(space.params)
     for r in rows:

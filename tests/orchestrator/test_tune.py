@@ -246,7 +246,8 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
         deadline = time.monotonic() + 600
         while finished is None and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(3)
-            if (home / "tune-mlflow.db").exists():
+            # read the store only once the driver has created it (two processes migrating one sqlite file race)
+            if "Configuration for experiment" in log_path.read_text():
                 try:
                     _, _, children = _runs(uri)
                 except Exception:  # the store is being created
