@@ -66,6 +66,22 @@ class Source:
             raise CheckpointError(f"checkpoint {self.resolved} does not fit its own architecture: {e}") from None
         return model
 
+    def check(self) -> None:
+        """Every key and shape fits the inferred architecture (cheap: no weights are copied)."""
+        with torch.device("meta"):
+            expected = MlpMixer(self.model_cfg).state_dict()
+        for key, value in self.state_dict.items():
+            if key not in expected:
+                raise CheckpointError(f"checkpoint {self.url} does not fit an MLP-Mixer: key {key!r} (shape "
+                                      f"{tuple(value.shape)}) is unexpected")
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise CheckpointError(f"checkpoint {self.url} is inconsistent: key {key!r} has shape "
+                                      f"{tuple(value.shape)}, expected {tuple(expected[key].shape)} for "
+                                      f"{self.describe()}")
+        missing = [k for k in expected if k not in self.state_dict]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.url} does not fit an MLP-Mixer: key {missing[0]!r} is missing")
+
     def describe(self) -> str:
         c = self.model_cfg
         return (f"{self.kind} checkpoint {self.resolved}: img {c.img_size}, patch {c.patch_size}, depth {c.depth}, "
@@ -169,8 +185,13 @@ def _load_project(fs, path: str, shown: str) -> Source:
     config = state.get("config")
     sd = _tensor_dict(state["model"], shown)
     model_cfg = infer_config(sd, shown, config=config)
-    return Source(shown, path, "project", model_cfg, sd, config=config,
-                  mlflow_run_id=state.get("mlflow_run_id"), step=state.get("step"))
+    return _checked(Source(shown, path, "project", model_cfg, sd, config=config,
+                           mlflow_run_id=state.get("mlflow_run_id"), step=state.get("step")))
+
+
+def _checked(src: Source) -> Source:
+    src.check()
+    return src
 
 
 def _load_file(fs, path: str, shown: str) -> Source:
@@ -188,7 +209,7 @@ def _load_file(fs, path: str, shown: str) -> Source:
     sd = _tensor_dict(obj, shown)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped state dicts
     # timm's MlpMixer uses the exact GELU; so do this project's models unless configured otherwise
-    return Source(shown, path, "state_dict", infer_config(sd, shown), sd)
+    return _checked(Source(shown, path, "state_dict", infer_config(sd, shown), sd))
 
 
 def _load_npz(fs, path: str, shown: str) -> Source:
