@@ -63,25 +63,37 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
         },
     )
     tracker.start()
-    if run_id is None:
-        params = flatten_config(cfg.to_dict())
-        resolved = model_cfg.to_dict()
-        # The model's resolved sizes (not only the overrides) so runs compare on D_S, D_C, C, depth, patch.
-        params.update({f"model.{k}": v for k, v in resolved.items()})
-        params.update({
-            "compute.num_params": plan.num_params,
-            "compute.fwd_gflops_per_image": round(plan.fwd_gflops_per_image, 6),
-            "compute.train_gflops_per_image": round(plan.train_gflops_per_image, 6),
-            "plan.total_steps": plan.total_steps,
-            "plan.grad_accum_steps": plan.grad_accum_steps,
-            "plan.micro_batch_size": plan.micro_batch_size,
-            "plan.train_flops_total": f"{plan.train_flops_total:.6g}",
-        })
-        tracker.log_params(params)
-        tracker.log_dict(cfg.to_dict(), "config/resolved_config.yaml")
-    else:
+    params = flatten_config(cfg.to_dict())
+    # The model's resolved sizes (not only the overrides) so runs compare on D_S, D_C, C, depth, patch.
+    params.update({f"model.{k}": v for k, v in model_cfg.to_dict().items()})
+    params.update({
+        "compute.num_params": plan.num_params,
+        "compute.fwd_gflops_per_image": round(plan.fwd_gflops_per_image, 6),
+        "compute.train_gflops_per_image": round(plan.train_gflops_per_image, 6),
+        "plan.total_steps": plan.total_steps,
+        "plan.grad_accum_steps": plan.grad_accum_steps,
+        "plan.micro_batch_size": plan.micro_batch_size,
+        "plan.train_flops_total": f"{plan.train_flops_total:.6g}",
+    })
+    if run_id is not None:
+        # MLflow params are write-once: a resumed run adds only what it lacks (e.g. a first attempt that
+        # died before logging them); a changed value (say, more epochs) is kept as first logged.
         print(f"[mlflow] continuing run {run_id} of {cfg.run.name}", flush=True)
+        params = {k: v for k, v in params.items() if k not in _logged_params(tracking_uri, run_id)}
+    if params:
+        tracker.log_params(params)
+    if run_id is None:
+        tracker.log_dict(cfg.to_dict(), "config/resolved_config.yaml")
     return tracker
+
+
+def _logged_params(tracking_uri: str, run_id: str) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return set(MlflowClient(tracking_uri).get_run(run_id).data.params)
+    except Exception:  # unreachable now: the tracker buffers, and refused duplicates are only counted
+        return set()
 
 
 def finish_run(tracker: RunTracker, cfg: Config, model_cfg, result) -> None:

@@ -232,7 +232,11 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                     print(f"eval step {step}: top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} "
                           f"loss {val['loss']:.4f} ({val['count']} images)", flush=True)
                     if tracker:
-                        tracker.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
+                        tracker.log_metrics({
+                            **{k: v for k, v in report.items() if k.startswith("val/")},
+                            "compute/flops": plan.train_flops_per_step * step,
+                            "compute/accelerator_hours": accel_hours + (time.perf_counter() - window_t) * world / 3600,
+                        }, step)
             ckpt_dir = None
             if ckpt_due:
                 rngs, data_states = _gather((rng_state(), train_loader.state_dict()), world)

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,7 +380,7 @@ def run_search(args: argparse.Namespace) -> int:
         return 0
 
     tracking_uri = launch.resolve_tracking(base)
-    init_ray()
+    launch.init_ray()
     resource_cfgs = candidate_configs(space, base, RESOURCE_KEYS)
     biggest = max(resource_cfgs, key=lambda c: per_trial_resources(c).get("CPU", 0.0))
     launch.check_capacity(biggest)
@@ -444,28 +442,6 @@ def run_search(args: argparse.Namespace) -> int:
     missing = len(results._experiment_analysis.trials) < expected
     return finish_search(results, setup, space, base, data, parent, args.best_config, store,
                          unfinished=unfinished, interrupted=missing or bool(unfinished))
-
-
-def init_ray() -> None:
-    """launch.init_ray, but a local instance also tells its processes which dashboard is theirs.
-
-    Ray Train's PlacementGroupCleaner (which frees the worker group of a trial that ASHA stopped) finds the
-    cluster through the state API; with no address it auto-detects, and fails ("Found multiple active Ray
-    instances") when another local Ray runs on the same host, leaking the stopped trial's CPUs.
-    """
-    import ray
-
-    from orchestrator import launch
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS"):
-        launch.init_ray()
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-    ray.init(log_to_driver=True, dashboard_port=port)
 
 
 def make_search_alg(search: str, seed: int, max_concurrent: int | None):
