@@ -225,8 +225,10 @@ def bench_case(
         suffix = "+compile" if compiled else ""
         if "timm" + suffix in rates:
             out["ratios"][f"ours{suffix}/timm{suffix}"] = summary(ratios(rates["ours" + suffix], rates["timm" + suffix]))
-        if not compiled and "timm" in cpu_rates:
-            out["ratios"]["cpu time: ours/timm"] = summary(ratios(cpu_rates["ours"], cpu_rates["timm"]))
+        if "timm" + suffix in cpu_rates:
+            out["ratios"][f"cpu time: ours{suffix}/timm{suffix}"] = summary(
+                ratios(cpu_rates["ours" + suffix], cpu_rates["timm" + suffix])
+            )
         if compiled and "ours" in rates:
             out["ratios"]["ours+compile/ours"] = summary(ratios(rates["ours+compile"], rates["ours"]))
     if device.type == "cuda":
@@ -296,8 +298,8 @@ def tables(result: dict[str, Any]) -> list[tuple[list[str], list[list[Any]]]]:
             rel = spread(c["ratios"][key]) + "x" if name.startswith("ours") and key in c["ratios"] else ""
             mfu = f"{e['mfu'] * 100:.1f}%" if "mfu" in e else "-"
             cpu = spread(e["img_per_cpu_s"]) if "img_per_cpu_s" in e else "-"
-            cpu_key = "cpu time: ours/timm"
-            cpu_rel = spread(c["ratios"][cpu_key]) + "x" if name == "ours" and cpu_key in c["ratios"] else ""
+            cpu_key = f"cpu time: {key}"
+            cpu_rel = spread(c["ratios"][cpu_key]) + "x" if name.startswith("ours") and cpu_key in c["ratios"] else ""
             out.append([c["model"], str(c["batch"]), name, spread(e["img_per_s"]), e["step_ms"],
                         e["achieved_tflops"], mfu, rel, cpu, cpu_rel])
     return [(headers, out)]
