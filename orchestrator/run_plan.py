@@ -9,7 +9,8 @@ from model import count_params, forward_flops, train_flops_per_image
 from orchestrator.config import Config
 
 # Dense bf16 peak per accelerator (TFLOP/s), for MFU. 1,979 is H100's sparse figure, not used.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+# Checked in order: the more specific names first (an H100 PCIe has a lower peak than the SXM part).
+PEAK_BF16_TFLOPS = {"H100 PCIE": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
 
 def peak_tflops(device_name: str) -> float | None:
