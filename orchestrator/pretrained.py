@@ -105,9 +105,12 @@ def load_source(url: str, storage_options: dict | None = None) -> Source:
         raise CheckpointError(f"checkpoint {shown} cannot be opened: {type(e).__name__}: {e}") from None
     if not exists:
         raise CheckpointError(f"checkpoint {shown} does not exist")
-    if fs.isdir(path):
-        return _load_directory(fs, path, shown)
-    return _load_file(fs, path, shown)
+    src = _load_directory(fs, path, shown) if fs.isdir(path) else _load_file(fs, path, shown)
+    src.url = shown  # what the user named; src.resolved is the file actually read
+    proto = url.split("://", 1)[0] + "://" if "://" in url else ""
+    if proto and not src.resolved.startswith(proto):
+        src.resolved = proto + src.resolved
+    return src
 
 
 def _join(path: str, name: str) -> str:

@@ -65,7 +65,7 @@ def test_fewshot_far_above_chance_and_rising_with_shots(home, capsys):
     assert evaluate.main(["--from", home["run_dir"], "--fewshot", "--fewshot-only", "--experiment", "evals"]) == 0
     out = capsys.readouterr().out
     acc = {int(k): float(v) for k, v in re.findall(r"(\d+)-shot ([0-9.]+)", out)}
-    print("few-shot accuracies:", acc)
+    print("FIGURES few-shot accuracies:", acc)
     assert set(acc) == {1, 5, 10, 25}
     assert acc[1] > 0.3  # chance is 0.1
     assert acc[1] < acc[5] < acc[25] and acc[10] <= acc[25] + 0.01 and acc[25] > 0.8
