@@ -87,21 +87,6 @@ def test_short_run_then_resume_by_name(tmp_path):
     assert len(client.search_runs([exp.experiment_id])) == 1
 
 
-def _ray_train_worker_pids(driver_pid: int) -> list[int]:
-    """This run's train worker processes: descendants of the driver (its local Ray instance), not the
-    DataLoader processes they fork (same title), and nothing of any other Ray instance on the machine."""
-    pids = []
-    for p in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()) and "RayTrainWorker" not in " ".join(
-                p.parent().cmdline()
-            ):
-                pids.append(p.pid)
-        except (psutil.NoSuchProcess, AttributeError):
-            continue
-    return pids
-
-
 def test_worker_killed_mid_run_recovers_with_exact_data_order(tmp_path):
     home, trace = tmp_path / "home", tmp_path / "trace"
     args = [
@@ -115,17 +100,21 @@ def test_worker_killed_mid_run_recovers_with_exact_data_order(tmp_path):
     deadline = time.monotonic() + 400
     for line in proc.stdout:
         lines.append(line)
-        if killed is None and re.search(r"\bstep 12/\d+", line):
-            pids = _ray_train_worker_pids(proc.pid)
-            assert len(pids) == 2, f"expected 2 train workers, found {pids}"
-            killed = pids[-1]
+        match = re.search(r"RayTrainWorker pid=(\d+)\S* step 12/\d+", line)
+        if killed is None and match:
+            # Ray prefixes each forwarded line with the pid of the worker that printed it: rank 0.
+            killed = int(match.group(1))
+            assert "RayTrainWorker" in " ".join(psutil.Process(killed).cmdline())
             os.kill(killed, signal.SIGKILL)
         assert time.monotonic() < deadline, "".join(lines[-50:])
     proc.wait(timeout=60)
     text = "".join(lines)
     assert proc.returncode == 0, text[-4000:]
     assert killed is not None
-    assert re.search(r"\[resume\] from checkpoint_\S+: step (10|15|20),", text), text[-4000:]
+    resumed = re.search(r"\[resume\] from checkpoint_\S+: step (\d+),", text)
+    assert resumed, "\n".join(x for x in lines if re.search(r"resume|Traceback|Error|killed", x))[-4000:]
+    # checkpoints every 5 steps, killed while step 12 was printed (failure detection may lag under load)
+    assert int(resumed.group(1)) in (10, 15, 20)
     planned = int(re.search(r"step \d+/(\d+)", text).group(1))
     assert re.search(rf"after step {planned}\b", text)
 
