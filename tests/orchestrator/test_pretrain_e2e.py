@@ -113,8 +113,9 @@ def test_worker_killed_mid_run_recovers_with_exact_data_order(tmp_path):
     assert killed is not None
     resumed = re.search(r"\[resume\] from checkpoint_\S+: step (\d+),", text)
     assert resumed, "\n".join(x for x in lines if re.search(r"resume|Traceback|Error|killed", x))[-4000:]
-    # checkpoints every 5 steps, killed while step 12 was printed (failure detection may lag under load)
-    assert int(resumed.group(1)) in (10, 15, 20)
+    # Checkpoints every 5 steps, killed while step 12 was printed. Ray's controller registers a reported
+    # checkpoint asynchronously, and failure detection may lag under load: any of these is a correct resume.
+    assert int(resumed.group(1)) in (5, 10, 15, 20)
     planned = int(re.search(r"step \d+/(\d+)", text).group(1))
     assert re.search(rf"after step {planned}\b", text)
 
