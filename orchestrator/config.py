@@ -106,7 +106,6 @@ class RegSection:
 @dataclass
 class EvalSection:
     every_steps: int = 0  # 0 -> once per epoch
-    fewshot_every_steps: int = 0  # 0 -> off
 
 
 @dataclass
