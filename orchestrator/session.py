@@ -79,7 +79,9 @@ class RaySession:
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
-        self._train.report(metrics, checkpoint=checkpoint)
+        # The staged directory is a temp copy: once persisted to storage it goes (SYNC mode keeps it otherwise,
+        # and a B/16 checkpoint with its optimizer state is ~0.7 GB per save).
+        self._train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=checkpoint is not None)
 
     def staging_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="ckpt_"))
