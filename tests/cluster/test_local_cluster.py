@@ -114,9 +114,16 @@ def test_local_cluster_auth_jobs_node_failure_and_teardown(start_local_ray_clust
         == by_resource["node_2"]["resources_total"]["CPU"]
     )
     assert len({n["node_id"] for n in nodes}) == 3
-    status = subprocess.run([RAY, "status", "--address", cluster.address], env=cluster.env, capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
-    assert status.returncode == 0, status.stderr
+    # `ray status` reads the autoscaler's report, refreshed every few seconds: poll it (bounded) until it
+    # has caught up with the nodes the state API already shows.
+    deadline = time.monotonic() + 60
+    while True:
+        status = subprocess.run([RAY, "status", "--address", cluster.address], env=cluster.env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        if _active_nodes_in_ray_status(status.stdout) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert _active_nodes_in_ray_status(status.stdout) == 3, status.stdout
 
     phase("checks")
