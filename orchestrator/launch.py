@@ -15,8 +15,6 @@ from typing import Any
 from orchestrator.config import Config, ConfigError, mixer_home
 from orchestrator.train_loop import Job
 
-RUN_NAME_TAG = "mixer.run_name"
-
 
 class ClusterTooSmallError(RuntimeError):
     """The Ray cluster cannot fit the requested worker group."""

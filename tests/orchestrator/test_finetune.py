@@ -1,7 +1,7 @@
 """Fine-tuning: checkpoint sources, App. C on real data, every bad-checkpoint case, and the CLI on local Ray.
 
 A small digits model is pretrained once per test session without Ray (LocalSession + run_training, tracked in
-a temp sqlite store) by `pretrained_digits`, which tests/orchestrator/test_evaluate.py shares.
+a temp sqlite store) by `pretrained_digits` in tests/orchestrator/conftest.py, shared with test_evaluate.py.
 - App. C on real digits: the 2x model on a 2x2 tiling of each held-out image scores exactly the source's top-1;
 - bad input (fast, no Ray): missing, not a checkpoint, pickled code (never executed), npz with objects,
   non-Mixer state dict, incompatible patch size, shape mismatch, non-integer resolution factor, truncated file;
@@ -30,54 +30,6 @@ from orchestrator import finetune
 from orchestrator.pretrained import CheckpointError, adapt_for_finetune, load_source
 
 REPO = Path(__file__).resolve().parents[2]
-PRETRAIN_EPOCHS = 6
-
-
-def pretrained_digits(base: Path) -> dict:
-    """Pretrain mixer_digits (16 px) once under `base` (MIXER_HOME=base/home); cached for the session."""
-    marker = base / "pretrained.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
-    from orchestrator.config import load_config
-    from orchestrator.launch import resolve_data
-    from orchestrator.session import LocalSession
-    from orchestrator.tracking import RunTracker
-    from orchestrator.train_loop import Job, run_training
-
-    home = base / "home"
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXER_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = load_config("digits", [
-            "run.name=digits-pre", f"schedule.epochs={PRETRAIN_EPOCHS}", "schedule.warmup_steps=10",
-            "scaling.num_workers=1", "data.loader_workers=0", "eval.every_steps=100000", "train.log_every_steps=20",
-        ])
-        data = resolve_data(cfg)
-        tracker = RunTracker(uri, cfg.tracking.experiment, cfg.run.name)
-        run_id = tracker.start()
-        job = Job(data.url, data.num_classes, data.train_samples, run_id, uri, data.storage_options)
-        run_dir = home / "runs" / "digits-pre"
-        result = run_training(cfg, LocalSession(str(run_dir), device="cpu"), job)
-        tracker.end("FINISHED")
-    info = {"home": str(home), "run_dir": str(run_dir), "data_url": data.url, "top1": result["val/top1"],
-            "run_id": run_id, "tracking_uri": uri, "step": result["step"]}
-    marker.write_text(json.dumps(info))
-    return info
-
-
-@pytest.fixture(scope="module")
-def pre(tmp_path_factory) -> dict:
-    return pretrained_digits(tmp_path_factory.getbasetemp() / "digits-pretrained")
-
-
-@pytest.fixture
-def home_env(pre, monkeypatch):
-    monkeypatch.setenv("MIXER_HOME", pre["home"])
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return pre
-
-
 @pytest.fixture(scope="module")
 def bare_home(tmp_path_factory) -> Path:
     """A MIXER_HOME with only the digits dataset: the bad-input cases need no trained model."""
