@@ -5,12 +5,12 @@
     python -m orchestrator.evaluate --from Mixer-B_16.npz --data s3://bucket/imagenet1k --split val
     python -m orchestrator.evaluate --from s3://bucket/runs/b16 --data s3://bucket/cifar10 --fewshot --fewshot-only
 
---from is anything orchestrator.finetune accepts (see orchestrator/pretrained.py). A run directory may belong
+--from is anything orchestrator.finetune accepts (see orchestrator/eval/sources.py). A run directory may belong
 to a run in progress: only complete checkpoints are read. --data defaults to the dataset the checkpoint was
 trained on (when it records one). Images are preprocessed as in the training run's evaluation (the
 checkpoint's model name and data.transform; official .npz/timm weights: inception crop, bicubic, [-1, 1]).
 
-Few-shot (big_vision's protocol, orchestrator/fewshot.py): frozen pre-logits of --train-split images (no
+Few-shot (big_vision's protocol, orchestrator/eval/fewshot.py): frozen pre-logits of --train-split images (no
 augmentation) give k shots per class, ridge regression with l2 = 2^10, tested on --split; mean over seeds.
 
 MLflow: by default a new run in --experiment (default: the checkpoint's own experiment, else mixer-eval),
@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from orchestrator.pretrained import CheckpointError, Source, load_source
+from orchestrator.eval.sources import CheckpointError, Source, load_source
 
 DEFAULT_EXPERIMENT = "mixer-eval"
 _OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
@@ -107,14 +107,14 @@ def data_url_for(args: argparse.Namespace, src: Source) -> str:
     url = src.config.get("data", {}).get("url") or ""
     if url:
         return url
-    from orchestrator.config import mixer_home
+    from orchestrator.config.tree import mixer_home
     from pipelines.digits import ensure_digits_dataset
 
     return ensure_digits_dataset(str(mixer_home() / "data" / "digits"))
 
 
 def eval_transform(src: Source, preset: str | None):
-    """The eval preprocessing of the training run (orchestrator/train_loop.build_loaders), at the model's size."""
+    """The eval preprocessing of the training run (orchestrator/train/loop.build_loaders), at the model's size."""
     from model import pretrained_data_config
     from pipelines.transforms import make_transform
 
@@ -127,8 +127,8 @@ def eval_transform(src: Source, preset: str | None):
 def run(args: argparse.Namespace, src: Source, shots: list[int]) -> Results:
     import torch
 
-    from orchestrator.evaluation import evaluate
-    from orchestrator.fewshot import extract_features, fewshot_accuracy
+    from orchestrator.eval.fewshot import extract_features, fewshot_accuracy
+    from orchestrator.eval.metrics import evaluate
     from pipelines.loader import ShardLoader
     from pipelines.manifest import load_manifest
     from pipelines.storage import resolve_storage_options
@@ -198,8 +198,8 @@ class _SourceRunLogger:
 
 
 def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
-    from orchestrator.config import mixer_home
-    from orchestrator.tracking import RunTracker, check_tracking_reachable, resolve_tracking_uri
+    from orchestrator.config.tree import mixer_home
+    from orchestrator.tracking.tracker import RunTracker, check_tracking_reachable, resolve_tracking_uri
 
     mixer_home().mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(args.tracking_uri, str(mixer_home()))

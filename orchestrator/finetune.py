@@ -8,7 +8,7 @@
 
 --from (local path or fsspec URL) is one of this project's checkpoint directories, a run directory (its latest
 complete checkpoint), an official JAX .npz, or a timm/plain state dict (.pt/.pth/.bin/.safetensors); see
-orchestrator/pretrained.py. The architecture comes from the checkpoint: size fields set in the config
+orchestrator/eval/sources.py. The architecture comes from the checkpoint: size fields set in the config
 (e.g. model.patch_size) are expectations that it must meet; model.img_size is the fine-tuning resolution, an
 integer multiple K of the checkpoint's (App. C: token-mixing weights become K^2 block-diagonal copies). The
 head is replaced by a zero-initialised one for the dataset's classes (--keep-head keeps a fitting one).
@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.config import Config, ConfigError, list_presets, load_config, model_overrides, validate
-from orchestrator.pretrained import CheckpointError, Source, adapt_for_finetune, load_source, target_config
+from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides, validate
+from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
 
 DEFAULT_PRESET = "digits_finetune"
 SIZE_FIELDS = ("patch_size", "depth", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(cfg: Config, source_url: str, *, allow_unreachable: bool = False) -> tuple[Source, int]:
     """Load the source and point cfg.model at the fine-tuning architecture (in place); nothing touches Ray."""
-    from orchestrator.launch import resolve_data, storage_options
+    from orchestrator.train.launch import resolve_data, storage_options
 
     src = load_source(source_url, storage_options(cfg, source_url))
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
@@ -105,7 +105,7 @@ def write_init_weights(cfg: Config, state_dict: dict) -> str:
 
     import torch
 
-    from orchestrator.launch import storage_options
+    from orchestrator.train.launch import storage_options
     from pipelines.storage import get_fs
 
     url = init_weights_url(cfg)

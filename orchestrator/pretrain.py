@@ -6,8 +6,8 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m orchestrator.pretrain ...
 
 Re-running with the same run.name (and run.storage_path) resumes from that run's latest checkpoint and keeps
-logging into the same MLflow run. The training step is in orchestrator/train_step.py, the per-worker
-loop in orchestrator/train_loop.py, the Ray Train set-up in orchestrator/launch.py.
+logging into the same MLflow run. The training step is in orchestrator/train/step.py, the per-worker
+loop in orchestrator/train/loop.py, the Ray Train set-up in orchestrator/train/launch.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.config import Config, ConfigError, list_presets, load_config, model_overrides
+from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan_for(cfg: Config, *, allow_unreachable: bool = False):
     from model import get_config
-    from orchestrator.launch import resolve_data
-    from orchestrator.run_plan import make_plan
+    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.plan import make_plan
 
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
     model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
@@ -69,7 +69,8 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     Fine-tuning (orchestrator/finetune.py) passes the adapted weights' URL (loaded by every worker when the run
     has no checkpoint yet) and tags recording where they came from.
     """
-    from orchestrator import launch, run_tracking
+    from orchestrator.tracking import run as run_tracking
+    from orchestrator.train import launch
 
     data, model_cfg, plan = plan_for(cfg)
     tracking_uri = launch.resolve_tracking(cfg)
@@ -119,8 +120,8 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
         print(f"top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  after step {metrics.get('step')}")
     print(f"checkpoint      {checkpoint_path}")
     if run:
-        from orchestrator.report import report_command
-        from orchestrator.tracking import redact
+        from orchestrator.report.compare import report_command
+        from orchestrator.tracking.tracker import redact
 
         tracking_uri = redact(tracking_uri)
 

@@ -181,9 +181,9 @@ def test_rayjob_entrypoint_is_a_valid_config():
     """The overrides in the RayJob resolve against the real config tree (skipped until orchestrator imports)."""
     argv = shlex.split(_load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"])
     try:
-        from orchestrator.config import load_config
+        from orchestrator.config.tree import load_config
     except ImportError as e:  # other layers still being written
-        pytest.skip(f"orchestrator.config not importable: {e}")
+        pytest.skip(f"orchestrator.config.tree not importable: {e}")
     try:
         cfg = load_config(argv[4], argv[5:])
     except ImportError as e:

@@ -15,11 +15,11 @@ def pretrained_digits(base: Path) -> dict:
     marker = base / "pretrained.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    from orchestrator.config import load_config
-    from orchestrator.launch import resolve_data
-    from orchestrator.session import LocalSession
-    from orchestrator.tracking import RunTracker
-    from orchestrator.train_loop import Job, run_training
+    from orchestrator.config.tree import load_config
+    from orchestrator.tracking.tracker import RunTracker
+    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.loop import Job, run_training
+    from orchestrator.train.session import LocalSession
 
     home = base / "home"
     uri = f"sqlite:///{home / 'mlflow.db'}"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchestrator.config import ConfigError, list_presets, load_config
+from orchestrator.config.tree import ConfigError, list_presets, load_config
 
 
 def test_presets_load_and_validate():

@@ -62,7 +62,7 @@ def test_fewshot_far_above_chance_and_rising_with_shots(home_env, capsys):
 
 
 def test_bad_input(home_env, tmp_path, capsys):
-    from orchestrator.pretrained import load_source
+    from orchestrator.eval.sources import load_source
 
     src = load_source(home_env["run_dir"])
     sd = dict(src.state_dict)

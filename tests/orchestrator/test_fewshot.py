@@ -1,6 +1,6 @@
 import torch
 
-from orchestrator.fewshot import fewshot_accuracy, ridge_fit, ridge_predict, sample_shots
+from orchestrator.eval.fewshot import fewshot_accuracy, ridge_fit, ridge_predict, sample_shots
 
 
 def _blobs(n_per_class, classes=5, dim=16, seed=0):

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from orchestrator import finetune
-from orchestrator.pretrained import CheckpointError, adapt_for_finetune, load_source
+from orchestrator.eval.sources import CheckpointError, adapt_for_finetune, load_source
 
 REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def bare_env(bare_home, monkeypatch) -> Path:
 def _untrained_checkpoint(directory: Path, **model_overrides) -> Path:
     """One of our checkpoint dirs holding an untrained mixer_digits (fast; for the bad-input cases)."""
     from model import create_model
-    from orchestrator.checkpointing import save_checkpoint
-    from orchestrator.config import load_config
+    from orchestrator.config.tree import load_config
+    from orchestrator.train.checkpoints import save_checkpoint
 
     cfg = load_config("digits")
     model = create_model("mixer_digits", **model_overrides)
@@ -70,7 +70,7 @@ def _finetune_error(capsys, *argv: str) -> str:
 
 def test_adapted_model_on_tiled_real_digits_scores_the_source_top1(pre):
     """App. C on real data: the 2x model sees each 16 px part on its own, so 2x2 tiles = the source."""
-    from orchestrator.evaluation import evaluate
+    from orchestrator.eval.metrics import evaluate
     from pipelines.loader import ShardLoader
     from pipelines.transforms import make_transform
 

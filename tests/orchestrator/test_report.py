@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report import ReportError, main, make_report, pareto_frontier, report_command
-from orchestrator.tracking import RunTracker
+from orchestrator.report.compare import ReportError, main, make_report, pareto_frontier, report_command
+from orchestrator.tracking.tracker import RunTracker
 
 # name, model, (D_S, D_C, C, depth, patch), params, fwd GFLOPs/img, workers, final top-1, accelerator-hours,
 # global img/s, status, few-shot, logs compute metrics

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.search_space import (
+from orchestrator.config.search_space import (
     SpaceError,
     apply,
     list_spaces,
@@ -14,6 +13,7 @@ from orchestrator.search_space import (
     resolved_values,
     validate_space,
 )
+from orchestrator.config.tree import load_config
 
 
 def _digits():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tracking
-from orchestrator.tracking import (
+from orchestrator.tracking import tracker as tracking
+from orchestrator.tracking.tracker import (
     RunTracker,
     TrackingUnreachableError,
     check_tracking_reachable,
@@ -106,7 +106,7 @@ def test_run_params_tags_metrics_and_resume(sqlite_uri, monkeypatch, caplog):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    caplog.set_level(logging.INFO, logger="orchestrator.tracking")
+    caplog.set_level(logging.INFO, logger="orchestrator.tracking.tracker")
     t = RunTracker(sqlite_uri, "unit", "run-a", tags={"model_name": "mixer_s16_224", "world_size": 2,
                                                       "api_token": "tok-123456789"})
     run_id = t.start()
@@ -281,7 +281,7 @@ def mlflow_server(tmp_path_factory):
 def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, caplog):
     from mlflow import MlflowClient
 
-    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking.tracker")
     check_tracking_reachable(mlflow_server.url)
     t = RunTracker(mlflow_server.url, "outage", "run", retry_seconds=2.0)
     run_id = t.start()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config import ScheduleSection
-from orchestrator.optim import build_scheduler, lr_factor, param_groups
-from orchestrator.train_step import classification_loss, train_step
+from orchestrator.config.tree import ScheduleSection
+from orchestrator.train.optim import build_scheduler, lr_factor, param_groups
+from orchestrator.train.step import classification_loss, train_step
 
 
 def _tiny():

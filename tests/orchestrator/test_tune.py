@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import tune
-from orchestrator.config import load_config
-from orchestrator.search_space import load_space
+from orchestrator.config.search_space import load_space
+from orchestrator.config.tree import load_config
+from orchestrator.tune import search as tune
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "mixer-digits-tune"

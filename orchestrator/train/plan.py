@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from model import count_params, forward_flops, train_flops_per_image
-from orchestrator.config import Config
+from orchestrator.config.tree import Config
 
 # Dense bf16 peak per accelerator (TFLOP/s), for MFU. 1,979 is H100's sparse figure, not used.
 # Checked in order: the more specific names first (an H100 PCIe has a lower peak than the SXM part).
@@ -67,7 +67,7 @@ def make_plan(cfg: Config, model_cfg, train_samples: int, batches_per_rank_per_e
         batches_per_rank_per_epoch = train_samples // (micro * workers)
     steps_per_epoch = batches_per_rank_per_epoch // accum
     if steps_per_epoch < 1:
-        from orchestrator.config import ConfigError
+        from orchestrator.config.tree import ConfigError
 
         raise ConfigError(
             f"optim.global_batch_size={cfg.optim.global_batch_size} is larger than one epoch of the training "

@@ -1,13 +1,13 @@
 """Training-step throughput of this project's Mixer against timm's MlpMixer (same config, weights, dtype, batch).
 
-The step timed is orchestrator.train_step.train_step, the one the training loop runs: forward, softmax
-cross-entropy, backward, clip at global norm 1, AdamW (orchestrator.optim, decay on kernels only), schedule.
+The step timed is orchestrator.train.step.train_step, the one the training loop runs: forward, softmax
+cross-entropy, backward, clip at global norm 1, AdamW (orchestrator.train.optim, decay on kernels only), schedule.
 timm's model is put through exactly the same step. Before timing, timm's model gets our state_dict
 (strict=True) and both models' logits on the same images are compared in fp32 (the head is given random
 weights first: the official zero head would make every logit equal and the check empty).
 
 CPU: fp32, eager. CUDA: bf16 autocast, eager and torch.compile, MFU against the GPU's dense bf16 peak
-(989 TFLOP/s for H100 SXM / H200; orchestrator.run_plan.PEAK_BF16_TFLOPS).
+(989 TFLOP/s for H100 SXM / H200; orchestrator.train.plan.PEAK_BF16_TFLOPS).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from model import count_params, create_model, train_flops_per_image
-from orchestrator.bench_common import interleaved, ratios, summary
-from orchestrator.config import OptimSection
-from orchestrator.optim import build_optimizer
-from orchestrator.run_plan import peak_tflops
-from orchestrator.train_step import train_step
+from orchestrator.benchmark.common import interleaved, ratios, summary
+from orchestrator.config.tree import OptimSection
+from orchestrator.train.optim import build_optimizer
+from orchestrator.train.plan import peak_tflops
+from orchestrator.train.step import train_step
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM / H200 dense bf16, when the GPU's name is not in PEAK_BF16_TFLOPS
 TIMM_MISSING = (
@@ -266,7 +266,7 @@ def run(
     result: dict[str, Any] = {
         "device": dev.type,
         "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32",
-        "step": "orchestrator.train_step.train_step: fwd + softmax CE + bwd + clip 1.0 + AdamW(wd 0.1 kernels) + schedule",
+        "step": "orchestrator.train.step.train_step: fwd + softmax CE + bwd + clip 1.0 + AdamW(wd 0.1 kernels) + schedule",
         "timm": timm_info if timm_cls is not None else None,
         "timm_skipped": None if timm_cls is not None else timm_info,
         "peak_tflops": peak,
@@ -286,7 +286,7 @@ def run(
 
 
 def tables(result: dict[str, Any]) -> list[tuple[list[str], list[list[Any]]]]:
-    from orchestrator.bench_common import spread
+    from orchestrator.benchmark.common import spread
 
     headers = ["model", "batch", "impl", "img/s median [min-max]", "step ms", "TFLOP/s", "MFU", "vs timm (same round)",
                "img per CPU-s", "vs timm (CPU time)"]

@@ -1,6 +1,6 @@
 """Where fine-tuning and evaluation get their weights: one loader for every kind of checkpoint source.
 
-    from orchestrator.pretrained import load_source, adapt_for_finetune
+    from orchestrator.eval.sources import load_source, adapt_for_finetune
     src = load_source("/runs/digits")                  # a run dir: its latest complete checkpoint
     src = load_source("s3://bucket/Mixer-B_16.npz")    # an official JAX/Flax .npz
     src = load_source("mixer_b16.pth")                 # a timm / plain state dict (.pt, .pth, .bin, .safetensors)
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
-from orchestrator.checkpointing import FORMAT_VERSION, STATE_FILE
+from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry of the run's checkpoints
 _BLOCK = re.compile(r"blocks\.(\d+)\.")

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Config, ConfigError, mixer_home
-from orchestrator.train_loop import Job
+from orchestrator.config.tree import Config, ConfigError, mixer_home
+from orchestrator.train.loop import Job
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -88,7 +88,7 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
 def resolve_tracking(cfg: Config) -> str | None:
     if not cfg.tracking.enabled:
         return None
-    from orchestrator.tracking import check_tracking_reachable, redact, resolve_tracking_uri
+    from orchestrator.tracking.tracker import check_tracking_reachable, redact, resolve_tracking_uri
 
     mixer_home().mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.uri, str(mixer_home()))
@@ -184,7 +184,7 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train_loop import train_worker
+    from orchestrator.train.loop import train_worker
 
     storage_path, filesystem = storage_target(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}

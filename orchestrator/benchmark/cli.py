@@ -12,9 +12,9 @@ Every comparison is measured side by side in one run: the cases are interleaved 
 each figure is the median over rounds with its spread [min-max], and ratios are taken within a round. The
 figures and the machine they came from are printed as tables and written with ``--json``. BENCHMARKS.md holds
 the latest figures. Parts:
-- model (orchestrator/bench_model.py): training-step img/s of this Mixer vs timm's MlpMixer, same weights;
-- data  (orchestrator/bench_data.py): decode + train augmentation img/s per core, local and S3 shards;
-- train (orchestrator/bench_train.py): steps/s under Ray Train vs without Ray, `ray job submit` to first
+- model (orchestrator/benchmark/model.py): training-step img/s of this Mixer vs timm's MlpMixer, same weights;
+- data  (orchestrator/benchmark/data.py): decode + train augmentation img/s per core, local and S3 shards;
+- train (orchestrator/benchmark/train.py): steps/s under Ray Train vs without Ray, `ray job submit` to first
   step, checkpoint save/restore and the step around a checkpoint.
 """
 
@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from orchestrator.bench_common import machine_info, table
+from orchestrator.benchmark.common import machine_info, table
 
 PARTS = ("model", "data", "train")
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     tables: list[str] = []
     for part in parts:
         if part == "model":
-            from orchestrator import bench_model
+            from orchestrator.benchmark import model as bench_model
 
             res = bench_model.run(args.device, repeats, args.quick, args.batch, args.models, args.compile, args.threads)
             title = (f"model: training step ({res['dtype']}, {args.device}, torch threads {res['torch_threads']}), "
@@ -99,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             if res["timm_skipped"]:
                 title += "\n  " + res["timm_skipped"]
         elif part == "data":
-            from orchestrator import bench_data
+            from orchestrator.benchmark import data as bench_data
 
             res = bench_data.run(repeats, args.quick, args.images, s3=not args.no_s3)
             title = f"data: {res['setup']}, {repeats} interleaved rounds"
         else:
-            from orchestrator import bench_train
+            from orchestrator.benchmark import train as bench_train
 
             res = bench_train.run(repeats, args.quick, submit=not args.no_submit, steps=args.steps)
             title = f"train: orchestration overhead, {res['setup']}"
-        module = sys.modules[f"orchestrator.bench_{part}"]
+        module = sys.modules[f"orchestrator.benchmark.{part}"]
         out[part] = res
         text = f"\n== {title}\n" + "\n\n".join(table(h, r) for h, r in module.tables(res))
         for note in res.get("notes", []):

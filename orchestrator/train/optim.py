@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from orchestrator.config import OptimSection, ScheduleSection
+from orchestrator.config.tree import OptimSection, ScheduleSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

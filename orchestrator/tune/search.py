@@ -12,7 +12,7 @@ opens a nested MLflow run under the search's parent run, and fits a TorchTrainer
 through TuneReportCallback; ASHA stops weak trials on val/top1. The trial's Train run is named after the
 search and the trial id, so a retried or resumed trial continues from its own checkpoints. At the end the
 best trial's config is written as a file that `python -m orchestrator.pretrain --config FILE` accepts.
-Search spaces: orchestrator/search_space.py (format) and orchestrator/spaces/*.yaml (presets).
+Search spaces: orchestrator/config/search_space.py (format) and orchestrator/spaces/*.yaml (presets).
 """
 
 from __future__ import annotations
@@ -26,15 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import (
-    Config,
-    ConfigError,
-    config_from_dict,
-    list_presets,
-    load_config,
-    parse_override,
-)
-from orchestrator.search_space import (
+from orchestrator.config.search_space import (
     PLAN_KEYS,
     RESOURCE_KEYS,
     SearchSpace,
@@ -46,6 +38,14 @@ from orchestrator.search_space import (
     per_trial_resources,
     resolved_values,
     validate_space,
+)
+from orchestrator.config.tree import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    list_presets,
+    load_config,
+    parse_override,
 )
 
 METRIC, MODE = "val/top1", "max"
@@ -175,7 +175,7 @@ class SearchStore:
 
 
 def store_for(cfg: Config) -> SearchStore:
-    from orchestrator.launch import storage_target
+    from orchestrator.train.launch import storage_target
 
     path, fs = storage_target(cfg)
     return SearchStore(path, fs)
@@ -227,8 +227,9 @@ def run_trial(params: dict, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator import launch, run_tracking
     from orchestrator.pretrain import plan_for
+    from orchestrator.tracking import run as run_tracking
+    from orchestrator.train import launch
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup, params, trial_id)
@@ -300,8 +301,8 @@ def num_reports(plan) -> int:
 
 def plan_of(cfg: Config, data):
     from model import get_config
-    from orchestrator.config import model_overrides
-    from orchestrator.run_plan import make_plan
+    from orchestrator.config.tree import model_overrides
+    from orchestrator.train.plan import make_plan
 
     model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
     return make_plan(cfg, model_cfg, data.train_samples)
@@ -328,8 +329,8 @@ def derive_concurrency(trial_cfgs: list[Config]) -> tuple[int | None, dict[str, 
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from orchestrator import launch
     from orchestrator.pretrain import plan_for
+    from orchestrator.train import launch
 
     for flag in ("num_samples", "max_concurrent"):
         v = getattr(args, flag)
@@ -473,7 +474,7 @@ def make_scheduler(name: str, max_t: int, grace_period: int, reduction_factor: f
 def open_parent_run(base: Config, tracking_uri: str | None, name: str, run_id: str | None):
     if not tracking_uri:
         return None
-    from orchestrator.tracking import RunTracker
+    from orchestrator.tracking.tracker import RunTracker
 
     parent = RunTracker(tracking_uri, base.tracking.experiment, name, run_id=run_id,
                         tags={SEARCH_TAG: name, "mixer.kind": "tune"})
@@ -595,7 +596,7 @@ def finish_search(results, setup, space, base, data, parent, best_path, store, *
         elif store.filesystem is None and "://" not in store.storage_path:
             best_file = Path(store.experiment_path(setup["name"])) / "best_config.yaml"
         else:
-            from orchestrator.config import mixer_home
+            from orchestrator.config.tree import mixer_home
 
             best_file = mixer_home() / "tune" / setup["name"] / "best_config.yaml"
         write_best_config(cfg, best, setup, best_file)
@@ -623,7 +624,7 @@ def finish_search(results, setup, space, base, data, parent, best_path, store, *
         print(f"MLflow parent  {parent.run_id} (experiment {base.tracking.experiment})")
         print(f"MLflow UI      mlflow ui --backend-store-uri {setup['tracking_uri']}   (then open http://127.0.0.1:5000)")
         try:
-            from orchestrator.report import report_command
+            from orchestrator.report.compare import report_command
 
             print(f"compare trials {report_command(base.tracking.experiment, parent_run_id=parent.run_id, tracking_uri=setup['tracking_uri'])}")
         except ImportError:
@@ -641,7 +642,7 @@ def close_child_runs(tracking_uri: str, base: Config, rows: list[dict], parent_r
     before it opened its run gets a FAILED child run, so no trial is missing from the MLflow comparison."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.run_tracking import find_run_id
+    from orchestrator.tracking.run import find_run_id
 
     client = MlflowClient(tracking_uri)
     for r in rows:
@@ -663,8 +664,8 @@ def close_child_runs(tracking_uri: str, base: Config, rows: list[dict], parent_r
 
 
 def record_failed_trial(tracking_uri: str, base: Config, row: dict, parent_run_id: str) -> None:
-    from orchestrator.run_tracking import RUN_NAME_TAG
-    from orchestrator.tracking import RunTracker
+    from orchestrator.tracking.run import RUN_NAME_TAG
+    from orchestrator.tracking.tracker import RunTracker
 
     run = RunTracker(tracking_uri, base.tracking.experiment, row["run_name"], parent_run_id=parent_run_id,
                      tags={RUN_NAME_TAG: row["run_name"], TRIAL_TAG: row["trial_id"], STATUS_TAG: "failed",

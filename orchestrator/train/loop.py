@@ -1,8 +1,8 @@
 """The training loop of one worker: build, restore, step, evaluate, checkpoint, track.
 
-`train_worker(config_dict)` is what Ray Train runs on every worker (see orchestrator/launch.py);
+`train_worker(config_dict)` is what Ray Train runs on every worker (see orchestrator/train/launch.py);
 `run_training(cfg, session, job)` is the same loop with an explicit Session, so it also runs without Ray.
-The step itself lives in orchestrator/train_step.py.
+The step itself lives in orchestrator/train/step.py.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from model import create_model, pretrained_data_config
-from orchestrator.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from orchestrator.config import Config, config_from_dict, model_overrides
-from orchestrator.evaluation import evaluate
-from orchestrator.optim import build_optimizer, build_scheduler
-from orchestrator.run_plan import make_plan, peak_tflops
-from orchestrator.train_step import train_step
+from orchestrator.config.tree import Config, config_from_dict, model_overrides
+from orchestrator.eval.metrics import evaluate
+from orchestrator.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orchestrator.train.optim import build_optimizer, build_scheduler
+from orchestrator.train.plan import make_plan, peak_tflops
+from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
 from pipelines.transforms import make_transform
@@ -43,7 +43,7 @@ class Job:
 
 def train_worker(payload: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
-    from orchestrator.session import RaySession
+    from orchestrator.train.session import RaySession
 
     _quiet_per_report_logs()
     cfg = config_from_dict(payload["config"])
@@ -306,7 +306,7 @@ def _start_tracker(cfg: Config, job: Job, run_id: str | None):
     """Rank 0 logs metrics into the run the driver created (or the one the checkpoint names)."""
     if not cfg.tracking.enabled or run_id is None:
         return None
-    from orchestrator.tracking import RunTracker
+    from orchestrator.tracking.tracker import RunTracker
 
     tracker = RunTracker(job.tracking_uri, cfg.tracking.experiment, cfg.run.name, run_id=run_id)
     tracker.start()

@@ -1,6 +1,6 @@
 """The driver's side of MLflow for a training run: open (or re-open) the run, then close it with artifacts.
 
-Workers only log metrics (rank 0, orchestrator/train_loop.py). The driver owns the run's lifecycle so a
+Workers only log metrics (rank 0, orchestrator/train/loop.py). The driver owns the run's lifecycle so a
 run restarted by Ray, or re-submitted with the same run.name, keeps one MLflow run.
 """
 
@@ -10,8 +10,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-from orchestrator.config import Config
-from orchestrator.tracking import RunTracker, flatten_config
+from orchestrator.config.tree import Config
+from orchestrator.tracking.tracker import RunTracker, flatten_config
 
 RUN_NAME_TAG = "mixer.run_name"
 
@@ -101,7 +101,7 @@ def finish_run(tracker: RunTracker, cfg: Config, model_cfg, result) -> None:
     import torch
 
     from model import MlpMixer
-    from orchestrator.checkpointing import load_checkpoint
+    from orchestrator.train.checkpoints import load_checkpoint
 
     metrics = dict(result.metrics or {})
     if "val/top1" in metrics:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.checkpointing import LocalCheckpointStore
+from orchestrator.train.checkpoints import LocalCheckpointStore
 
 
 class LocalSession:

@@ -1,19 +1,19 @@
 """Orchestration overhead: Ray Train vs the same loop without Ray, job submission latency, checkpoints.
 
 - steps/s: the digits preset on 1 worker, run by ``python -m orchestrator.pretrain`` (Ray Train V2, 1 worker,
-  1 CPU, against a local cluster) and by ``python -m orchestrator.bench_train local`` (the same
-  orchestrator.train_loop.run_training with a LocalSession in one process, torch threads = the worker's
+  1 CPU, against a local cluster) and by ``python -m orchestrator.benchmark.train local`` (the same
+  orchestrator.train.loop.run_training with a LocalSession in one process, torch threads = the worker's
   CPUs, as Ray sets OMP_NUM_THREADS), interleaved run by run. Steps/s comes from the loop's own progress
   lines (img/s per logging window, evaluation time excluded); the first window (warm-up) is dropped.
   Start-up (process start to the first step) is reported beside it.
 - submit -> first step: ``ray job submit --working-dir . -- python -m orchestrator.pretrain ...`` against a
   local cluster (cluster/local_cluster.py: head with 0 CPUs + 1 worker node), wall time from launching the
   client to the job's first progress line (working-dir upload, driver start, worker group, data, step 1).
-- checkpoints: orchestrator.checkpointing.save_checkpoint of the state the loop saves (model, AdamW,
+- checkpoints: orchestrator.train.checkpoints.save_checkpoint of the state the loop saves (model, AdamW,
   schedule, RNG, data position) + LocalCheckpointStore.commit, load_checkpoint + load_state_dict, and the
   time of the step that saves a checkpoint and of the step after it, against plain steps (interleaved).
 
-    python -m orchestrator.bench_train local run.name=x data.url=/path ...   # the no-Ray loop (used above)
+    python -m orchestrator.benchmark.train local run.name=x data.url=/path ...   # the no-Ray loop (used above)
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_common import interleaved, ratios, spread, summary
+from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch \S+ loss \S+ lr \S+ (\d+) img/s")
 GLOBAL_BATCH = 128
 LOG_EVERY = 10
@@ -115,10 +115,15 @@ class LocalCluster:
 
 def checkpoint_bench(model_name: str, batch: int, repeats: int, tmp: Path) -> dict[str, Any]:
     from model import create_model
-    from orchestrator.checkpointing import LocalCheckpointStore, load_checkpoint, rng_state, save_checkpoint
-    from orchestrator.config import OptimSection, ScheduleSection
-    from orchestrator.optim import build_optimizer, build_scheduler
-    from orchestrator.train_step import train_step
+    from orchestrator.config.tree import OptimSection, ScheduleSection
+    from orchestrator.train.checkpoints import (
+        LocalCheckpointStore,
+        load_checkpoint,
+        rng_state,
+        save_checkpoint,
+    )
+    from orchestrator.train.optim import build_optimizer, build_scheduler
+    from orchestrator.train.step import train_step
 
     torch.manual_seed(0)
     model = create_model(model_name)
@@ -219,7 +224,7 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
                     cmd, env = [sys.executable, "-m", "orchestrator.pretrain", *ov], ray_env
                     key = "Ray Train, 1 worker"
                 else:
-                    cmd, env = [sys.executable, "-m", "orchestrator.bench_train", "local", *ov], local_env
+                    cmd, env = [sys.executable, "-m", "orchestrator.benchmark.train", "local", *ov], local_env
                     key = "no Ray (LocalSession)"
                 r = _run_and_parse(cmd, env, timeout=600)
                 samples[key].append(r)
@@ -295,10 +300,10 @@ def tables(result: dict[str, Any]):
 
 def _local_main(overrides: list[str]) -> int:
     """The training loop without Ray, one process: what `Ray Train, 1 worker` is compared with."""
-    from orchestrator.config import load_config
-    from orchestrator.launch import resolve_data
-    from orchestrator.session import LocalSession
-    from orchestrator.train_loop import Job, run_training
+    from orchestrator.config.tree import load_config
+    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.loop import Job, run_training
+    from orchestrator.train.session import LocalSession
 
     cfg = load_config(None, overrides)
     torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))  # as Ray sets OMP_NUM_THREADS per worker

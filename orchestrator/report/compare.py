@@ -14,7 +14,7 @@ Writes into --out (default $MIXER_HOME/reports/<experiment>):
     accuracy_vs_params.png            best top-1 vs parameter count
     training_curves.png               val/top1 vs step and vs accelerator-hours for the frontier runs
 
-How numbers are read (metric names: orchestrator/tracking.py): best top-1 = max of the val/top1 history;
+How numbers are read (metric names: orchestrator/tracking/tracker.py): best top-1 = max of the val/top1 history;
 accelerator-hours and total FLOPs = the last value of the cumulative compute/accelerator_hours and
 compute/flops; img/s, img/s per accelerator and MFU = median of their history after the first logging
 window (warm-up); few-shot = the last value logged. Runs still in progress are marked "running" and
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.tracking import redact, resolve_tracking_uri
+from orchestrator.tracking.tracker import redact, resolve_tracking_uri
 
 DEFAULT_EXPERIMENT = "mixer-pretrain"
 REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves
@@ -203,7 +203,7 @@ def _client(tracking_uri: str):
 
 def open_store(tracking_uri: str):
     """An MlflowClient for an existing store; a clear ReportError when there is none to read."""
-    from orchestrator.tracking import TrackingUnreachableError, check_tracking_reachable
+    from orchestrator.tracking.tracker import TrackingUnreachableError, check_tracking_reachable
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
@@ -414,7 +414,7 @@ def make_report(tracking_uri: str | None = None, experiment: str | None = None, 
                 filter_string: str | None = None, out_dir: str | Path | None = None,
                 log_to_mlflow: bool = False) -> Report:
     """Read the runs, write table and figures to `out_dir`, optionally log them as a report run."""
-    from orchestrator import report_figures
+    from orchestrator.report import figures as report_figures
 
     uri = resolve_tracking_uri(tracking_uri, str(mixer_home()))
     client = open_store(uri)
@@ -465,7 +465,7 @@ def _markdown_document(exp_name, uri, parent_run_id, filter_string, rows, front)
 
 
 def _log_report_run(uri, experiment, parent_run_id, filter_string, rows, files) -> str:
-    from orchestrator.tracking import MAX_TAG_VAL_LENGTH, RunTracker
+    from orchestrator.tracking.tracker import MAX_TAG_VAL_LENGTH, RunTracker
 
     ids = ",".join(r.run_id for r in rows)
     if len(ids) > MAX_TAG_VAL_LENGTH:

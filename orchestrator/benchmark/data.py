@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_common import interleaved, ratios, spread, summary
+from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
 SHUFFLE = 1000
 
