@@ -40,7 +40,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,8 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+from cluster.loopback import free_port
 
 STATE_VERSION = 1
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
@@ -137,17 +138,6 @@ def submit_line(state: dict, entrypoint: str = "python -m orchestrator.pretrain"
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "RAY_ADDRESS")
     ray = "ray" if shutil.which("ray") == str(ray_executable()) else str(ray_executable())
     return f"{prefix} {ray} job submit --address {state['dashboard_url']} --working-dir . -- {entrypoint}"
-
-
-def free_port(taken: set[int]) -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise ClusterError("could not find a free TCP port")
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -319,7 +309,7 @@ def _common_args(temp_dir: Path, node: dict, taken: set[int], object_store_mb: i
         # several raylets share this machine: let the OS pick worker ports (as ray.cluster_utils does) and give
         # each node its own dashboard-agent port (the default 52365 would collide)
         "--min-worker-port", "0", "--max-worker-port", "0",
-        "--dashboard-agent-listen-port", str(free_port(taken)),
+        "--dashboard-agent-listen-port", str(free_port(taken, host="")),
         "--disable-usage-stats",
     ]  # fmt: skip
     if object_store_mb:
@@ -394,7 +384,7 @@ def _start_head(
     log = state_dir / "logs" / "start-n0.log"
     for attempt in range(attempts):
         taken: set[int] = set()
-        gcs_port, dashboard_port, client_port = free_port(taken), free_port(taken), free_port(taken)
+        gcs_port, dashboard_port, client_port = (free_port(taken, host="") for _ in range(3))
         state["dashboard_url"] = f"http://127.0.0.1:{dashboard_port}"
         cmd = [str(ray_executable()), "start", "--head", "--port", str(gcs_port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),

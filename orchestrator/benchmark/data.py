@@ -21,42 +21,18 @@ RandAugment(2, 15), [-1, 1]). Cases, interleaved in rounds over the same images:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from cluster.loopback import create_bucket, moto_s3_server
 from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
 SHUFFLE = 1000
-
-
-@contextlib.contextmanager
-def loopback_s3() -> Iterator[dict[str, Any]]:
-    """A moto S3 server on 127.0.0.1 (dummy credentials); yields the s3fs storage options."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(k, v)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        yield {"endpoint_url": endpoint}
-    finally:
-        server.stop()
 
 
 def _register_wds_s3(opts: dict[str, Any]) -> None:
@@ -133,7 +109,9 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         with contextlib.ExitStack() as stack:
             if s3:
                 try:
-                    opts = stack.enter_context(loopback_s3())
+                    endpoint = stack.enter_context(moto_s3_server())
+                    opts = {"endpoint_url": endpoint}
+                    create_bucket(endpoint, "bench")
                     import fsspec
 
                     fsspec.filesystem("s3", **opts).put(root, "bench/shards", recursive=True)
@@ -144,7 +122,7 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
                         [s3_root + "/" + os.path.relpath(u, root) for u in local_urls]
                     )
                 except ImportError as e:
-                    notes.append(f"S3 cases skipped: {e} (moto[server] is in the dev extra: pip install -e '.[dev]')")
+                    notes.append(f"S3 cases skipped: {e}")
             rates = interleaved(cases, repeats, warmup=1)
     finally:
         torch.set_num_threads(saved_threads)

@@ -41,7 +41,8 @@ def _decoy(cmdline_tail: list[str]) -> subprocess.Popen:
 @pytest.fixture
 def foreign_ray(tmp_path):
     """A plain `ray start --head` (no dashboard) that the launcher did not start: `down` must leave it alone."""
-    from cluster.local_cluster import free_port, node_processes, signal_processes
+    from cluster.local_cluster import node_processes, signal_processes
+    from cluster.loopback import free_port
 
     temp_dir = Path(tempfile.mkdtemp(prefix="mxf-", dir="/tmp"))
     token = tmp_path / "foreign_token"
@@ -49,9 +50,10 @@ def foreign_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     taken: set[int] = set()
+    gcs, client, agent = (free_port(taken, host="") for _ in range(3))  # "": the GCS listens on all interfaces
     cmd = [RAY, "start", "--head", "--include-dashboard=false", "--num-cpus=0", "--disable-usage-stats",
-           f"--temp-dir={temp_dir}", f"--port={free_port(taken)}", f"--ray-client-server-port={free_port(taken)}",
-           f"--dashboard-agent-listen-port={free_port(taken)}", "--min-worker-port=0", "--max-worker-port=0"]  # fmt: skip
+           f"--temp-dir={temp_dir}", f"--port={gcs}", f"--ray-client-server-port={client}",
+           f"--dashboard-agent-listen-port={agent}", "--min-worker-port=0", "--max-worker-port=0"]  # fmt: skip
     node = {"temp_dir": str(temp_dir), "pids": []}
     try:
         for _ in range(2):  # Ray gives the raylet 30 s to register: a loaded machine can miss that once

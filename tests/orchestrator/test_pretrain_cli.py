@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cluster.loopback import free_port
 from orchestrator import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,12 +21,6 @@ def mixer_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return tmp_path / "home"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dry_run_prints_resolved_config_and_plan(mixer_home):
@@ -50,7 +44,7 @@ def test_dry_run_prints_resolved_config_and_plan(mixer_home):
 
 def test_dry_run_of_paper_preset_without_its_bucket(mixer_home, monkeypatch, capsys):
     # No network here: the preset's bucket is unreachable, so the plan uses data.num_train_samples.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
     assert pretrain.main(["--config", "imagenet1k_b16", "--dry-run"]) == 0
@@ -82,7 +76,7 @@ def test_validation_errors_exit_2_before_ray(args, expected, mixer_home, capsys)
 
 
 def test_unreachable_bucket_is_a_clear_error(mixer_home, monkeypatch, capsys):
-    port = _closed_port()
+    port = free_port()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
     assert pretrain.main(["data.url=s3://no-bucket/data", f"data.endpoint_url=http://127.0.0.1:{port}"]) == 2
@@ -92,7 +86,7 @@ def test_unreachable_bucket_is_a_clear_error(mixer_home, monkeypatch, capsys):
 
 
 def test_unreachable_tracking_server_is_a_clear_error(mixer_home, capsys):
-    port = _closed_port()
+    port = free_port()
     assert pretrain.main([f"tracking.uri=http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert "tracking.uri" in err and str(port) in err

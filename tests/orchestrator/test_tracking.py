@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.loopback import free_port
 from orchestrator.tracking import tracker as tracking
 from orchestrator.tracking.tracker import (
     RunTracker,
@@ -28,12 +28,6 @@ from orchestrator.tracking.tracker import (
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzTESTKEY1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _history(client, run_id, key):
@@ -86,7 +80,7 @@ def test_check_reachable_sqlite_and_dead_http(tmp_path):
     if not os.access(ro, os.W_OK):  # root can write anyway
         with pytest.raises(TrackingUnreachableError, match="not writable"):
             check_tracking_reachable(f"sqlite:///{ro}/mlflow.db")
-    port = _free_port()
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(TrackingUnreachableError) as e:
         check_tracking_reachable(f"http://user:s3cretpw@127.0.0.1:{port}")
@@ -227,7 +221,7 @@ def test_log_model_pt2(sqlite_uri):
 class MlflowServer:
     def __init__(self, root: Path):
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -333,7 +327,7 @@ def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, c
 
 
 def test_server_down_at_end_and_at_start(tmp_path):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(TrackingUnreachableError, match="127.0.0.1"):
         RunTracker(dead, "x", "new").start()
