@@ -7,7 +7,7 @@
   lines (img/s per logging window, evaluation time excluded); the first window (warm-up) is dropped.
   Start-up (process start to the first step) is reported beside it.
 - submit -> first step: ``ray job submit --working-dir . -- python -m orchestrator.pretrain ...`` against a
-  local cluster (cluster/local_cluster.py: head with 0 CPUs + 1 worker node), wall time from launching the
+  local cluster (cluster.local.LocalCluster: head with 0 CPUs + 1 worker node), wall time from launching the
   client to the job's first progress line (working-dir upload, driver start, worker group, data, step 1).
 - checkpoints: orchestrator.train.checkpoints.save_checkpoint of the state the loop saves (model, AdamW,
   schedule, RNG, data position) + LocalCheckpointStore.commit, load_checkpoint + load_state_dict, and the
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from cluster.local import LocalCluster
 from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,39 +79,6 @@ def _run_and_parse(cmd: list[str], env: dict[str, str], timeout: float) -> dict[
                            "lines); last output:\n" + "".join(lines[-25:]))
     return {"steps_per_s": statistics.median(windows[1:]), "windows": windows,
             "first_step_s": first_step_s, "total_s": time.perf_counter() - t0}
-
-
-class LocalCluster:
-    """cluster/local_cluster.py driven through its CLI: head (0 CPUs) + 1 worker node with 1 CPU."""
-
-    def __init__(self, tmp: Path):
-        self.state_dir = tmp / "cluster"
-        self.token = tmp / "ray_token"
-        self.state: dict[str, Any] = {}
-
-    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(self.token)}
-        return subprocess.run([sys.executable, "-m", "cluster.local_cluster", *args, "--state-dir", str(self.state_dir)],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-    def up(self, timeout: float = 300) -> float:
-        t0 = time.perf_counter()
-        r = self._cli("up", "--workers", "1", "--cpus-per-node", "1", "--token-file", str(self.token), timeout=timeout)
-        if r.returncode != 0:
-            raise RuntimeError(f"local cluster did not start: {r.stderr[-2000:]}")
-        import json
-
-        self.state = json.loads((self.state_dir / "state.json").read_text())
-        return time.perf_counter() - t0
-
-    def client_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), RAY_ADDRESS=self.state["gcs_address"])
-        return env
-
-    def down(self) -> None:
-        if self.state_dir.exists():
-            self._cli("down", "--grace", "2", timeout=120)
 
 
 def checkpoint_bench(model_name: str, batch: int, repeats: int, tmp: Path) -> dict[str, Any]:
@@ -200,17 +168,18 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
                   f"{steps} steps per run, {runs} runs each, interleaved"),
         "notes": notes,
     }
-    cluster = LocalCluster(tmp)
+    cluster = None
     try:
         data_url = ensure_digits_dataset(str(tmp / "digits"))
         try:
-            result["cluster_up_s"] = cluster.up()
-            ray_env = cluster.client_env()
+            t0 = time.perf_counter()
+            cluster = LocalCluster.up(tmp / "cluster", workers=1, cpus_per_node=1, token_file=tmp / "ray_token")
+            result["cluster_up_s"] = time.perf_counter() - t0
+            ray_env = cluster.env
         except Exception as e:  # a loaded 2-core box can time out `ray start`: fall back to ray.init per run
             notes.append(f"local cluster did not start ({type(e).__name__}); Ray runs use ray.init() inside "
                          f"each run instead and `ray job submit` is skipped: {str(e)[-300:]}")
             ray_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-            cluster = None
         local_env = {**os.environ, "OMP_NUM_THREADS": "1"}
         local_env.pop("RAY_ADDRESS", None)
         samples: dict[str, list[dict[str, Any]]] = {"no Ray (LocalSession)": [], "Ray Train, 1 worker": []}
@@ -251,11 +220,9 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
             subs = []
             for i in range(1 if quick else 2):
                 ov = _overrides(tmp, data_url, f"bench-submit-{i}", 5, log_every=1)
-                cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-                       cluster.state["dashboard_url"], "--working-dir", ".", "--",
-                       "python", "-m", "orchestrator.pretrain", *ov]
+                cmd = cluster.submit_command(["python", "-m", "orchestrator.pretrain", *ov], working_dir=".")
                 try:
-                    subs.append(_run_and_parse(cmd, cluster.client_env(), timeout=600)["first_step_s"])
+                    subs.append(_run_and_parse(cmd, cluster.env, timeout=600)["first_step_s"])
                 except RuntimeError as e:
                     notes.append(f"ray job submit run {i} failed: {str(e)[-500:]}")
             if subs:
@@ -264,7 +231,7 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
             notes.append("`ray job submit` -> first step skipped (--no-submit)")
     finally:
         if cluster is not None:
-            cluster.down()
+            cluster.down(grace_s=2)
 
     print("[train] checkpoint save / restore ...", flush=True)
     saved_threads = torch.get_num_threads()

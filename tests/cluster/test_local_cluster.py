@@ -41,8 +41,8 @@ def _decoy(cmdline_tail: list[str]) -> subprocess.Popen:
 @pytest.fixture
 def foreign_ray(tmp_path):
     """A plain `ray start --head` (no dashboard) that the launcher did not start: `down` must leave it alone."""
-    from cluster.local_cluster import node_processes, signal_processes
     from cluster.loopback import free_port
+    from cluster.processes import node_processes, signal_processes
 
     temp_dir = Path(tempfile.mkdtemp(prefix="mxf-", dir="/tmp"))
     token = tmp_path / "foreign_token"
@@ -89,16 +89,17 @@ def test_local_cluster_auth_jobs_node_failure_and_teardown(start_local_ray_clust
     def phase(name: str) -> None:
         phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 1)
 
-    cluster = start_local_ray_cluster(num_workers=2)
+    cluster = start_local_ray_cluster(workers=2)
     phase("up")
 
     # What `up` prints: RAY_ADDRESS, the dashboard and the exact submit line (token auth in it).
-    assert f"RAY_ADDRESS={cluster.address}" in cluster.up_output
+    up_output = cluster.report()
+    assert f"RAY_ADDRESS={cluster.address}" in up_output
     assert cluster.dashboard_url.startswith("http://127.0.0.1:")
-    assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.token_path} " in cluster.up_output
+    assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.token_path} " in up_output
     assert (
         f"job submit --address {cluster.dashboard_url} --working-dir . -- python -m orchestrator.pretrain"
-        in (cluster.up_output)
+        in (up_output)
     )
     assert cluster.token_path.stat().st_mode & 0o077 == 0, "token file must be private"
 
@@ -131,11 +132,11 @@ def test_local_cluster_auth_jobs_node_failure_and_teardown(start_local_ray_clust
     phase("checks")
 
     # Without the token the job API answers HTTP 401; with a wrong one, 403.
-    assert cluster.http_get("/api/jobs/", token=None)[0] == 401
-    assert cluster.http_get("/api/jobs/", token="0" * 64)[0] == 403  # wrong token: forbidden
+    assert cluster.api_request("/api/jobs/", token=None)[0] == 401
+    assert cluster.api_request("/api/jobs/", token="0" * 64)[0] == 403  # wrong token: forbidden
     body = json.dumps({"entrypoint": "echo pwned"}).encode()
-    assert cluster.http_get("/api/jobs/", token=None, method="POST", body=body)[0] == 401
-    assert cluster.http_get("/api/jobs/")[0] == 200
+    assert cluster.api_request("/api/jobs/", token=None, method="POST", body=body)[0] == 401
+    assert cluster.api_request("/api/jobs/")[0] == 200
 
     # A trivial job through `ray job submit` runs on the cluster and sees both worker nodes.
     (tmp_path / "job").mkdir()
@@ -176,7 +177,7 @@ def test_local_cluster_auth_jobs_node_failure_and_teardown(start_local_ray_clust
     others = foreign_ray  # a Ray instance this launcher did not start
     assert others and all(_alive(*p) for p in others)
     try:
-        cluster.teardown()
+        cluster.down(grace_s=2)
         assert not any(_alive(*p) for p in node2 + head), "down left processes of its cluster running"
         assert all(d.poll() is None for d in decoys), "down signalled a process it did not start"
         assert all(_alive(*p) for p in others), "down touched another Ray instance"

@@ -57,7 +57,7 @@ def test_pretrain_job_on_multi_node_cluster_survives_a_lost_node(
     )
     assert write.returncode == 0, write.stderr
 
-    cluster = start_local_ray_cluster(num_workers=3, cpus_per_node=1, head_cpus=0)
+    cluster = start_local_ray_cluster(workers=3, cpus_per_node=1, head_cpus=0)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     entry = [
         "python", "-m", "orchestrator.pretrain", "run.name=cluster-run", f"run.storage_path={runs_url}",
