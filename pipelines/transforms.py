@@ -8,7 +8,7 @@
 
 Transforms take a uint8 CHW tensor (what :func:`decode_image` returns) and give float32 CHW.
 Decoding uses ``torchvision.io.decode_image`` on the raw bytes (libjpeg-turbo / libpng, straight into a
-tensor); ``python -m pipelines.bench`` compares it with PIL.
+tensor); ``python -m orchestrator.benchmark data`` compares it with PIL.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def decode_image(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """Raw encoded bytes (JPEG/PNG/...) -> uint8 RGB CHW tensor. Raises on corrupt data."""
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here); they
-    # are still the fastest decode path we have (see pipelines/bench.py), so the per-call warning is muted.
+    # are still the fastest decode path we have (see orchestrator/benchmark/data.py), so the per-call warning is muted.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return _tv_decode(buf, mode=ImageReadMode.RGB)

@@ -3,7 +3,7 @@
     python -m orchestrator.benchmark model --quick --json bench.json        # CPU, ~30 s: digits + S/16 vs timm
     python -m orchestrator.benchmark model                                   # CPU: digits, S/16, B/16 vs timm
     python -m orchestrator.benchmark model --device cuda --json gpu.json     # bf16, eager + torch.compile, MFU
-    python -m orchestrator.benchmark data                                    # img/s/core: local, S3 (moto), wds
+    python -m orchestrator.benchmark data                                    # img/s/core: decode, local, S3 (moto), wds
     python -m orchestrator.benchmark train                                   # Ray Train vs plain loop, checkpoints
     python -m orchestrator.benchmark train --no-submit                       # ... without the job-submit timing
     python -m orchestrator.benchmark all --json all.json
@@ -13,7 +13,8 @@ each figure is the median over rounds with its spread [min-max], and ratios are 
 figures and the machine they came from are printed as tables and written with ``--json``. BENCHMARKS.md holds
 the latest figures. Parts:
 - model (orchestrator/benchmark/model.py): training-step img/s of this Mixer vs timm's MlpMixer, same weights;
-- data  (orchestrator/benchmark/data.py): decode + train augmentation img/s per core, local and S3 shards;
+- data  (orchestrator/benchmark/data.py): decode (torchvision vs PIL) + train augmentation img/s per core,
+  local and S3 shards, against webdataset's recommended pipeline;
 - train (orchestrator/benchmark/train.py): steps/s under Ray Train vs without Ray, `ray job submit` to first
   step, checkpoint save/restore and the step around a checkpoint.
 """

@@ -1,12 +1,14 @@
 """Input pipeline throughput, images/second per core: decode + train augmentation from shards.
 
 One process, one torch thread, DataLoader workers 0, so each figure is what one core gives (a rank's loader
-workers multiply it). The images are synthetic photo-like JPEGs (pipelines.bench._synthetic_jpegs, 500x375,
+workers multiply it). The images are synthetic photo-like JPEGs (synthetic_jpegs below, 500x375,
 ImageNet's typical size) written as WebDataset shards with pipelines.write_shards; the transform is the
 paper's train recipe (pipelines.transforms.make_transform: RandomResizedCrop 224 bicubic, flip,
 RandAugment(2, 15), [-1, 1]). Cases, interleaved in rounds over the same images:
 
 - ``decode only``: torchvision.io decode of the in-memory JPEG bytes, nothing else (the decode ceiling);
+- ``decode only (PIL)``: the same with PIL (pipelines.transforms.decode_image_pil), to show why the loader
+  decodes with torchvision.io;
 - ``decode+aug in memory``: decode + transform + batch over in-memory bytes (no I/O, no loader);
 - ``ShardLoader local`` / ``ShardLoader s3``: this project's loader from shards on local disk / on a
   loopback S3 server (moto's ThreadedMotoServer on 127.0.0.1, through s3fs as a real bucket);
@@ -14,8 +16,6 @@ RandAugment(2, 15), [-1, 1]). Cases, interleaved in rounds over the same images:
   work, ``wds.WebDataset(urls, shardshuffle=100).shuffle(1000).decode("torchrgb").to_tuple("jpg", "cls")
   .map_tuple(transform, identity).batched(batch)``; webdataset 1.0.2 has no s3:// handler, so for S3 an
   fsspec opener is registered in webdataset.gopen.gopen_schemes["s3"] (the documented extension point).
-
-``python -m pipelines.bench`` gives the finer breakdown of the loader itself (PIL vs torchvision decode).
 """
 
 from __future__ import annotations
@@ -27,12 +27,32 @@ import sys
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from cluster.loopback import create_bucket, moto_s3_server
 from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
 SHUFFLE = 1000
+
+
+def synthetic_jpegs(folder: str, n: int, h: int, w: int, classes: int = 10) -> None:
+    """n JPEGs in folder/c<class>/: smooth gradients + texture + noise, so they decode like photos, not like
+    white noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        c = i % classes
+        os.makedirs(os.path.join(folder, f"c{c}"), exist_ok=True)
+        f = rng.uniform(0.01, 0.06, 3)
+        img = np.stack(
+            [127 + 100 * np.sin(xx * f[k] + yy * f[(k + 1) % 3] + rng.uniform(0, 6)) for k in range(3)], axis=2
+        )
+        img += rng.normal(0, 8, img.shape)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+            os.path.join(folder, f"c{c}", f"{i:06d}.jpg"), quality=90
+        )
 
 
 def _register_wds_s3(opts: dict[str, Any]) -> None:
@@ -51,9 +71,8 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         batch_size: int = 32, input_size: int = 224) -> dict[str, Any]:
     import webdataset as wds
 
-    from pipelines.bench import _synthetic_jpegs
     from pipelines.loader import ShardLoader, iter_piece
-    from pipelines.transforms import decode_image, make_transform
+    from pipelines.transforms import decode_image, decode_image_pil, make_transform
     from pipelines.write_shards import write_dataset
 
     images = images or (64 if quick else 256)
@@ -64,7 +83,7 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
     notes: list[str] = []
     try:
         src, root = os.path.join(tmp, "src"), os.path.join(tmp, "shards")
-        _synthetic_jpegs(src, images, 375, 500)
+        synthetic_jpegs(src, images, 375, 500)
         manifest = write_dataset(src, root, fmt="jpg", val_fraction=0.0, maxcount=64, progress=False)
         shards = manifest.shards("train")
         local_urls = [s.url for s in shards]
@@ -72,10 +91,13 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         tf = make_transform(True, input_size=input_size, randaug_magnitude=15)
         bs = batch_size
 
-        def decode_only() -> float:
-            for b in raw:
-                decode_image(b)
-            return len(raw)
+        def decode_only(decode=decode_image):
+            def fn() -> float:
+                for b in raw:
+                    decode(b)
+                return len(raw)
+
+            return fn
 
         def in_memory() -> float:
             n = 0
@@ -101,7 +123,8 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
             return lambda: float(sum(x.shape[0] for x, _ in ds))
 
         cases = {
-            "decode only": decode_only,
+            "decode only": decode_only(),
+            "decode only (PIL)": decode_only(decode_image_pil),
             "decode+aug in memory": in_memory,
             "ShardLoader local": shard_loader(root),
             "wds recommended local": wds_pipeline(local_urls),

@@ -1,4 +1,4 @@
-"""`python -m orchestrator.benchmark model --quick` runs end to end on CPU and writes sane figures.
+"""`python -m orchestrator.benchmark model|data --quick` run end to end on CPU and write sane figures.
 
 The run is real (digits preset and Mixer-S/16 at batch 2, fp32, one torch thread, interleaved rounds); on an
 idle 2-core machine it takes well under a minute. The comparison with timm needs timm (dev extra); without it
@@ -69,3 +69,25 @@ def test_model_quick_writes_sane_figures_and_matches_timm(quick_run):
         assert ratio["n"] == 2 and _positive(ratio["median"])
         assert 0.05 < ratio["median"] < 20, f"{name}: ours/timm {ratio} is not a plausible throughput ratio"
     assert "vs timm" in stdout
+
+
+@pytest.mark.timeout(900)
+def test_data_quick_measures_every_case_including_loopback_s3(tmp_path):
+    """The data part (which absorbed pipelines.bench): decode with torchvision and PIL, the loader and
+    webdataset's recommended pipeline, from local shards and from the loopback S3 server."""
+    out = tmp_path / "data.json"
+    cmd = [sys.executable, "-m", "orchestrator.benchmark", "data", "--quick", "--repeats", "1", "--images", "32",
+           "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    data = json.loads(out.read_text())["data"]
+    assert data["images"] == 32 and not data["notes"], data["notes"]
+    assert set(data["cases"]) == {
+        "decode only", "decode only (PIL)", "decode+aug in memory",
+        "ShardLoader local", "wds recommended local", "ShardLoader s3", "wds recommended s3",
+    }  # fmt: skip
+    for name, case in data["cases"].items():
+        assert all(_positive(v) for v in case["img_per_s_per_core"]["samples"]), name
+    assert _positive(data["ratios"]["decode only (PIL)/decode only"]["median"])
+    assert _positive(data["ratios"]["ShardLoader s3/wds recommended s3"]["median"])
+    assert "decode only (PIL)" in r.stdout
