@@ -1,11 +1,13 @@
 """The Python client of a local multi-node Ray cluster: one API for the CLI, the tests and the benchmarks.
 
     from cluster.local import LocalCluster
-    with LocalCluster.up(state_dir, workers=2, token_file=tmp / "token") as cluster:  # head + 2 worker nodes
+    cluster = LocalCluster.up(state_dir, workers=2, token_file=tmp / "token")   # head + 2 worker nodes
+    try:
         subprocess.run(cluster.submit_command(["python", "-m", "orchestrator.pretrain"], "."), env=cluster.env)
         cluster.kill_node(1)                      # SIGKILL worker node 1's processes
         cluster.wait_for_alive_nodes(2)
-    # leaving the block: `down`, only the processes this cluster started
+    finally:
+        cluster.down()                            # only the processes this cluster started
 
     LocalCluster(state_dir)                       # a cluster `up` recorded earlier (another process, the CLI)
 
@@ -112,12 +114,6 @@ class LocalCluster:
             cluster.down(grace_s=0, keep_logs=True)
             raise
         return cluster
-
-    def __enter__(self) -> LocalCluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.down()
 
     def reload(self) -> dict:
         """Re-read the state file (another process may have killed or restarted a node); {} once it is down."""
