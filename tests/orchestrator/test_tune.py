@@ -18,8 +18,12 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config.search_space import load_space
-from orchestrator.config.tree import load_config
-from orchestrator.tune import search as tune
+from orchestrator.config.tree import ConfigError, load_config
+from orchestrator.tune.cli import main
+from orchestrator.tune.planning import make_scheduler, make_search_alg, num_reports
+from orchestrator.tune.results import EXIT_INTERRUPTED
+from orchestrator.tune.store import SearchStore, pick_name
+from orchestrator.tune.trial import trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "mixer-digits-tune"
@@ -44,25 +48,25 @@ def mixer_home(tmp_path, monkeypatch):
 def test_num_reports_matches_the_train_loop(total, every_eval, every_ckpt, expected):
     plan = SimpleNamespace(total_steps=total, eval_every_steps=every_eval, checkpoint_every_steps=every_ckpt)
     brute = sum(1 for s in range(1, total + 1) if s % every_eval == 0 or s % every_ckpt == 0 or s == total)
-    assert tune.num_reports(plan) == brute == expected
+    assert num_reports(plan) == brute == expected
 
 
 def test_search_names_are_stable_and_resume_takes_the_latest(tmp_path):
-    store = tune.SearchStore(str(tmp_path), None)
-    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits"
-    with pytest.raises(tune.ConfigError, match="--resume"):
-        tune.pick_name(store, "tune-digits", True, None)
+    store = SearchStore(str(tmp_path))
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits"
+    with pytest.raises(ConfigError, match="--resume"):
+        pick_name(store, "tune-digits", True, None)
     (tmp_path / "tune-digits").mkdir()
-    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits-2"
-    assert tune.pick_name(store, "tune-digits", True, None) == "tune-digits"
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits-2"
+    assert pick_name(store, "tune-digits", True, None) == "tune-digits"
     (tmp_path / "tune-digits-2").mkdir()
     (tmp_path / "tune-digits-10").mkdir()
     (tmp_path / "tune-digitsX").mkdir()
-    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits-3"
-    assert tune.pick_name(store, "tune-digits", True, None) == "tune-digits-10"
-    assert tune.pick_name(store, "tune-digits", True, "mine") == "mine"
-    with pytest.raises(tune.ConfigError, match="--name"):
-        tune.pick_name(store, "tune-digits", False, "a/b")
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits-3"
+    assert pick_name(store, "tune-digits", True, None) == "tune-digits-10"
+    assert pick_name(store, "tune-digits", True, "mine") == "mine"
+    with pytest.raises(ConfigError, match="--name"):
+        pick_name(store, "tune-digits", False, "a/b")
     store.write_sidecar("mine", {"x": 1})
     assert store.read_sidecar("mine") == {"x": 1} and store.read_sidecar("nothing") is None
 
@@ -73,36 +77,36 @@ def test_trial_config_is_base_plus_sample_with_its_own_run_and_parent():
     setup = {"name": "tune-digits", "space_name": "digits", "space": space.to_dict(), "base_config": base.to_dict(),
              "train_storage": "/runs/tune-digits/train_runs", "tracking_uri": "sqlite:////x.db", "parent_run_id": "p1"}
     params = {"model.tokens_mlp_dim": 0.25, "model.channels_mlp_dim": 4, "optim.lr": 0.002}
-    cfg = tune.trial_config(setup, params, "abc_00001")
+    cfg = trial_config(setup, params, "abc_00001")
     assert cfg.run.name == "tune-digits-abc_00001"  # stable per trial: a retried/resumed trial finds its checkpoints
     assert cfg.run.storage_path == "/runs/tune-digits/train_runs"
     assert (cfg.tracking.parent_run_id, cfg.tracking.uri) == ("p1", "sqlite:////x.db")
     assert (cfg.model.tokens_mlp_dim, cfg.model.channels_mlp_dim) == (32, 512)  # C = 128 for mixer_digits
     assert cfg.optim.lr == 0.002 and cfg.scaling.num_workers == 1
-    assert tune.trial_config(setup, params, "abc_00001") == cfg
+    assert trial_config(setup, params, "abc_00001") == cfg
 
 
 def test_schedulers_and_search_algorithms():
-    asha = tune.make_scheduler("asha", max_t=6, grace_period=1, reduction_factor=2)
+    asha = make_scheduler("asha", max_t=6, grace_period=1, reduction_factor=2)
     assert (asha._max_t, asha._reduction_factor, asha._stop_last_trials) == (6, 2, False)
-    assert tune.make_scheduler("none", 6, 1, 2) is None
+    assert make_scheduler("none", 6, 1, 2) is None
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    assert isinstance(tune.make_search_alg("random", 0, 2), BasicVariantGenerator)
-    assert isinstance(tune.make_search_alg("grid", 0, None), BasicVariantGenerator)
-    assert isinstance(tune.make_search_alg("optuna", 0, 2), OptunaSearch)
+    assert isinstance(make_search_alg("random", 0, 2), BasicVariantGenerator)
+    assert isinstance(make_search_alg("grid", 0, None), BasicVariantGenerator)
+    assert isinstance(make_search_alg("optuna", 0, 2), OptunaSearch)
 
 
 def test_dry_run_validates_and_plans_without_ray(mixer_home, capsys):
     import ray
 
-    assert tune.main(["--dry-run", "schedule.epochs=3"]) == 0
+    assert main(["--dry-run", "schedule.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "search tune-digits" in out and "model.tokens_mlp_dim" in out
     assert "4 trial(s); each reports 3 time(s)" in out
     assert not ray.is_initialized()
-    assert tune.main(["--dry-run", "--space", "paper_appendix_b", "data.url=/nonexistent",
+    assert main(["--dry-run", "--space", "paper_appendix_b", "data.url=/nonexistent",
                       "data.num_train_samples=1281167"]) == 0
     assert "256 trial(s)" in capsys.readouterr().out
 
@@ -126,7 +130,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(space_text, args, names, mi
 
     f = tmp_path / "space.yaml"
     f.write_text(space_text)
-    assert tune.main(["--space", str(f), *args]) == 2
+    assert main(["--space", str(f), *args]) == 2
     err = capsys.readouterr().err
     for name in names:
         assert name in err, err
@@ -134,7 +138,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(space_text, args, names, mi
 
 
 def test_resume_without_a_search_is_a_clear_error(mixer_home, capsys):
-    assert tune.main(["--resume"]) == 2
+    assert main(["--resume"]) == 2
     assert "no search named tune-digits" in capsys.readouterr().err
 
 
@@ -262,7 +266,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
         if proc.poll() is None:
             proc.kill()
     first_log = log_path.read_text()
-    assert rc == tune.EXIT_INTERRUPTED, first_log[-5000:]
+    assert rc == EXIT_INTERRUPTED, first_log[-5000:]
     assert "--resume --name tune-digits" in first_log
     finished_id = finished.data.tags["mixer.tune_trial_id"]
     end_time = finished.info.end_time
