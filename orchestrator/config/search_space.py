@@ -1,6 +1,6 @@
 """Search spaces for `python -m orchestrator.tune`: parse, validate, turn into Ray Tune domains.
 
-A space is a YAML file (a preset in orchestrator/spaces/ or any path):
+A space is a YAML file (a preset in orchestrator/config/spaces/ or any path):
 
     config: digits                 # optional: the base config (preset or file) when --config is not given
     num_samples: 1                 # optional: default for --num-samples

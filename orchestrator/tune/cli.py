@@ -12,7 +12,8 @@ opens a nested MLflow run under the search's parent run, and fits a TorchTrainer
 through TuneReportCallback; ASHA stops weak trials on val/top1. The trial's Train run is named after the
 search and the trial id, so a retried or resumed trial continues from its own checkpoints. At the end the
 best trial's config is written as a file that `python -m orchestrator.pretrain --config FILE` accepts.
-Search spaces: orchestrator/config/search_space.py (format) and orchestrator/spaces/*.yaml (presets).
+Search spaces: orchestrator/config/search_space.py (format) and orchestrator/config/spaces/*.yaml (presets).
+The parts: search.py (the search), trial.py (one trial), store.py, planning.py, results.py, mlflow_runs.py.
 """
 
 from __future__ import annotations
