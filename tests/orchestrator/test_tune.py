@@ -20,10 +20,10 @@ import pytest
 from orchestrator.config.search_space import load_space
 from orchestrator.config.tree import ConfigError, load_config
 from orchestrator.tune.cli import main
-from orchestrator.tune.planning import make_scheduler, make_search_alg, num_reports
+from orchestrator.tune.planning import expected_trials, make_scheduler, make_search_alg, num_reports
 from orchestrator.tune.results import EXIT_INTERRUPTED
-from orchestrator.tune.store import SearchStore, pick_name
-from orchestrator.tune.trial import trial_config
+from orchestrator.tune.store import SearchStore, pick_name, store_for
+from orchestrator.tune.trial import train_run_finished, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "mixer-digits-tune"
@@ -142,7 +142,72 @@ def test_resume_without_a_search_is_a_clear_error(mixer_home, capsys):
     assert "no search named tune-digits" in capsys.readouterr().err
 
 
+def test_resume_without_tune_state_is_a_clear_error(mixer_home, capsys):
+    """A search that stopped before Tune saved its state: Tuner.can_restore says no, before any Ray."""
+    import ray
+
+    SearchStore(str(mixer_home / "runs")).write_sidecar("tune-digits", {"name": "tune-digits"})
+    assert main(["--resume"]) == 2
+    assert "holds no Tune experiment state" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_expected_trials_per_search_algorithm():
+    space = load_space("digits")  # a 2 x 2 grid of D_S x D_C
+    assert expected_trials(space, "random", 3) == 12
+    assert expected_trials(space, "optuna", 3) == 3
+
+
+def test_search_store_on_s3_with_a_custom_endpoint(s3_server, s3_bucket, monkeypatch):
+    """The store reads and writes through fsspec/s3fs at the endpoint Train runs use, and Tune gets the same
+    place as launch.storage_target gives Train (a path without s3:// and a pyarrow filesystem over s3fs)."""
+    from pyarrow.fs import FileType
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    store = store_for(load_config("digits", {"run.storage_path": f"s3://{s3_bucket}/searches"}))
+    assert store.tune_path == f"{s3_bucket}/searches" and store.tune_filesystem is not None
+    assert store.experiment_url("tune-digits") == f"s3://{s3_bucket}/searches/tune-digits" and not store.is_local
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits"
+    store.write_sidecar("tune-digits", {"x": 1})
+    assert store.read_sidecar("tune-digits") == {"x": 1} and store.read_sidecar("nothing") is None
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits-2"
+    assert pick_name(store, "tune-digits", True, None) == "tune-digits"
+    seen_by_tune = store.tune_filesystem.get_file_info(f"{store.tune_experiment_path('tune-digits')}/mixer_search.json")
+    assert seen_by_tune.type == FileType.File
+
+
 # ---------------------------------------------------------------- slow: local Ray -------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_run_finished_reads_the_runs_latest_checkpoint(tmp_path):
+    """ray.train.Result.from_path tells a trial whether its Train run already reached its last step (then the
+    trial hands Tune the final metrics itself): checked against a real Train V2 run on a local Ray instance."""
+    import ray
+    from ray.train import Checkpoint, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = load_config("digits", {"run.storage_path": str(tmp_path / "runs"), "run.name": "r"})
+    assert not train_run_finished(cfg, 3)  # no such run yet
+
+    def report_three_steps():  # nested: pickled by value for the worker
+        import tempfile
+
+        import ray.train
+
+        for step in (1, 2, 3):
+            with tempfile.TemporaryDirectory() as d:
+                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d))
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        TorchTrainer(report_three_steps, scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(name="r", storage_path=str(tmp_path / "runs"))).fit()
+    finally:
+        ray.shutdown()
+    assert train_run_finished(cfg, 3)
+    assert not train_run_finished(cfg, 4)
 
 
 def _env(home: Path) -> dict:
