@@ -1,6 +1,6 @@
 """Search spaces for `python -m orchestrator.tune`: parse, validate, turn into Ray Tune domains.
 
-A space is a YAML file (a preset in orchestrator/spaces/ or any path):
+A space is a YAML file (a preset in orchestrator/config/spaces/ or any path):
 
     config: digits                 # optional: the base config (preset or file) when --config is not given
     num_samples: 1                 # optional: default for --num-samples
@@ -104,20 +104,10 @@ class SearchSpace:
         out["params"] = {k: p.to_dict() for k, p in self.params.items()}
         return out
 
-    @property
-    def grid_keys(self) -> list[str]:
-        return [k for k, p in self.params.items() if p.kind == "grid"]
-
     def grid_size(self, search: str = "random") -> int:
         """How many points the grid part of the space has (every choice counts too under --search grid)."""
         kinds = ("grid", "choice") if search == "grid" else ("grid",)
         return math.prod(len(p.values) for p in self.params.values() if p.kind in kinds)
-
-    def expand_grid(self, search: str = "grid") -> list[dict[str, Any]]:
-        """Every point of the discrete part of the space, in Tune's order is not promised (for planning/tests)."""
-        kinds = ("grid", "choice") if search == "grid" else ("grid",)
-        keys = [k for k, p in self.params.items() if p.kind in kinds]
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.params[k].values for k in keys))]
 
     def to_tune(self, search: str) -> dict[str, Any]:
         """Ray Tune's param_space: one domain per key (random: grids cross, choices sample; optuna: all sampled)."""

@@ -14,386 +14,39 @@ Writes into --out (default $MIXER_HOME/reports/<experiment>):
     accuracy_vs_params.png            best top-1 vs parameter count
     training_curves.png               val/top1 vs step and vs accelerator-hours for the frontier runs
 
-How numbers are read (metric names: orchestrator/tracking/tracker.py): best top-1 = max of the val/top1 history;
-accelerator-hours and total FLOPs = the last value of the cumulative compute/accelerator_hours and
-compute/flops; img/s, img/s per accelerator and MFU = median of their history after the first logging
-window (warm-up); few-shot = the last value logged. Runs still in progress are marked "running" and
+How each number is read from MLflow: orchestrator/report/runs.py (metric names: orchestrator/tracking/tracker.py);
+the frontier and the table: orchestrator/report/table.py. Runs still in progress are marked "running" and
 count with what they reached so far; a run missing a number shows a blank and stays off the frontier.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
 import shlex
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from orchestrator.config.tree import mixer_home
+from orchestrator.report.runs import (
+    DEFAULT_EXPERIMENT,
+    REPORT_TAG,
+    ReportError,
+    RunRow,
+    collect_runs,
+    metric_curves,
+    open_store,
+    resolve_experiment,
+)
+from orchestrator.report.table import mark_frontier, markdown_table, sort_rows, write_csv
 from orchestrator.tracking.tracker import redact, resolve_tracking_uri
 
-DEFAULT_EXPERIMENT = "mixer-pretrain"
-REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves
 REPORT_RUN_IDS_TAG = "mixer.report.run_ids"
-FEWSHOT_PREFIX = "fewshot/"
-
-
-class ReportError(Exception):
-    """A bad input (unknown experiment/run, bad filter, no store): the message says what exists instead."""
-
-
-def mixer_home() -> Path:
-    return Path(os.environ.get("MIXER_HOME", Path.home() / ".mixer")).expanduser().resolve()
 
 
 def default_tracking_uri() -> str:
     return resolve_tracking_uri(None, str(mixer_home()))
-
-
-# ------------------------------------------------------------------------------------------ frontier ------
-
-
-def pareto_frontier(points: Sequence[Any], cost: Callable[[Any], float] | None = None,
-                    value: Callable[[Any], float] | None = None) -> list:
-    """The points no other point beats: none has lower-or-equal cost and higher-or-equal value with one strict.
-
-    `points` are (cost, value, ...) tuples unless `cost`/`value` say how to read them. Points with a missing
-    (None/NaN) cost or value are left out. Returned in increasing cost (and so increasing value).
-    """
-    cost = cost or (lambda p: p[0])
-    value = value or (lambda p: p[1])
-    usable = [p for p in points if _finite(cost(p)) and _finite(value(p))]
-    front = []
-    for p in usable:
-        cp, vp = cost(p), value(p)
-        dominated = any(
-            cost(q) <= cp and value(q) >= vp and (cost(q) < cp or value(q) > vp) for q in usable if q is not p
-        )
-        if not dominated:
-            front.append(p)
-    return sorted(front, key=lambda p: (cost(p), value(p)))
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-# ------------------------------------------------------------------------------------------ reading -------
-
-
-@dataclass
-class RunRow:
-    run_id: str
-    run_name: str
-    status: str  # RUNNING / FINISHED / FAILED / KILLED / SCHEDULED
-    model: str | None = None
-    ds: int | None = None  # tokens_mlp_dim
-    dc: int | None = None  # channels_mlp_dim
-    c: int | None = None  # hidden_dim
-    depth: int | None = None
-    patch: int | None = None
-    accelerator: str | None = None
-    workers: int | None = None
-    num_params: float | None = None
-    gflops_per_image: float | None = None
-    img_per_s: float | None = None
-    img_per_s_per_device: float | None = None
-    mfu: float | None = None
-    accelerator_hours: float | None = None
-    total_flops: float | None = None
-    best_top1: float | None = None
-    best_top1_step: int | None = None
-    last_step: int | None = None
-    fewshot: dict[int, float] = field(default_factory=dict)
-    parent_run_id: str | None = None
-    frontier: bool = False
-
-    @property
-    def running(self) -> bool:
-        return self.status in ("RUNNING", "SCHEDULED")
-
-    @property
-    def label(self) -> str:
-        return self.run_name or self.run_id[:8]
-
-
-def _num(x, kind=float):
-    if x is None or x == "" or x == "None":
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(v):
-        return None
-    return int(v) if kind is int else v
-
-
-def _steady_median(history) -> float | None:
-    """Median of a throughput-like history, without the first logging window (warm-up, compilation)."""
-    vals = [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp)) if _finite(m.value)]
-    if len(vals) >= 3:
-        vals = vals[1:]
-    return statistics.median(vals) if vals else None
-
-
-def _last(history) -> float | None:
-    hist = [m for m in history if _finite(m.value)]
-    if not hist:
-        return None
-    return max(hist, key=lambda m: (m.step, m.timestamp)).value
-
-
-def row_from_run(client, run) -> RunRow:
-    """One table row from an MLflow run (reads the metric histories it needs)."""
-    p, t, latest = run.data.params, run.data.tags, run.data.metrics
-    rid = run.info.run_id
-
-    def hist(key):
-        return client.get_metric_history(rid, key) if key in latest else []
-
-    row = RunRow(
-        run_id=rid,
-        run_name=run.info.run_name or t.get("mlflow.runName", ""),
-        status=run.info.status,
-        model=t.get("model_name") or p.get("model.name"),
-        ds=_num(p.get("model.tokens_mlp_dim"), int),
-        dc=_num(p.get("model.channels_mlp_dim"), int),
-        c=_num(p.get("model.hidden_dim"), int),
-        depth=_num(p.get("model.depth"), int),
-        patch=_num(p.get("model.patch_size"), int),
-        accelerator=p.get("compute.accelerator"),
-        workers=_num(t.get("world_size") or p.get("scaling.num_workers"), int),
-        num_params=_num(p.get("compute.num_params")),
-        gflops_per_image=_num(p.get("compute.fwd_gflops_per_image")),
-        parent_run_id=t.get("mlflow.parentRunId"),
-    )
-    row.img_per_s = _steady_median(hist("train/img_per_s"))
-    row.img_per_s_per_device = _steady_median(hist("train/img_per_s_per_device"))
-    if row.img_per_s_per_device is None and row.img_per_s is not None and row.workers:
-        row.img_per_s_per_device = row.img_per_s / row.workers
-    row.mfu = _steady_median(hist("train/mfu"))
-    row.accelerator_hours = _last(hist("compute/accelerator_hours"))
-    row.total_flops = _last(hist("compute/flops"))
-    top1 = [m for m in hist("val/top1") if _finite(m.value)]
-    if top1:
-        best = max(top1, key=lambda m: (m.value, -m.step))
-        row.best_top1, row.best_top1_step = best.value, best.step
-    steps = [m.step for k in ("train/loss", "val/top1") for m in (hist(k) if k != "val/top1" else top1)]
-    row.last_step = max(steps) if steps else None
-    for key in latest:
-        if key.startswith(FEWSHOT_PREFIX) and key.endswith("shot"):
-            k = _num(key[len(FEWSHOT_PREFIX):-len("shot")], int)
-            if k is not None:
-                row.fewshot[k] = _last(hist(key))
-    return row
-
-
-def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
-def open_store(tracking_uri: str):
-    """An MlflowClient for an existing store; a clear ReportError when there is none to read."""
-    from orchestrator.tracking.tracker import TrackingUnreachableError, check_tracking_reachable
-
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        if not db.exists():
-            raise ReportError(
-                f"no MLflow store at {db}: train something first (python -m orchestrator.pretrain) "
-                "or pass --tracking-uri (or set MLFLOW_TRACKING_URI / MIXER_HOME)"
-            )
-    try:
-        check_tracking_reachable(tracking_uri)
-    except TrackingUnreachableError as e:
-        raise ReportError(str(e)) from None
-    return _client(tracking_uri)
-
-
-def _experiment_names(client) -> list[str]:
-    from mlflow.entities import ViewType
-
-    return sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
-
-
-def resolve_experiment(client, experiment: str | None, parent_run_id: str | None):
-    """(experiment entity, parent run or None) for the arguments, or a ReportError saying what exists."""
-    parent = None
-    if parent_run_id:
-        try:
-            parent = client.get_run(parent_run_id)
-        except Exception:
-            raise ReportError(f"no MLflow run with id {parent_run_id!r} (--parent)") from None
-    if experiment is None:
-        if parent is not None:
-            return client.get_experiment(parent.info.experiment_id), parent
-        experiment = DEFAULT_EXPERIMENT
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        names = [n for n in _experiment_names(client) if n != "Default"] or ["(none)"]
-        raise ReportError(
-            f"experiment {experiment!r} does not exist in {redact(client.tracking_uri)}; experiments there: "
-            + ", ".join(repr(n) if n != "(none)" else n for n in names)
-        )
-    if parent is not None and parent.info.experiment_id != exp.experiment_id:
-        raise ReportError(f"run {parent_run_id} (--parent) is not in experiment {experiment!r}")
-    return exp, parent
-
-
-def collect_runs(client, experiment_id: str, parent_run_id: str | None = None,
-                 filter_string: str | None = None) -> list[RunRow]:
-    """Rows for the runs of an experiment (children of `parent_run_id` if given), oldest first."""
-    from mlflow.entities import ViewType
-
-    filters = []
-    if parent_run_id:
-        filters.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    if filter_string:
-        filters.append(filter_string)  # MLflow's grammar has AND only: appending keeps both conditions
-    query = " and ".join(filters)
-    runs, token = [], None
-    try:
-        while True:
-            page = client.search_runs(
-                [experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                break
-    except Exception as e:
-        if filter_string and getattr(e, "error_code", None) in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
-            raise ReportError(f"MLflow cannot use the filter {filter_string!r}: {str(e).splitlines()[0]}") from None
-        raise
-    runs = [r for r in runs if r.data.tags.get(REPORT_TAG) != "true"]
-    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
-    # A search's own (parent) run carries no training metrics: it is the container, not a row.
-    runs = [r for r in runs if not (r.info.run_id in parents and "val/top1" not in r.data.metrics)]
-    return [row_from_run(client, r) for r in runs]
-
-
-def metric_curves(client, row: RunRow) -> dict[str, list[tuple[int, float]]]:
-    """val/top1 and compute/accelerator_hours histories as sorted (step, value) lists."""
-    out = {}
-    for key in ("val/top1", "compute/accelerator_hours"):
-        hist = client.get_metric_history(row.run_id, key)
-        out[key] = sorted((m.step, m.value) for m in hist if _finite(m.value))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ table ---------
-
-# (header, CSV column, row -> raw value, formatter for Markdown)
-def _fmt_int(v):
-    return f"{v:,}" if v is not None else ""
-
-
-def _fmt_sig(v, digits=3):
-    if v is None:
-        return ""
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e5 or abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:,.0f}"
-
-
-def _fmt_params(v):
-    if v is None:
-        return ""
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if v >= div:
-            return f"{v / div:.3g}{unit}"
-    return f"{v:.0f}"
-
-
-def _fmt_pct(v, digits=2):
-    return f"{100 * v:.{digits}f}%" if v is not None else ""
-
-
-def _fmt_flops(v):
-    return f"{v:.3g}" if v is not None else ""
-
-
-def _columns(rows: list[RunRow]):
-    shots = sorted({k for r in rows for k in r.fewshot})
-    cols = [
-        ("run", "run_name", lambda r: r.label + (" (running)" if r.running else "")
-         + (f" ({r.status.lower()})" if r.status in ("FAILED", "KILLED") else ""), str),
-        ("run id", "run_id", lambda r: r.run_id, lambda v: v[:8]),
-        ("status", "status", lambda r: r.status, None),
-        ("model", "model", lambda r: r.model, lambda v: v or ""),
-        ("D_S", "tokens_mlp_dim", lambda r: r.ds, _fmt_int),
-        ("D_C", "channels_mlp_dim", lambda r: r.dc, _fmt_int),
-        ("C", "hidden_dim", lambda r: r.c, _fmt_int),
-        ("depth", "depth", lambda r: r.depth, _fmt_int),
-        ("patch", "patch_size", lambda r: r.patch, _fmt_int),
-        ("params", "num_params", lambda r: r.num_params, _fmt_params),
-        ("GFLOPs/img", "fwd_gflops_per_image", lambda r: r.gflops_per_image, _fmt_sig),
-        ("accelerator", "accelerator", lambda r: r.accelerator, lambda v: v or ""),
-        ("img/s", "img_per_s", lambda r: r.img_per_s, lambda v: _fmt_sig(v, 3)),
-        ("img/s/acc", "img_per_s_per_accelerator", lambda r: r.img_per_s_per_device, lambda v: _fmt_sig(v, 3)),
-        ("MFU", "mfu", lambda r: r.mfu, lambda v: _fmt_pct(v, 1)),
-        ("acc-hours", "accelerator_hours", lambda r: r.accelerator_hours, _fmt_sig),
-        ("total FLOPs", "total_flops", lambda r: r.total_flops, _fmt_flops),
-        ("best top-1", "best_top1", lambda r: r.best_top1, _fmt_pct),
-    ]
-    for k in shots:
-        cols.append((f"{k}-shot", f"fewshot_{k}shot", lambda r, k=k: r.fewshot.get(k), _fmt_pct))
-    cols.append(("frontier", "pareto_frontier", lambda r: r.frontier, lambda v: "★" if v else ""))
-    return cols
-
-
-def sort_rows(rows: list[RunRow]) -> list[RunRow]:
-    """Best top-1 first; runs without one last (in start order)."""
-    return sorted(rows, key=lambda r: (r.best_top1 is None, -(r.best_top1 or 0.0)))
-
-
-def mark_frontier(rows: list[RunRow]) -> list[RunRow]:
-    front = pareto_frontier(rows, cost=lambda r: r.accelerator_hours, value=lambda r: r.best_top1)
-    ids = {r.run_id for r in front}
-    for r in rows:
-        r.frontier = r.run_id in ids
-    return front
-
-
-def markdown_table(rows: list[RunRow]) -> str:
-    cols = [c for c in _columns(rows) if c[0] != "status"]
-    lines = ["| " + " | ".join(c[0] for c in cols) + " |",
-             "|" + "|".join("---" if i < 2 or c[0] in ("model", "accelerator") else "---:"
-                            for i, c in enumerate(cols)) + "|"]
-    for r in rows:
-        cells = []
-        for _, _, get, fmt in cols:
-            v = get(r)
-            cells.append(str(fmt(v) if fmt else (v if v is not None else "")).replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[RunRow], path: Path) -> None:
-    cols = _columns(rows)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([c[1] for c in cols])
-        for r in rows:
-            out = []
-            for _, name, get, _ in cols:
-                v = get(r)
-                if name == "run_name":
-                    v = r.run_name
-                out.append("" if v is None else (repr(v) if isinstance(v, float) else v))
-            w.writerow(out)
 
 
 # ------------------------------------------------------------------------------------------ report --------
@@ -553,4 +206,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

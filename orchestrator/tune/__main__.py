@@ -1,4 +1,4 @@
-from orchestrator.tune.search import main
+from orchestrator.tune.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report.compare import ReportError, main, make_report, pareto_frontier, report_command
+from orchestrator.report.compare import main, make_report, report_command
+from orchestrator.report.runs import ReportError
+from orchestrator.report.table import pareto_frontier
 from orchestrator.tracking.tracker import RunTracker
 
 # name, model, (D_S, D_C, C, depth, patch), params, fwd GFLOPs/img, workers, final top-1, accelerator-hours,

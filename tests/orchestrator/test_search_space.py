@@ -94,10 +94,14 @@ def test_grid_expansion():
         "reg.mixup_alpha": {"choice": [0.0, 0.5]},
     })
     assert space.grid_size("random") == 6 and space.grid_size("grid") == 12
-    points = space.expand_grid("random")
-    assert len(points) == 6 and len({tuple(p.values()) for p in points}) == 6
-    assert all(set(p) == {"model.tokens_mlp_dim", "model.channels_mlp_dim"} for p in points)
-    assert len(space.expand_grid("grid")) == 12
+    # grid_size is what Tune's own expansion of the param space generates (num_samples=1)
+    from ray.tune.search.variant_generator import generate_variants
+
+    points = [spec for _, spec in generate_variants(space.to_tune("random"))]
+    widths = {(p["model.tokens_mlp_dim"], p["model.channels_mlp_dim"]) for p in points}
+    assert len(points) == 6 and len(widths) == 6
+    assert all(p["reg.mixup_alpha"] in (0.0, 0.5) for p in points)  # the choice is sampled, not crossed
+    assert len(list(generate_variants(space.to_tune("grid")))) == 12
     grid = space.to_tune("grid")
     assert grid["reg.mixup_alpha"] == {"grid_search": [0.0, 0.5]}
 

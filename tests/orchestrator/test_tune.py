@@ -18,8 +18,12 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config.search_space import load_space
-from orchestrator.config.tree import load_config
-from orchestrator.tune import search as tune
+from orchestrator.config.tree import ConfigError, load_config
+from orchestrator.tune.cli import main
+from orchestrator.tune.planning import expected_trials, make_scheduler, make_search_alg, num_reports
+from orchestrator.tune.results import EXIT_INTERRUPTED
+from orchestrator.tune.store import SearchStore, pick_name, store_for
+from orchestrator.tune.trial import train_run_finished, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "mixer-digits-tune"
@@ -44,25 +48,25 @@ def mixer_home(tmp_path, monkeypatch):
 def test_num_reports_matches_the_train_loop(total, every_eval, every_ckpt, expected):
     plan = SimpleNamespace(total_steps=total, eval_every_steps=every_eval, checkpoint_every_steps=every_ckpt)
     brute = sum(1 for s in range(1, total + 1) if s % every_eval == 0 or s % every_ckpt == 0 or s == total)
-    assert tune.num_reports(plan) == brute == expected
+    assert num_reports(plan) == brute == expected
 
 
 def test_search_names_are_stable_and_resume_takes_the_latest(tmp_path):
-    store = tune.SearchStore(str(tmp_path), None)
-    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits"
-    with pytest.raises(tune.ConfigError, match="--resume"):
-        tune.pick_name(store, "tune-digits", True, None)
+    store = SearchStore(str(tmp_path))
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits"
+    with pytest.raises(ConfigError, match="--resume"):
+        pick_name(store, "tune-digits", True, None)
     (tmp_path / "tune-digits").mkdir()
-    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits-2"
-    assert tune.pick_name(store, "tune-digits", True, None) == "tune-digits"
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits-2"
+    assert pick_name(store, "tune-digits", True, None) == "tune-digits"
     (tmp_path / "tune-digits-2").mkdir()
     (tmp_path / "tune-digits-10").mkdir()
     (tmp_path / "tune-digitsX").mkdir()
-    assert tune.pick_name(store, "tune-digits", False, None) == "tune-digits-3"
-    assert tune.pick_name(store, "tune-digits", True, None) == "tune-digits-10"
-    assert tune.pick_name(store, "tune-digits", True, "mine") == "mine"
-    with pytest.raises(tune.ConfigError, match="--name"):
-        tune.pick_name(store, "tune-digits", False, "a/b")
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits-3"
+    assert pick_name(store, "tune-digits", True, None) == "tune-digits-10"
+    assert pick_name(store, "tune-digits", True, "mine") == "mine"
+    with pytest.raises(ConfigError, match="--name"):
+        pick_name(store, "tune-digits", False, "a/b")
     store.write_sidecar("mine", {"x": 1})
     assert store.read_sidecar("mine") == {"x": 1} and store.read_sidecar("nothing") is None
 
@@ -73,36 +77,36 @@ def test_trial_config_is_base_plus_sample_with_its_own_run_and_parent():
     setup = {"name": "tune-digits", "space_name": "digits", "space": space.to_dict(), "base_config": base.to_dict(),
              "train_storage": "/runs/tune-digits/train_runs", "tracking_uri": "sqlite:////x.db", "parent_run_id": "p1"}
     params = {"model.tokens_mlp_dim": 0.25, "model.channels_mlp_dim": 4, "optim.lr": 0.002}
-    cfg = tune.trial_config(setup, params, "abc_00001")
+    cfg = trial_config(setup, params, "abc_00001")
     assert cfg.run.name == "tune-digits-abc_00001"  # stable per trial: a retried/resumed trial finds its checkpoints
     assert cfg.run.storage_path == "/runs/tune-digits/train_runs"
     assert (cfg.tracking.parent_run_id, cfg.tracking.uri) == ("p1", "sqlite:////x.db")
     assert (cfg.model.tokens_mlp_dim, cfg.model.channels_mlp_dim) == (32, 512)  # C = 128 for mixer_digits
     assert cfg.optim.lr == 0.002 and cfg.scaling.num_workers == 1
-    assert tune.trial_config(setup, params, "abc_00001") == cfg
+    assert trial_config(setup, params, "abc_00001") == cfg
 
 
 def test_schedulers_and_search_algorithms():
-    asha = tune.make_scheduler("asha", max_t=6, grace_period=1, reduction_factor=2)
+    asha = make_scheduler("asha", max_t=6, grace_period=1, reduction_factor=2)
     assert (asha._max_t, asha._reduction_factor, asha._stop_last_trials) == (6, 2, False)
-    assert tune.make_scheduler("none", 6, 1, 2) is None
+    assert make_scheduler("none", 6, 1, 2) is None
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    assert isinstance(tune.make_search_alg("random", 0, 2), BasicVariantGenerator)
-    assert isinstance(tune.make_search_alg("grid", 0, None), BasicVariantGenerator)
-    assert isinstance(tune.make_search_alg("optuna", 0, 2), OptunaSearch)
+    assert isinstance(make_search_alg("random", 0, 2), BasicVariantGenerator)
+    assert isinstance(make_search_alg("grid", 0, None), BasicVariantGenerator)
+    assert isinstance(make_search_alg("optuna", 0, 2), OptunaSearch)
 
 
 def test_dry_run_validates_and_plans_without_ray(mixer_home, capsys):
     import ray
 
-    assert tune.main(["--dry-run", "schedule.epochs=3"]) == 0
+    assert main(["--dry-run", "schedule.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "search tune-digits" in out and "model.tokens_mlp_dim" in out
     assert "4 trial(s); each reports 3 time(s)" in out
     assert not ray.is_initialized()
-    assert tune.main(["--dry-run", "--space", "paper_appendix_b", "data.url=/nonexistent",
+    assert main(["--dry-run", "--space", "paper_appendix_b", "data.url=/nonexistent",
                       "data.num_train_samples=1281167"]) == 0
     assert "256 trial(s)" in capsys.readouterr().out
 
@@ -126,7 +130,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(space_text, args, names, mi
 
     f = tmp_path / "space.yaml"
     f.write_text(space_text)
-    assert tune.main(["--space", str(f), *args]) == 2
+    assert main(["--space", str(f), *args]) == 2
     err = capsys.readouterr().err
     for name in names:
         assert name in err, err
@@ -134,11 +138,76 @@ def test_bad_input_exits_2_naming_the_key_before_ray(space_text, args, names, mi
 
 
 def test_resume_without_a_search_is_a_clear_error(mixer_home, capsys):
-    assert tune.main(["--resume"]) == 2
+    assert main(["--resume"]) == 2
     assert "no search named tune-digits" in capsys.readouterr().err
 
 
+def test_resume_without_tune_state_is_a_clear_error(mixer_home, capsys):
+    """A search that stopped before Tune saved its state: Tuner.can_restore says no, before any Ray."""
+    import ray
+
+    SearchStore(str(mixer_home / "runs")).write_sidecar("tune-digits", {"name": "tune-digits"})
+    assert main(["--resume"]) == 2
+    assert "holds no Tune experiment state" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_expected_trials_per_search_algorithm():
+    space = load_space("digits")  # a 2 x 2 grid of D_S x D_C
+    assert expected_trials(space, "random", 3) == 12
+    assert expected_trials(space, "optuna", 3) == 3
+
+
+def test_search_store_on_s3_with_a_custom_endpoint(s3_server, s3_bucket, monkeypatch):
+    """The store reads and writes through fsspec/s3fs at the endpoint Train runs use, and Tune gets the same
+    place as launch.storage_target gives Train (a path without s3:// and a pyarrow filesystem over s3fs)."""
+    from pyarrow.fs import FileType
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    store = store_for(load_config("digits", {"run.storage_path": f"s3://{s3_bucket}/searches"}))
+    assert store.tune_path == f"{s3_bucket}/searches" and store.tune_filesystem is not None
+    assert store.experiment_url("tune-digits") == f"s3://{s3_bucket}/searches/tune-digits" and not store.is_local
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits"
+    store.write_sidecar("tune-digits", {"x": 1})
+    assert store.read_sidecar("tune-digits") == {"x": 1} and store.read_sidecar("nothing") is None
+    assert pick_name(store, "tune-digits", False, None) == "tune-digits-2"
+    assert pick_name(store, "tune-digits", True, None) == "tune-digits"
+    seen_by_tune = store.tune_filesystem.get_file_info(f"{store.tune_experiment_path('tune-digits')}/mixer_search.json")
+    assert seen_by_tune.type == FileType.File
+
+
 # ---------------------------------------------------------------- slow: local Ray -------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_run_finished_reads_the_runs_latest_checkpoint(tmp_path):
+    """ray.train.Result.from_path tells a trial whether its Train run already reached its last step (then the
+    trial hands Tune the final metrics itself): checked against a real Train V2 run on a local Ray instance."""
+    import ray
+    from ray.train import Checkpoint, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = load_config("digits", {"run.storage_path": str(tmp_path / "runs"), "run.name": "r"})
+    assert not train_run_finished(cfg, 3)  # no such run yet
+
+    def report_three_steps():  # nested: pickled by value for the worker
+        import tempfile
+
+        import ray.train
+
+        for step in (1, 2, 3):
+            with tempfile.TemporaryDirectory() as d:
+                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d))
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        TorchTrainer(report_three_steps, scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(name="r", storage_path=str(tmp_path / "runs"))).fit()
+    finally:
+        ray.shutdown()
+    assert train_run_finished(cfg, 3)
+    assert not train_run_finished(cfg, 4)
 
 
 def _env(home: Path) -> dict:
@@ -262,7 +331,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
         if proc.poll() is None:
             proc.kill()
     first_log = log_path.read_text()
-    assert rc == tune.EXIT_INTERRUPTED, first_log[-5000:]
+    assert rc == EXIT_INTERRUPTED, first_log[-5000:]
     assert "--resume --name tune-digits" in first_log
     finished_id = finished.data.tags["mixer.tune_trial_id"]
     end_time = finished.info.end_time

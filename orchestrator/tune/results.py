@@ -1,0 +1,162 @@
+"""What a search produced: one row per trial from Tune's saved experiment, the summary, the best trial's config
+as a file `python -m orchestrator.pretrain --config FILE` accepts, and the parent run's closing entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config.search_space import SearchSpace, apply, resolved_values
+from orchestrator.config.tree import Config, ConfigError, load_config
+from orchestrator.tune.mlflow_runs import close_child_runs
+from orchestrator.tune.planning import METRIC, num_reports, trial_plan
+from orchestrator.tune.store import SearchStore
+from orchestrator.tune.trial import trial_run_name
+
+EXIT_INTERRUPTED = 130
+UNFINISHED_STATUSES = ("RUNNING", "PENDING", "PAUSED")  # as Tune saved them: what --resume continues
+
+
+def saved_trials(store: SearchStore, name: str) -> list:
+    """The search's trials as Tune's last saved experiment state holds them (what --resume would see).
+
+    Read back rather than taken from fit()'s ResultGrid: on Ctrl-C Tune saves its state first, then stops the
+    running trials and reports them as TERMINATED, while the saved state rightly keeps them unfinished.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(store.tune_experiment_path(name), storage_filesystem=store.tune_filesystem).trials
+
+
+def trial_rows(trials: list, setup: dict, space: SearchSpace, base: Config, data) -> list[dict]:
+    """One row per trial: status, whether ASHA stopped it, its sampled and resolved values, its metrics."""
+    rows = []
+    for trial in trials:
+        cfg_values = {k: v for k, v in trial.config.items() if k in space.params}
+        status = "UNFINISHED" if trial.status in UNFINISHED_STATUSES else trial.status
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status,
+                               "run_name": trial_run_name(setup["name"], trial.trial_id),
+                               "num_failures": trial.num_failures, "params": cfg_values}
+        try:
+            cfg = apply(base, cfg_values, space)
+            row["resolved"] = resolved_values(cfg, space.params)
+            plan = trial_plan(cfg, data)
+            row["expected_reports"] = num_reports(plan)
+            row["train_flops_per_step"] = plan.train_flops_per_step
+        except ConfigError as e:
+            row["resolved"], row["expected_reports"] = {}, None
+            row["config_error"] = str(e)
+        last = trial.last_result or {}
+        row["iterations"] = last.get("training_iteration", 0)
+        for key in (METRIC, "val/top5", "val/loss", "step", "epoch"):
+            if key in last:
+                row[key] = last[key]
+        if trial.status == "ERROR":
+            row["error"] = _error_line(trial)
+        row["stopped_early"] = (trial.status == "TERMINATED" and row["expected_reports"] is not None
+                                and row["iterations"] < row["expected_reports"])
+        rows.append(row)
+    return rows
+
+
+def _error_line(trial) -> str:
+    try:
+        return str(trial.get_pickled_error() or trial.get_error() or "error").strip().splitlines()[-1][:500]
+    except Exception:
+        return "error (see the trial's error file)"
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if METRIC in r and r["status"] != "ERROR"]
+    return max(done, key=lambda r: r[METRIC]) if done else None
+
+
+def best_config(base: Config, space: SearchSpace, row: dict) -> Config:
+    cfg = apply(base, row["params"], space)
+    cfg.run.name = f"{row['run_name'].rsplit('-', 1)[0]}-best"
+    cfg.tracking.parent_run_id = None
+    return cfg
+
+
+def write_best_config(cfg: Config, row: dict, setup: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = [
+        f"# Best trial of Tune search {setup['name']} (trial {row['trial_id']}, Train run {row['run_name']}):",
+        f"# {METRIC} = {row[METRIC]:.4f} after {row['iterations']} evaluation(s), step {row.get('step')}.",
+        "# Searched: " + ", ".join(f"{k}={v}" for k, v in row["resolved"].items()),
+        f"# Command:  python -m orchestrator.pretrain --config {path}",
+    ]
+    path.write_text("\n".join(header) + "\n" + cfg.to_yaml())
+    load_config(str(path))  # what pretrain --config will do with it
+    return path
+
+
+def best_config_path(store: SearchStore, name: str, explicit: str | None) -> Path:
+    """--best-config, else next to the search when it is on local disk, else under MIXER_HOME."""
+    if explicit:
+        return Path(explicit)
+    if store.is_local:
+        return Path(store.experiment_url(name)) / "best_config.yaml"
+    from orchestrator.config.tree import mixer_home
+
+    return mixer_home() / "tune" / name / "best_config.yaml"
+
+
+def finish_search(trials: list, setup, space, base, data, parent, best_path, store, *,
+                  not_all_generated: bool = False) -> int:
+    """Print and record the outcome; exit code 0 (a best trial), 1 (none), or EXIT_INTERRUPTED."""
+    rows = trial_rows(trials, setup, space, base, data)
+    interrupted = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")] or (
+        [{"trial_id": "(not yet generated)"}] if not_all_generated else [])
+    print(f"\n=== search {setup['name']} ===")
+    keys = list(space.params)
+    for r in rows:
+        vals = " ".join(f"{k.split('.')[-1]}={r['resolved'].get(k, r['params'].get(k))}" for k in keys)
+        note = ("stopped early by ASHA" if r["stopped_early"] else
+                f"error: {r.get('error')}" if r["status"] == "ERROR" else r["status"].lower())
+        top1 = f"{r[METRIC]:.4f}" if METRIC in r else "  -   "
+        print(f"  {r['trial_id']}  top-1 {top1}  evals {r['iterations']:>3}/{r['expected_reports']}  "
+              f"{vals}  [{note}]")
+    if setup["tracking_uri"]:
+        close_child_runs(setup["tracking_uri"], base, rows, parent.run_id if parent else None)
+    best = best_row(rows)
+    best_file = None
+    if best is not None:
+        best_file = write_best_config(best_config(base, space, best), best, setup,
+                                      best_config_path(store, setup["name"], best_path))
+        print(f"\nbest trial     {best['trial_id']}  {METRIC} {best[METRIC]:.4f}")
+        for k, v in best["resolved"].items():
+            print(f"  {k:28s} {v}" + (f"   (sampled {best['params'][k]} x C)" if space.params[k].ratio_of_c else ""))
+        print(f"best config    {best_file}")
+        print(f"train it       python -m orchestrator.pretrain --config {best_file}")
+    n_early = sum(r["stopped_early"] for r in rows)
+    n_err = sum(r["status"] == "ERROR" for r in rows)
+    print(f"trials         {len(rows)}: {n_early} stopped early by ASHA, {n_err} failed, "
+          f"{len(interrupted)} unfinished")
+    if parent:
+        _close_parent(parent, rows, best, best_file, n_early, n_err, len(interrupted), base, setup)
+    if interrupted:
+        print(f"\nsearch interrupted with {len(interrupted)} trial(s) unfinished; continue it with:\n"
+              f"  python -m orchestrator.tune --resume --name {setup['name']}"
+              + (f" --space {space.name}" if space.name != "digits" else ""))
+        return EXIT_INTERRUPTED
+    return 0 if best is not None else 1
+
+
+def _close_parent(parent, rows, best, best_file, n_early, n_err, n_unfinished, base, setup) -> None:
+    summary = {"trials.total": len(rows), "trials.stopped_early": n_early, "trials.failed": n_err,
+               "trials.unfinished": n_unfinished}
+    parent.log_metrics(summary, 0)
+    parent.log_dict({"trials": rows}, "search/trials.json")
+    if best is not None:
+        parent.log_metrics({f"best/{METRIC.replace('val/', '')}": best[METRIC],
+                            **({"best/top5": best["val/top5"]} if "val/top5" in best else {})}, 0)
+        parent.set_tags({"best.trial_id": best["trial_id"], "best.run_name": best["run_name"],
+                         **{f"best.{k}": str(v) for k, v in best["resolved"].items()}})
+        parent.log_artifact(str(best_file), "search")
+    parent.end("KILLED" if n_unfinished else "FINISHED")
+    print(f"MLflow parent  {parent.run_id} (experiment {base.tracking.experiment})")
+    print(f"MLflow UI      mlflow ui --backend-store-uri {setup['tracking_uri']}   (then open http://127.0.0.1:5000)")
+    from orchestrator.report.compare import report_command
+
+    print(f"compare trials {report_command(base.tracking.experiment, parent_run_id=parent.run_id, tracking_uri=setup['tracking_uri'])}")
