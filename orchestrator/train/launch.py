@@ -14,6 +14,7 @@ from typing import Any
 
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
+from orchestrator.train.plan import micro_batch_size
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -72,11 +73,10 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
             f"model.num_classes={cfg.model.num_classes} but the dataset at {url} has {manifest.num_classes} "
             "classes; leave model.num_classes unset (null) to take it from the dataset"
         )
-    micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size // cfg.scaling.num_workers
     from pipelines.loader import ShardLoader
 
     probe = ShardLoader(
-        url, cfg.data.train_split, batch_size=micro, rank=0, world_size=cfg.scaling.num_workers,
+        url, cfg.data.train_split, batch_size=micro_batch_size(cfg), rank=0, world_size=cfg.scaling.num_workers,
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
     )
     return ResolvedData(

@@ -227,13 +227,14 @@ def run_trial(params: dict, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.pretrain import plan_for
+    from orchestrator.pretrain import resolve_run
     from orchestrator.tracking import run as run_tracking
     from orchestrator.train import launch
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup, params, trial_id)
-    data, model_cfg, plan = plan_for(cfg)
+    data, plan = resolve_run(cfg)
+    model_cfg = plan.model_cfg
     tracking_uri = setup["tracking_uri"]
     run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
     if run:
@@ -299,17 +300,10 @@ def num_reports(plan) -> int:
     return total // e + total // c - total // lcm + (0 if total % e == 0 or total % c == 0 else 1)
 
 
-def plan_of(cfg: Config, data):
-    from model import get_config
-    from orchestrator.config.tree import model_overrides
+def reports_for(cfg: Config, data) -> int:
     from orchestrator.train.plan import make_plan
 
-    model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
-    return make_plan(cfg, model_cfg, data.train_samples)
-
-
-def reports_for(cfg: Config, data) -> int:
-    return num_reports(plan_of(cfg, data))
+    return num_reports(make_plan(cfg, data.num_classes, data.train_samples))
 
 
 def derive_concurrency(trial_cfgs: list[Config]) -> tuple[int | None, dict[str, float]]:
@@ -329,7 +323,7 @@ def derive_concurrency(trial_cfgs: list[Config]) -> tuple[int | None, dict[str, 
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from orchestrator.pretrain import plan_for
+    from orchestrator.pretrain import resolve_run
     from orchestrator.train import launch
 
     for flag in ("num_samples", "max_concurrent"):
@@ -370,7 +364,7 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"  {key:28s} {p.describe()}")
 
     # Everything below touches data and tracking; still nothing on Ray.
-    data, _, _ = plan_for(base, allow_unreachable=args.dry_run)
+    data, _ = resolve_run(base, allow_unreachable=args.dry_run)
     plan_cfgs = candidate_configs(space, base, PLAN_KEYS)
     max_t = max(reports_for(c, data) for c in plan_cfgs)
     trials_hint = space.grid_size(search) * num_samples if search != "optuna" else num_samples
@@ -507,6 +501,8 @@ def log_parent_setup(parent, setup: dict, space: SearchSpace, args) -> None:
 
 def trial_rows(results, setup: dict, space: SearchSpace, base: Config, data) -> list[dict]:
     """One row per trial: status, whether ASHA stopped it, its sampled and resolved values, its metrics."""
+    from orchestrator.train.plan import make_plan
+
     rows = []
     analysis = results._experiment_analysis  # the Trial objects carry status and failure counts
     for trial in analysis.trials:
@@ -517,7 +513,7 @@ def trial_rows(results, setup: dict, space: SearchSpace, base: Config, data) -> 
         try:
             cfg = apply(base, cfg_values, space)
             row["resolved"] = resolved_values(cfg, space.params)
-            plan = plan_of(cfg, data)
+            plan = make_plan(cfg, data.num_classes, data.train_samples)
             row["expected_reports"] = num_reports(plan)
             row["train_flops_per_step"] = plan.train_flops_per_step
         except ConfigError as e:
