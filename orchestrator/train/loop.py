@@ -45,21 +45,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     from orchestrator.train.session import RaySession
 
-    _quiet_per_report_logs()
     cfg = config_from_dict(payload["config"])
     run_training(cfg, RaySession(), Job(**payload["job"]))
-
-
-def _quiet_per_report_logs() -> None:
-    """Ray Train logs every report at INFO under a logger named after its source file, which its
-    LoggingConfig does not reach; those lines would drown the progress lines."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray without that module: nothing to quiet
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
