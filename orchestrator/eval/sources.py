@@ -9,8 +9,8 @@
 
 A source is a local path or any fsspec URL:
 - one of this project's checkpoints: a directory with ``state.pt`` (or the ``state.pt`` file itself);
-- a run directory (``<storage_path>/<run name>``): its latest *complete* checkpoint: the one Ray Train's
-  ``checkpoint_manager_snapshot.json`` registers, else the newest ``checkpoint_*`` whose ``state.pt`` loads.
+- a run directory (``<storage_path>/<run name>``): its latest *complete* checkpoint: the one Ray Train
+  registered last (``ray.train.Result.from_path``), else the newest ``checkpoint_*`` whose ``state.pt`` loads.
   So a checkpoint of a run in progress can be read while the run writes the next one;
 - an official .npz (Flax key layout), read with ``np.load(allow_pickle=False)``;
 - a state dict in timm's / this project's key layout, read with ``torch.load(weights_only=True)`` (optionally
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,6 @@ from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_check
 from model.state_dict_loading import check_state_dict, config_from_state_dict
 from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE
 
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry of the run's checkpoints
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -133,17 +131,34 @@ def _run_checkpoints(fs, path: str) -> list[str]:
          if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
         reverse=True,  # Ray's checkpoint_<date_ms> and our checkpoint_<zero-padded step> both sort by age
     )
-    names = [n for n in names if n != SNAPSHOT_FILE and fs.exists(_join(_join(path, n), STATE_FILE))]
-    snapshot = _join(path, SNAPSHOT_FILE)
-    if fs.exists(snapshot):
-        try:
-            latest = json.loads(fs.cat_file(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
-        except Exception:
-            latest = None
-        if latest in names:
-            names.remove(latest)
-            names.insert(0, latest)
+    names = [n for n in names if fs.exists(_join(_join(path, n), STATE_FILE))]
+    latest = _latest_registered(fs, path)
+    if latest in names:
+        names.remove(latest)
+        names.insert(0, latest)
     return names
+
+
+def _latest_registered(fs, path: str) -> str | None:
+    """The directory name of the run's latest checkpoint as Ray Train registered it, or None when `path` is not
+    a Ray Train run (e.g. a LocalSession run) or its registry cannot be read now (being rewritten, or naming a
+    checkpoint that was just deleted): the caller then goes by directory order."""
+    import logging
+
+    import pyarrow.fs
+    from ray.train import Result
+
+    # from_path announces at INFO, for a run about to resume, what it found: noise when only reading
+    train_logger = logging.getLogger("ray.train")
+    level = train_logger.level
+    train_logger.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
+    except Exception:  # RuntimeError without a registry; Ray's own errors for an unreadable one
+        return None
+    finally:
+        train_logger.setLevel(level)
+    return result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if result.checkpoint else None
 
 
 def _torch_load(fs, path: str, shown: str) -> Any:
