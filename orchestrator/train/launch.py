@@ -26,7 +26,6 @@ class ResolvedData:
     url: str
     storage_options: dict
     num_classes: int
-    class_names: list[str]
     train_samples: int
     batches_per_rank_per_epoch: int | None
 
@@ -60,7 +59,7 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         if allow_unreachable and cfg.data.num_train_samples:
             print(f"[dry-run] dataset not checked ({type(e).__name__}: {e}); planning with "
                   f"data.num_train_samples={cfg.data.num_train_samples}")
-            return ResolvedData(url, opts, cfg.model.num_classes or 1000, [], cfg.data.num_train_samples, None)
+            return ResolvedData(url, opts, cfg.model.num_classes or 1000, cfg.data.num_train_samples, None)
         raise ConfigError(f"data.url={url!r} cannot be used: {e}") from None
     for split in (cfg.data.train_split, cfg.data.val_split):
         if split not in manifest.splits:
@@ -79,10 +78,7 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         url, cfg.data.train_split, batch_size=micro_batch_size(cfg), rank=0, world_size=cfg.scaling.num_workers,
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
     )
-    return ResolvedData(
-        url, opts, manifest.num_classes, list(manifest.class_names),
-        manifest.num_samples(cfg.data.train_split), len(probe),
-    )
+    return ResolvedData(url, opts, manifest.num_classes, manifest.num_samples(cfg.data.train_split), len(probe))
 
 
 def resolve_tracking(cfg: Config) -> str | None:

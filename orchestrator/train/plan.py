@@ -7,7 +7,7 @@ Every quantity derived from the config is computed here and nowhere else; the co
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from model import MixerConfig, count_params, forward_flops, get_config, train_flops_per_image
 from orchestrator.config.tree import Config, ConfigError, model_overrides, require
@@ -63,9 +63,6 @@ class RunPlan:
     train_gflops_per_image: float
     train_flops_per_step: float
     train_flops_total: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def describe(self) -> str:
         lines = [

@@ -23,7 +23,6 @@ class LocalSession:
 
     world_rank = 0
     world_size = 1
-    local_rank = 0
 
     def __init__(self, checkpoint_root: str, num_to_keep: int = 2, device: str | None = None):
         self.store = LocalCheckpointStore(checkpoint_root, num_to_keep)
@@ -57,7 +56,6 @@ class RaySession:
         ctx = ray.train.get_context()
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self.local_rank = ctx.get_local_rank()
         self.device = ray.train.torch.get_device()
         self._train = ray.train
 
