@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
-from orchestrator.train.plan import micro_batch_size
+from orchestrator.train.plan import micro_batch_size, worker_resources
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -148,9 +148,7 @@ def check_capacity(cfg: Config) -> None:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    bundle = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        bundle["GPU"] = 1.0
+    bundle = worker_resources(cfg)
     need = {k: v * cfg.scaling.num_workers for k, v in bundle.items()}
     deadline = time.monotonic() + cfg.scaling.startup_timeout_s
     requested = False
@@ -183,14 +181,12 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
     from orchestrator.train.loop import train_worker
 
     storage_path, filesystem = storage_target(cfg)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "job": asdict(job)},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -29,6 +29,14 @@ def micro_batch_size(cfg: Config) -> int:
     return cfg.optim.micro_batch_size or cfg.optim.global_batch_size // cfg.scaling.num_workers
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker reserves: scaling.cpus_per_worker CPUs, plus one GPU with scaling.use_gpu."""
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1.0
+    return resources
+
+
 def check_batch_split(cfg: Config) -> None:
     """The global batch must split into workers x micro batch x accumulation steps exactly (ConfigError)."""
     o, workers = cfg.optim, cfg.scaling.num_workers

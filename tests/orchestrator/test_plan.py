@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config.tree import ConfigError, load_config
-from orchestrator.train.plan import check_batch_split, make_plan, micro_batch_size
+from orchestrator.train.plan import check_batch_split, make_plan, micro_batch_size, worker_resources
 
 
 def test_plan_splits_the_global_batch_into_micro_batches_and_accumulation():
@@ -20,3 +20,10 @@ def test_plan_splits_the_global_batch_into_micro_batches_and_accumulation():
     cfg.scaling.num_workers = 3
     with pytest.raises(ConfigError, match=r"optim\.global_batch_size=128 .*multiple of .* 3 x 42 = 126"):
         check_batch_split(cfg)
+
+
+def test_worker_resources_are_what_the_trainer_and_the_capacity_check_reserve():
+    cfg = load_config("digits", ["scaling.cpus_per_worker=2"])
+    assert worker_resources(cfg) == {"CPU": 2.0}
+    cfg.scaling.use_gpu = True
+    assert worker_resources(cfg) == {"CPU": 2.0, "GPU": 1.0}
