@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import torch
 
 from model.config import MixerConfig
 from model.mixer import MlpMixer
-from model.state_dict_loading import load_state_dict_checked
+from model.state_dict_loading import config_from_state_dict, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
@@ -90,28 +89,11 @@ def _flax_shape(torch_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def infer_config(arrays: Mapping[str, np.ndarray], **overrides: Any) -> MixerConfig:
     """The MixerConfig an official checkpoint was trained with, read from its shapes (gelu='tanh', as JAX)."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in arrays:
-            raise ValueError(f"checkpoint key {key!r} is missing: it is needed to infer the model's sizes")
-        return tuple(arrays[key].shape)
-
-    patch, _, in_chans, hidden = shape("stem/kernel")
-    num_tokens, tokens_mlp = shape("MixerBlock_0/token_mixing/Dense_0/kernel")
-    _, channels_mlp = shape("MixerBlock_0/channel_mixing/Dense_0/kernel")
-    _, num_classes = shape("head/kernel")
-    depth = len({m.group(1) for k in arrays if (m := _BLOCK_KEY.fullmatch(k.rpartition("/")[0]))})
-    grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens:
-        raise ValueError(
-            f"checkpoint key 'MixerBlock_0/token_mixing/Dense_0/kernel' has {num_tokens} tokens: expected a "
-            "square number (a square image)"
-        )
-    sizes = dict(
-        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=num_classes, depth=depth,
-        hidden_dim=hidden, tokens_mlp_dim=tokens_mlp, channels_mlp_dim=channels_mlp, gelu="tanh",
-    )
-    return MixerConfig(**{**sizes, **overrides}).validate()
+    in_torch_layout = {torch_key(k): _to_torch_layout(a) for k, a in arrays.items()}  # views, nothing copied
+    try:
+        return config_from_state_dict(in_torch_layout, **{"gelu": "tanh", **overrides})
+    except ValueError as e:
+        raise ValueError(f"checkpoint sizes cannot be inferred (keys named in timm's layout): {e}") from None
 
 
 def infer_config_from_npz(source: str | os.PathLike | IO[bytes], **overrides: Any) -> MixerConfig:

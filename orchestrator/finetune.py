@@ -128,17 +128,14 @@ def check_fits_workers(cfg: Config, num_classes: int, state_dict: dict) -> None:
     import torch
 
     from model import create_model
+    from model.state_dict_loading import check_state_dict
 
     with torch.device("meta"):
-        expected = create_model(cfg.model.name, **model_overrides(cfg, num_classes)).state_dict()
-    for key, value in expected.items():
-        if key not in state_dict or tuple(state_dict[key].shape) != tuple(value.shape):
-            found = tuple(state_dict[key].shape) if key in state_dict else "missing"
-            raise CheckpointError(f"adapted weights do not fit the configured model: {key} is {found}, "
-                                  f"expected {tuple(value.shape)}")
-    extra = sorted(set(state_dict) - set(expected))
-    if extra:
-        raise CheckpointError(f"adapted weights do not fit the configured model: unexpected key {extra[0]}")
+        model = create_model(cfg.model.name, **model_overrides(cfg, num_classes))
+    try:
+        check_state_dict(model, state_dict)
+    except ValueError as e:
+        raise CheckpointError(f"adapted weights do not fit the configured model: {e}") from None
 
 
 def source_tags(src: Source, factor: int, head_replaced: bool) -> dict[str, str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides
+from orchestrator.config.tree import Config, ConfigError, list_presets, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,18 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_for(cfg: Config, *, allow_unreachable: bool = False):
-    from model import get_config
+def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
+    """(the resolved dataset, the run's plan): everything checked before any Ray resource is requested."""
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.plan import make_plan
 
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
-    model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
-    return data, model_cfg, make_plan(cfg, model_cfg, data.train_samples, data.batches_per_rank_per_epoch)
+    return data, make_plan(cfg, data.num_classes, data.train_samples, data.batches_per_rank_per_epoch)
 
 
 def dry_run(cfg: Config) -> None:
-    data, _, plan = plan_for(cfg, allow_unreachable=True)
+    data, plan = resolve_run(cfg, allow_unreachable=True)
     print("# resolved config")
     print(cfg.to_yaml())
     print("# plan")
@@ -72,11 +71,11 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     from orchestrator.tracking import run as run_tracking
     from orchestrator.train import launch
 
-    data, model_cfg, plan = plan_for(cfg)
+    data, plan = resolve_run(cfg)
     tracking_uri = launch.resolve_tracking(cfg)
     print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
 
-    run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
+    run = run_tracking.open_run(cfg, tracking_uri, plan.model_cfg, plan) if tracking_uri else None
     if run and run_tags:
         run.set_tags(run_tags)
     job = launch.Job(
@@ -109,7 +108,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     metrics = dict(result.metrics or {})
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     if run:
-        run_tracking.finish_run(run, cfg, model_cfg, result)
+        run_tracking.finish_run(run, cfg, plan.model_cfg, result)
     print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
     return metrics
 

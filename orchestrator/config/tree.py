@@ -324,7 +324,8 @@ def _describe(hint: Any) -> str:
 # ---------------------------------------------------------------- validation ------------------------------
 
 
-def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+def require(ok: bool, key: str, value: Any, accepted: str) -> None:
+    """Unless `ok`: ConfigError naming the key, the bad value and what would be accepted."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not accepted; expected {accepted}")
 
@@ -332,48 +333,40 @@ def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks and cross-field checks; the model's own sizes are checked by model.get_config."""
     from model import get_config  # the model layer owns its own validation
+    from orchestrator.train.plan import check_batch_split  # the plan owns the batch arithmetic
 
     r = cfg.run
-    _require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
     o = cfg.optim
-    _require(o.lr > 0, "optim.lr", o.lr, "a positive number")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    _require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "a positive number or null")
-    _require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
+    require(o.lr > 0, "optim.lr", o.lr, "a positive number")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "a positive number or null")
+    require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
     s = cfg.scaling
-    _require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
-    _require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
-    _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
-    micro = o.micro_batch_size or o.global_batch_size // s.num_workers
-    _require(micro > 0, "optim.micro_batch_size", o.micro_batch_size, "a positive integer")
-    per_step = micro * s.num_workers
-    _require(
-        o.global_batch_size % per_step == 0,
-        "optim.global_batch_size",
-        o.global_batch_size,
-        f"a multiple of scaling.num_workers x micro batch = {s.num_workers} x {micro} = {per_step} "
-        "(gradient accumulation keeps the global batch fixed, so it must divide evenly)",
-    )
+    require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
+    require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
+    require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
+    check_batch_split(cfg)
     sc = cfg.schedule
-    _require(sc.epochs > 0, "schedule.epochs", sc.epochs, "a positive number")
-    _require(sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "an integer >= 0")
-    _require(0 <= sc.end_lr_factor <= 1, "schedule.end_lr_factor", sc.end_lr_factor, "a number in [0, 1]")
+    require(sc.epochs > 0, "schedule.epochs", sc.epochs, "a positive number")
+    require(sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "an integer >= 0")
+    require(0 <= sc.end_lr_factor <= 1, "schedule.end_lr_factor", sc.end_lr_factor, "a number in [0, 1]")
     g = cfg.reg
-    _require(g.randaug_num_ops >= 0, "reg.randaug_num_ops", g.randaug_num_ops, "an integer >= 0")
-    _require(0 <= g.randaug_magnitude <= 30, "reg.randaug_magnitude", g.randaug_magnitude, "an integer in [0, 30]")
-    _require(g.mixup_alpha >= 0, "reg.mixup_alpha", g.mixup_alpha, "a number >= 0 (0 disables mixup)")
+    require(g.randaug_num_ops >= 0, "reg.randaug_num_ops", g.randaug_num_ops, "an integer >= 0")
+    require(0 <= g.randaug_magnitude <= 30, "reg.randaug_magnitude", g.randaug_magnitude, "an integer in [0, 30]")
+    require(g.mixup_alpha >= 0, "reg.mixup_alpha", g.mixup_alpha, "a number >= 0 (0 disables mixup)")
     for key in ("label_smoothing", "dropout", "head_dropout", "stochastic_depth"):
         v = getattr(g, key)
-        _require(0 <= v < 1, f"reg.{key}", v, "a number in [0, 1)")
+        require(0 <= v < 1, f"reg.{key}", v, "a number in [0, 1)")
     d = cfg.data
-    _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "an integer >= 0")
-    _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
-    _require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
-    _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
-    _require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
-    _require(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps, "an integer >= 1")
-    _require(
+    require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "an integer >= 0")
+    require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
+    require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
+    require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
+    require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
+    require(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps, "an integer >= 1")
+    require(
         cfg.train.max_steps is None or cfg.train.max_steps >= 1,
         "train.max_steps", cfg.train.max_steps, "null or an integer >= 1",
     )

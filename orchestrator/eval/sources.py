@@ -9,8 +9,8 @@
 
 A source is a local path or any fsspec URL:
 - one of this project's checkpoints: a directory with ``state.pt`` (or the ``state.pt`` file itself);
-- a run directory (``<storage_path>/<run name>``): its latest *complete* checkpoint: the one Ray Train's
-  ``checkpoint_manager_snapshot.json`` registers, else the newest ``checkpoint_*`` whose ``state.pt`` loads.
+- a run directory (``<storage_path>/<run name>``): its latest *complete* checkpoint: the one Ray Train
+  registered last (``ray.train.Result.from_path``), else the newest ``checkpoint_*`` whose ``state.pt`` loads.
   So a checkpoint of a run in progress can be read while the run writes the next one;
 - an official .npz (Flax key layout), read with ``np.load(allow_pickle=False)``;
 - a state dict in timm's / this project's key layout, read with ``torch.load(weights_only=True)`` (optionally
@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
+from model.state_dict_loading import check_state_dict, config_from_state_dict
 from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE
 
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry of the run's checkpoints
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -69,18 +65,11 @@ class Source:
     def check(self) -> None:
         """Every key and shape fits the inferred architecture (cheap: no weights are copied)."""
         with torch.device("meta"):
-            expected = MlpMixer(self.model_cfg).state_dict()
-        for key, value in self.state_dict.items():
-            if key not in expected:
-                raise CheckpointError(f"checkpoint {self.url} does not fit an MLP-Mixer: key {key!r} (shape "
-                                      f"{tuple(value.shape)}) is unexpected")
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise CheckpointError(f"checkpoint {self.url} is inconsistent: key {key!r} has shape "
-                                      f"{tuple(value.shape)}, expected {tuple(expected[key].shape)} for "
-                                      f"{self.describe()}")
-        missing = [k for k in expected if k not in self.state_dict]
-        if missing:
-            raise CheckpointError(f"checkpoint {self.url} does not fit an MLP-Mixer: key {missing[0]!r} is missing")
+            model = MlpMixer(self.model_cfg)
+        try:
+            check_state_dict(model, self.state_dict)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {self.url} does not fit the MLP-Mixer its shapes describe: {e}") from None
 
     def describe(self) -> str:
         c = self.model_cfg
@@ -142,17 +131,34 @@ def _run_checkpoints(fs, path: str) -> list[str]:
          if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
         reverse=True,  # Ray's checkpoint_<date_ms> and our checkpoint_<zero-padded step> both sort by age
     )
-    names = [n for n in names if n != SNAPSHOT_FILE and fs.exists(_join(_join(path, n), STATE_FILE))]
-    snapshot = _join(path, SNAPSHOT_FILE)
-    if fs.exists(snapshot):
-        try:
-            latest = json.loads(fs.cat_file(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
-        except Exception:
-            latest = None
-        if latest in names:
-            names.remove(latest)
-            names.insert(0, latest)
+    names = [n for n in names if fs.exists(_join(_join(path, n), STATE_FILE))]
+    latest = _latest_registered(fs, path)
+    if latest in names:
+        names.remove(latest)
+        names.insert(0, latest)
     return names
+
+
+def _latest_registered(fs, path: str) -> str | None:
+    """The directory name of the run's latest checkpoint as Ray Train registered it, or None when `path` is not
+    a Ray Train run (e.g. a LocalSession run) or its registry cannot be read now (being rewritten, or naming a
+    checkpoint that was just deleted): the caller then goes by directory order."""
+    import logging
+
+    import pyarrow.fs
+    from ray.train import Result
+
+    # from_path announces at INFO, for a run about to resume, what it found: noise when only reading
+    train_logger = logging.getLogger("ray.train")
+    level = train_logger.level
+    train_logger.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
+    except Exception:  # RuntimeError without a registry; Ray's own errors for an unreadable one
+        return None
+    finally:
+        train_logger.setLevel(level)
+    return result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if result.checkpoint else None
 
 
 def _torch_load(fs, path: str, shown: str) -> Any:
@@ -187,7 +193,7 @@ def _load_project(fs, path: str, shown: str) -> Source:
         )
     config = state.get("config")
     sd = _tensor_dict(state["model"], shown)
-    model_cfg = infer_config(sd, shown, config=config)
+    model_cfg = _infer_config(sd, shown, config=config)
     return _checked(Source(shown, path, "project", model_cfg, sd, config=config,
                            mlflow_run_id=state.get("mlflow_run_id"), step=state.get("step")))
 
@@ -211,19 +217,15 @@ def _load_file(fs, path: str, shown: str) -> Source:
                 break
     sd = _tensor_dict(obj, shown)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped state dicts
-    # timm's MlpMixer uses the exact GELU; so do this project's models unless configured otherwise
-    return _checked(Source(shown, path, "state_dict", infer_config(sd, shown), sd))
+    return _checked(Source(shown, path, "state_dict", _infer_config(sd, shown), sd))
 
 
 def _load_npz(fs, path: str, shown: str) -> Source:
-    import numpy as np
-
     from model.jax_checkpoint import infer_config as infer_npz_config
-    from model.jax_checkpoint import npz_to_state_dict
+    from model.jax_checkpoint import npz_to_state_dict, read_npz
 
     try:
-        with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = read_npz(io.BytesIO(fs.cat_file(path)))
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {shown} is not a readable .npz (np.load, allow_pickle=False): {type(e).__name__}: "
@@ -248,39 +250,14 @@ def _tensor_dict(obj: Any, shown: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def infer_config(sd: dict[str, torch.Tensor], shown: str, config: dict | None = None) -> MixerConfig:
-    """The architecture of a state dict in timm's key layout, read from its shapes."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in sd:
-            raise CheckpointError(
-                f"checkpoint {shown} is not an MLP-Mixer state dict: key {key!r} is missing (expected timm's "
-                "MlpMixer layout: stem.proj, blocks.{i}.mlp_tokens/mlp_channels, norm, head)"
-            )
-        return tuple(sd[key].shape)
-
-    hidden, in_chans, patch, patch_w = shape("stem.proj.weight")
-    tokens_mlp, num_tokens = shape("blocks.0.mlp_tokens.fc1.weight")
-    channels_mlp, _ = shape("blocks.0.mlp_channels.fc1.weight")
-    num_classes, _ = shape("head.weight")
-    depth = len({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
-    grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens or patch != patch_w:
-        raise CheckpointError(
-            f"checkpoint {shown} has {num_tokens} tokens of {patch}x{patch_w} patches: expected a square grid "
-            "of square patches"
-        )
-    sizes: dict[str, Any] = dict(
-        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=num_classes, depth=depth,
-        hidden_dim=hidden, tokens_mlp_dim=tokens_mlp, channels_mlp_dim=channels_mlp,
-    )
-    if config:  # our own checkpoints: the non-size settings the model was trained with
-        m = config.get("model", {})
-        sizes.update({k: m[k] for k in ("gelu", "init", "head_bias") if m.get(k) is not None})
+def _infer_config(sd: dict[str, torch.Tensor], shown: str, config: dict | None = None) -> MixerConfig:
+    """The architecture of a state dict in timm's key layout; our own checkpoints add the non-size settings the
+    model was trained with (timm's MlpMixer, like our default, uses the exact GELU)."""
+    m = (config or {}).get("model", {})
     try:
-        return MixerConfig(**sizes).validate()
+        return config_from_state_dict(sd, **{k: m[k] for k in ("gelu", "init", "head_bias") if m.get(k) is not None})
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {shown} has an invalid architecture: {e}") from None
+        raise CheckpointError(f"checkpoint {shown} is not an MLP-Mixer state dict: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ fine-tuning ---

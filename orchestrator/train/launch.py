@@ -14,6 +14,7 @@ from typing import Any
 
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
+from orchestrator.train.plan import micro_batch_size, worker_resources
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -25,7 +26,6 @@ class ResolvedData:
     url: str
     storage_options: dict
     num_classes: int
-    class_names: list[str]
     train_samples: int
     batches_per_rank_per_epoch: int | None
 
@@ -59,7 +59,7 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         if allow_unreachable and cfg.data.num_train_samples:
             print(f"[dry-run] dataset not checked ({type(e).__name__}: {e}); planning with "
                   f"data.num_train_samples={cfg.data.num_train_samples}")
-            return ResolvedData(url, opts, cfg.model.num_classes or 1000, [], cfg.data.num_train_samples, None)
+            return ResolvedData(url, opts, cfg.model.num_classes or 1000, cfg.data.num_train_samples, None)
         raise ConfigError(f"data.url={url!r} cannot be used: {e}") from None
     for split in (cfg.data.train_split, cfg.data.val_split):
         if split not in manifest.splits:
@@ -72,17 +72,13 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
             f"model.num_classes={cfg.model.num_classes} but the dataset at {url} has {manifest.num_classes} "
             "classes; leave model.num_classes unset (null) to take it from the dataset"
         )
-    micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size // cfg.scaling.num_workers
     from pipelines.loader import ShardLoader
 
     probe = ShardLoader(
-        url, cfg.data.train_split, batch_size=micro, rank=0, world_size=cfg.scaling.num_workers,
+        url, cfg.data.train_split, batch_size=micro_batch_size(cfg), rank=0, world_size=cfg.scaling.num_workers,
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
     )
-    return ResolvedData(
-        url, opts, manifest.num_classes, list(manifest.class_names),
-        manifest.num_samples(cfg.data.train_split), len(probe),
-    )
+    return ResolvedData(url, opts, manifest.num_classes, manifest.num_samples(cfg.data.train_split), len(probe))
 
 
 def resolve_tracking(cfg: Config) -> str | None:
@@ -152,9 +148,7 @@ def check_capacity(cfg: Config) -> None:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    bundle = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        bundle["GPU"] = 1.0
+    bundle = worker_resources(cfg)
     need = {k: v * cfg.scaling.num_workers for k, v in bundle.items()}
     deadline = time.monotonic() + cfg.scaling.startup_timeout_s
     requested = False
@@ -187,14 +181,12 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
     from orchestrator.train.loop import train_worker
 
     storage_path, filesystem = storage_target(cfg)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "job": asdict(job)},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -19,7 +19,7 @@ from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
 from orchestrator.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from orchestrator.train.optim import build_optimizer, build_scheduler
-from orchestrator.train.plan import make_plan, peak_tflops
+from orchestrator.train.plan import make_plan, micro_batch_size, peak_tflops
 from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
@@ -45,21 +45,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     from orchestrator.train.session import RaySession
 
-    _quiet_per_report_logs()
     cfg = config_from_dict(payload["config"])
     run_training(cfg, RaySession(), Job(**payload["job"]))
-
-
-def _quiet_per_report_logs() -> None:
-    """Ray Train logs every report at INFO under a logger named after its source file, which its
-    LoggingConfig does not reach; those lines would drown the progress lines."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray without that module: nothing to quiet
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -126,10 +113,8 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
     model_cfg = model.cfg
-    workers = cfg.scaling.num_workers
-    micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size // workers
-    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, micro)
-    plan = make_plan(cfg, model_cfg, job.train_samples, len(train_loader))
+    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, micro_batch_size(cfg))
+    plan = make_plan(cfg, job.num_classes, job.train_samples, len(train_loader))
     accum = plan.grad_accum_steps
 
     model.to(device)

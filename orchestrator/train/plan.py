@@ -1,12 +1,16 @@
-"""Derived quantities of a run: batches, accumulation, steps, FLOPs. Printed by --dry-run and at start."""
+"""Derived quantities of a run: model, batches, accumulation, steps, FLOPs. Printed by --dry-run and at start.
+
+Every quantity derived from the config is computed here and nowhere else; the config's validation asks
+`check_batch_split` (this module imports the config tree, never the reverse at import time).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from model import count_params, forward_flops, train_flops_per_image
-from orchestrator.config.tree import Config
+from model import MixerConfig, count_params, forward_flops, get_config, train_flops_per_image
+from orchestrator.config.tree import Config, ConfigError, model_overrides, require
 
 # Dense bf16 peak per accelerator (TFLOP/s), for MFU. 1,979 is H100's sparse figure, not used.
 # Checked in order: the more specific names first (an H100 PCIe has a lower peak than the SXM part).
@@ -20,8 +24,37 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def micro_batch_size(cfg: Config) -> int:
+    """Samples per worker per forward/backward: optim.micro_batch_size, else the global batch over the workers."""
+    return cfg.optim.micro_batch_size or cfg.optim.global_batch_size // cfg.scaling.num_workers
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker reserves: scaling.cpus_per_worker CPUs, plus one GPU with scaling.use_gpu."""
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1.0
+    return resources
+
+
+def check_batch_split(cfg: Config) -> None:
+    """The global batch must split into workers x micro batch x accumulation steps exactly (ConfigError)."""
+    o, workers = cfg.optim, cfg.scaling.num_workers
+    micro = micro_batch_size(cfg)
+    require(micro > 0, "optim.micro_batch_size", o.micro_batch_size, "a positive integer")
+    per_step = micro * workers
+    require(
+        o.global_batch_size % per_step == 0,
+        "optim.global_batch_size",
+        o.global_batch_size,
+        f"a multiple of scaling.num_workers x micro batch = {workers} x {micro} = {per_step} "
+        "(gradient accumulation keeps the global batch fixed, so it must divide evenly)",
+    )
+
+
 @dataclass
 class RunPlan:
+    model_cfg: MixerConfig  # the architecture, with the dataset's class count
     num_workers: int
     micro_batch_size: int  # per worker per forward/backward
     grad_accum_steps: int
@@ -39,9 +72,6 @@ class RunPlan:
     train_flops_per_step: float
     train_flops_total: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def describe(self) -> str:
         lines = [
             f"workers              {self.num_workers}",
@@ -58,17 +88,18 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def make_plan(cfg: Config, model_cfg, train_samples: int, batches_per_rank_per_epoch: int | None = None) -> RunPlan:
+def make_plan(
+    cfg: Config, num_classes: int, train_samples: int, batches_per_rank_per_epoch: int | None = None
+) -> RunPlan:
     """`batches_per_rank_per_epoch` is the data plan's exact figure; without it, an even split is assumed."""
+    model_cfg = get_config(cfg.model.name, **model_overrides(cfg, num_classes))
     workers = cfg.scaling.num_workers
-    micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size // workers
+    micro = micro_batch_size(cfg)
     accum = cfg.optim.global_batch_size // (micro * workers)
     if batches_per_rank_per_epoch is None:
         batches_per_rank_per_epoch = train_samples // (micro * workers)
     steps_per_epoch = batches_per_rank_per_epoch // accum
     if steps_per_epoch < 1:
-        from orchestrator.config.tree import ConfigError
-
         raise ConfigError(
             f"optim.global_batch_size={cfg.optim.global_batch_size} is larger than one epoch of the training "
             f"split ({train_samples} samples over {workers} workers); use a smaller global batch"
@@ -80,6 +111,7 @@ def make_plan(cfg: Config, model_cfg, train_samples: int, batches_per_rank_per_e
     ckpt_every = cfg.checkpoint.every_steps or steps_per_epoch
     per_image = train_flops_per_image(model_cfg)
     return RunPlan(
+        model_cfg=model_cfg,
         num_workers=workers,
         micro_batch_size=micro,
         grad_accum_steps=accum,

@@ -25,12 +25,9 @@ def num_reports(plan) -> int:
 
 def trial_plan(cfg: Config, data):
     """The run plan of one trial's config on the search's dataset (what make_plan says for it)."""
-    from model import get_config
-    from orchestrator.config.tree import model_overrides
     from orchestrator.train.plan import make_plan
 
-    model_cfg = get_config(cfg.model.name, **model_overrides(cfg, data.num_classes))
-    return make_plan(cfg, model_cfg, data.train_samples)
+    return make_plan(cfg, data.num_classes, data.train_samples)
 
 
 def derive_concurrency(trial_cfgs: list[Config]) -> tuple[int | None, dict[str, float]]:

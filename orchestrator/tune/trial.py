@@ -34,13 +34,14 @@ def run_trial(params: dict, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.pretrain import plan_for
+    from orchestrator.pretrain import resolve_run
     from orchestrator.tracking import run as run_tracking
     from orchestrator.train import launch
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup, params, trial_id)
-    data, model_cfg, plan = plan_for(cfg)
+    data, plan = resolve_run(cfg)
+    model_cfg = plan.model_cfg
     tracking_uri = setup["tracking_uri"]
     run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
     if run:

@@ -178,16 +178,11 @@ def test_rayjob_entrypoint_storage_and_shutdown():
 
 
 def test_rayjob_entrypoint_is_a_valid_config():
-    """The overrides in the RayJob resolve against the real config tree (skipped until orchestrator imports)."""
+    """The overrides in the RayJob resolve against the real config tree."""
+    from orchestrator.config.tree import load_config
+
     argv = shlex.split(_load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"])
-    try:
-        from orchestrator.config.tree import load_config
-    except ImportError as e:  # other layers still being written
-        pytest.skip(f"orchestrator.config.tree not importable: {e}")
-    try:
-        cfg = load_config(argv[4], argv[5:])
-    except ImportError as e:
-        pytest.skip(f"config validation needs a layer that is not importable yet: {e}")
+    cfg = load_config(argv[4], argv[5:])
     assert cfg.run.storage_path.startswith("s3://") and cfg.scaling.use_gpu
 
 

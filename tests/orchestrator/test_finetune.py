@@ -13,10 +13,10 @@ a temp sqlite store) by `pretrained_digits` in tests/orchestrator/conftest.py, s
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -246,12 +246,7 @@ def test_run_dir_of_a_run_in_progress_yields_the_latest_complete_checkpoint(tmp_
     (run / "checkpoint_2026-01-01_10-06-00.000001").mkdir()  # no state.pt yet
     src = load_source(str(run))
     assert src.resolved.endswith("checkpoint_2026-01-01_10-00-00.000001/state.pt")
-
-    # Ray Train's registry names the latest registered checkpoint: it wins over directory order
-    third = _untrained_checkpoint(run / "checkpoint_2026-01-01_09-00-00.000001")
-    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": third.name}}))
-    assert load_source(str(run)).resolved.endswith(f"{third.name}/state.pt")
+    # Ray Train's registry of a real run wins over directory order: see the CLI test on Ray below
 
 
 # ------------------------------------------------------------------------------------- CLI on Ray ---
@@ -300,6 +295,24 @@ def test_finetune_cli_at_2x_on_ray_keeps_accuracy_and_evaluate_matches(pre):
     eval_run = client.get_run(re.search(r"MLflow run id\s+(\w+)", ev.stdout).group(1))
     assert eval_run.data.metrics["eval/top1"] == pytest.approx(final, abs=1e-9)
     assert eval_run.data.tags["eval.source_run_id"] == run_id
+
+    # Ray Train's registry (ray.train.Result.from_path) names the run's latest registered checkpoint: it wins
+    # over directory order, here over a newer complete checkpoint_* that Ray never registered ...
+    from ray.train import Result
+
+    run_dir = Path(pre["home"]) / "runs" / "digits_finetune"
+    registered = Path(Result.from_path(str(run_dir)).checkpoint.path).name
+    stray = run_dir / "checkpoint_9999-12-31_23-59-59.999999"
+    shutil.copytree(run_dir / registered, stray)
+    assert load_source(str(run_dir)).resolved.endswith(f"{registered}/state.pt")
+    # ... unless its state.pt does not load: then the newest complete one is read
+    state = (run_dir / registered / "state.pt").read_bytes()
+    (run_dir / registered / "state.pt").write_bytes(state[: len(state) // 2])
+    try:
+        assert load_source(str(run_dir)).resolved.endswith(f"{stray.name}/state.pt")
+    finally:
+        (run_dir / registered / "state.pt").write_bytes(state)
+        shutil.rmtree(stray)
 
 
 def test_sources_on_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
