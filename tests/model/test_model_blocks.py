@@ -142,9 +142,9 @@ def test_head_bias(head_bias, expected):
     assert round(get_config("mixer_b16_224", head_bias="neg_log_k").resolved_head_bias, 1) == -6.9
 
 
-def test_reset_head_reinitialises_and_updates_config():
+def test_reset_classifier_reinitialises_and_updates_config():
     model = create_model("mixer_tiny", head_bias="neg_log_k")
-    model.reset_head(5)
+    model.reset_classifier(5)
     assert model.cfg.num_classes == model.num_classes == 5
     assert model.head.weight.shape == (5, 64) and torch.count_nonzero(model.head.weight) == 0
     assert torch.allclose(model.head.bias, torch.full((5,), -math.log(5)))

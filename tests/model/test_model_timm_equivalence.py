@@ -30,7 +30,8 @@ def test_timm_checkpoint_gives_timm_logits(fixture, loader):
     else:
         load_state_dict_checked(model, fixture["state_dict"])
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(fixture["input"]), fixture["pre_logits"], atol=1e-5, rtol=0)
+        tokens = model.forward_features(fixture["input"])
+        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), fixture["pre_logits"], atol=1e-5, rtol=0)
         torch.testing.assert_close(model(fixture["input"]), fixture["logits"], atol=1e-5, rtol=0)
 
 
