@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from model.config import MixerConfig
 
@@ -77,27 +78,6 @@ class TokenMixingMlp(Mlp):
         return self.drop2(left_linear(y, self.fc2.weight, self.fc2.bias))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for whole samples with probability ``rate`` (training only).
-
-    Kept branches are scaled by 1 / (1 - rate) (torchvision/timm convention), so eval needs no rescaling.
-    """
-
-    def __init__(self, rate: float):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"rate={self.rate:.4g}"
-
-
 class MixerBlock(nn.Module):
     """Pre-norm block: x + TokenMLP(LN(x)), then x + ChannelMLP(LN(x))."""
 
@@ -105,7 +85,8 @@ class MixerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_dim, eps=LAYER_NORM_EPS)
         self.mlp_tokens = TokenMixingMlp(cfg.num_tokens, cfg.tokens_mlp_dim, cfg.gelu, cfg.drop_rate)
-        self.drop_path = DropPath(drop_path_rate)
+        # stochastic depth per sample, kept branches scaled by 1 / (1 - p): eval needs no rescaling
+        self.drop_path = StochasticDepth(drop_path_rate, mode="row")
         self.norm2 = nn.LayerNorm(cfg.hidden_dim, eps=LAYER_NORM_EPS)
         self.mlp_channels = Mlp(cfg.hidden_dim, cfg.channels_mlp_dim, cfg.gelu, cfg.drop_rate)
 
