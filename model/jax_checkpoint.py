@@ -148,7 +148,7 @@ def load_npz(
     else:
         model = target
         if num_classes and num_classes != model.num_classes:
-            model.reset_head(num_classes)
+            model.reset_classifier(num_classes)
 
     state = npz_to_state_dict(arrays, model)
     head_replaced = tuple(state["head.weight"].shape) != tuple(model.head.weight.shape)
@@ -160,7 +160,7 @@ def load_npz(
             )
         for key in _HEAD_KEYS:
             del state[key]
-        model.reset_head(model.num_classes)
+        model.reset_classifier(model.num_classes)
         log.info(
             "npz head replaced: checkpoint has %d classes, model %d; new head initialised (zero weight, bias %g)",
             ckpt_classes, model.num_classes, model.cfg.resolved_head_bias,

@@ -2,7 +2,10 @@
 
 The state_dict layout equals timm's ``MlpMixer`` (stem.proj, blocks.{i}.norm1, blocks.{i}.mlp_tokens.fc1/fc2,
 blocks.{i}.norm2, blocks.{i}.mlp_channels.fc1/fc2, norm, head), so timm checkpoints load with strict=True.
-Unlike timm, ``forward_features`` returns the pooled pre-logits (B, C).
+The forward API is timm's too: ``forward_features`` returns the normalised token map (B, S, C), ``forward_head``
+pools (mean over tokens) and classifies, ``reset_classifier`` replaces the head. Unlike timm, a new head is
+initialised as the paper's (zero weight, cfg's head bias), and num_classes must be positive (no Identity head:
+``forward_head(x, pre_logits=True)`` gives the features).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import math
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from model.config import MixerConfig
 
 LAYER_NORM_EPS = 1e-6  # Flax's default; PyTorch's 1e-5 would not match the official weights
 _TRUNC_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to (-2, 2)
+GLOBAL_POOLS = ("avg", "")  # timm's: mean over tokens, or none (forward_head then works per token)
 
 
 class PatchStem(nn.Module):
@@ -73,27 +78,6 @@ class TokenMixingMlp(Mlp):
         return self.drop2(left_linear(y, self.fc2.weight, self.fc2.bias))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for whole samples with probability ``rate`` (training only).
-
-    Kept branches are scaled by 1 / (1 - rate) (torchvision/timm convention), so eval needs no rescaling.
-    """
-
-    def __init__(self, rate: float):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"rate={self.rate:.4g}"
-
-
 class MixerBlock(nn.Module):
     """Pre-norm block: x + TokenMLP(LN(x)), then x + ChannelMLP(LN(x))."""
 
@@ -101,7 +85,8 @@ class MixerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_dim, eps=LAYER_NORM_EPS)
         self.mlp_tokens = TokenMixingMlp(cfg.num_tokens, cfg.tokens_mlp_dim, cfg.gelu, cfg.drop_rate)
-        self.drop_path = DropPath(drop_path_rate)
+        # stochastic depth per sample, kept branches scaled by 1 / (1 - p): eval needs no rescaling
+        self.drop_path = StochasticDepth(drop_path_rate, mode="row")
         self.norm2 = nn.LayerNorm(cfg.hidden_dim, eps=LAYER_NORM_EPS)
         self.mlp_channels = Mlp(cfg.hidden_dim, cfg.channels_mlp_dim, cfg.gelu, cfg.drop_rate)
 
@@ -113,7 +98,8 @@ class MixerBlock(nn.Module):
 class MlpMixer(nn.Module):
     def __init__(self, cfg: MixerConfig):
         super().__init__()
-        self.cfg = cfg = dataclasses.replace(cfg).validate()  # own copy: reset_head updates it
+        self.cfg = cfg = dataclasses.replace(cfg).validate()  # own copy: reset_classifier updates it
+        self.global_pool = "avg"
         self.stem = PatchStem(cfg)
         self.blocks = nn.Sequential(*(MixerBlock(cfg, p) for p in cfg.block_drop_path_rates()))
         self.norm = nn.LayerNorm(cfg.hidden_dim, eps=LAYER_NORM_EPS)
@@ -126,11 +112,18 @@ class MlpMixer(nn.Module):
         return self.cfg.num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, in_chans, H, W) -> pooled pre-logits (B, C): stem, blocks, LayerNorm, mean over tokens."""
-        return self.norm(self.blocks(self.stem(x))).mean(dim=1)
+        """Images (B, in_chans, H, W) -> normalised token map (B, S, C): stem, blocks, LayerNorm."""
+        return self.norm(self.blocks(self.stem(x)))
 
-    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_drop(pooled))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Token map (B, S, C) -> logits (B, num_classes), or the pooled pre-logits (B, C) when ``pre_logits``.
+
+        Pooling is the mean over tokens (global_pool 'avg'); with global_pool '' the tokens are kept, as timm.
+        """
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -154,11 +147,18 @@ class MlpMixer(nn.Module):
                         nn.init.normal_(module.bias, std=1e-6)
             self._init_head()
 
-    def reset_head(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for ``num_classes`` classes (cfg updated)."""
-        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes).validate()
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` classes (cfg updated).
+
+        timm's signature: ``global_pool`` 'avg' or '' (no pooling); None keeps the current one.
+        """
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={pool!r} is invalid: expected one of {list(GLOBAL_POOLS)}")
+        self.cfg, self.global_pool = dataclasses.replace(self.cfg, num_classes=num_classes).validate(), pool
         old = self.head
         self.head = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        self.head.train(self.training)
         with torch.no_grad():
             self._init_head()
 

@@ -60,10 +60,10 @@ def fewshot_accuracy(
 
 @torch.no_grad()
 def extract_features(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled pre-logits (model.forward_features) and labels over an iterable of (images, labels)."""
+    """Pooled pre-logits (forward_head with pre_logits=True) and labels over an iterable of (images, labels)."""
     model.eval()
     feats, labels = [], []
     for x, y in batches:
-        feats.append(model.forward_features(x.to(device)).float().cpu())
+        feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
         labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)

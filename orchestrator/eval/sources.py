@@ -314,5 +314,5 @@ def adapt_for_finetune(src: Source, *, img_size: int | None = None, num_classes:
     if head_replaced:
         if head_bias is not None:
             model.cfg = dataclasses.replace(model.cfg, head_bias=head_bias)
-        model.reset_head(num_classes)
+        model.reset_classifier(num_classes)
     return Adapted(model, factor, head_replaced)

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
+from torchvision.ops import StochasticDepth
 
 from model import create_model, get_config
-from model.mixer import LAYER_NORM_EPS, DropPath, TokenMixingMlp, left_linear
+from model.mixer import LAYER_NORM_EPS, TokenMixingMlp, left_linear
 
 
 def naive_token_mixing(mlp: TokenMixingMlp, x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +66,16 @@ def test_token_mixing_makes_no_activation_copies():
 
 def test_stochastic_depth_schedule_is_linear_per_block():
     model = create_model("mixer_tiny", depth=5, drop_path_rate=0.2)
-    rates = [block.drop_path.rate for block in model.blocks]
+    rates = [block.drop_path.p for block in model.blocks]
+    assert all(isinstance(b.drop_path, StochasticDepth) and b.drop_path.mode == "row" for b in model.blocks)
     assert rates == pytest.approx([0.2 * i / 4 for i in range(5)])
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
-    assert [b.drop_path.rate for b in create_model("mixer_tiny", depth=1, drop_path_rate=0.3).blocks] == [0.0]
+    assert [b.drop_path.p for b in create_model("mixer_tiny", depth=1, drop_path_rate=0.3).blocks] == [0.0]
 
 
 def test_drop_path_drops_whole_samples_and_rescales():
     torch.manual_seed(0)
-    drop = DropPath(0.5).train()
+    drop = StochasticDepth(0.5, mode="row").train()
     out = drop(torch.ones(2000, 3, 4))
     per_sample = out.flatten(1)
     assert set(per_sample.unique().tolist()) == {0.0, 2.0}
@@ -142,9 +144,9 @@ def test_head_bias(head_bias, expected):
     assert round(get_config("mixer_b16_224", head_bias="neg_log_k").resolved_head_bias, 1) == -6.9
 
 
-def test_reset_head_reinitialises_and_updates_config():
+def test_reset_classifier_reinitialises_and_updates_config():
     model = create_model("mixer_tiny", head_bias="neg_log_k")
-    model.reset_head(5)
+    model.reset_classifier(5)
     assert model.cfg.num_classes == model.num_classes == 5
     assert model.head.weight.shape == (5, 64) and torch.count_nonzero(model.head.weight) == 0
     assert torch.allclose(model.head.bias, torch.full((5,), -math.log(5)))

@@ -79,7 +79,7 @@ def test_21k_head_replaced_for_new_class_count(caplog):
     arrays = to_official_npz(source)
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
-        expected_features = source.forward_features(x)
+        expected_features = source.forward_head(source.forward_features(x), pre_logits=True)
     with caplog.at_level(logging.INFO, logger="model.jax_checkpoint"):
         result = load_npz(write_npz(arrays), num_classes=10)
     assert "head replaced" in caplog.text and "21843" in caplog.text
@@ -88,7 +88,9 @@ def test_21k_head_replaced_for_new_class_count(caplog):
     assert model.cfg.num_classes == 10 and model.head.weight.shape == (10, 16)
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), expected_features, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.forward_head(model.forward_features(x), pre_logits=True), expected_features, atol=1e-5, rtol=0
+        )
         assert model(x).shape == (2, 10)
     # an existing model with another class count: trunk loaded, head re-initialised per its config
     existing = random_model(num_classes=5, head_bias="neg_log_k")

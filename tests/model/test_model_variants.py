@@ -60,7 +60,9 @@ def test_variant_forward_backward_every_parameter_gets_gradient(name, init):
     x = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
     logits = model(x)
     assert logits.shape == (2, 7)
-    assert model.forward_features(x).shape == (2, cfg.hidden_dim)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, cfg.num_tokens, cfg.hidden_dim)
+    assert model.forward_head(tokens, pre_logits=True).shape == (2, cfg.hidden_dim)
     assert torch.isfinite(logits).all()
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 3])).backward()
     for pname, p in model.named_parameters():
