@@ -22,7 +22,7 @@ from typing import Any
 from .storage import (
     DatasetNotFoundError,
     StorageError,
-    get_fs,
+    atomic_write,
     join_url,
     read_bytes,
     redact_url,
@@ -159,18 +159,8 @@ def load_manifest(url_or_dir: str, storage_options: Mapping[str, Any] | None = N
 
 
 def write_manifest(manifest: Manifest, root: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``root/manifest.json`` atomically (temp + rename on local disk; one PUT on object storage)."""
+    """Write ``root/manifest.json`` atomically (see storage.atomic_write)."""
     murl = join_url(root, MANIFEST_NAME)
-    fs, path = get_fs(murl, storage_options)
-    data = manifest.to_json(relative_to=root).encode()
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        import os
-        import uuid
-
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    with atomic_write(murl, storage_options) as f:
+        f.write(manifest.to_json(relative_to=root).encode())
     return murl

@@ -1,4 +1,4 @@
-"""Opening dataset URLs through fsspec: storage options, bounded retries, reachability checks.
+"""Dataset URLs through fsspec: storage options, bounded retries, atomic writes, reachability checks.
 
 Storage options come from (in order of precedence) the explicit ``storage_options`` mapping (the config)
 and the standard environment:
@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 
@@ -202,6 +205,46 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> by
 def join_url(root: str, *parts: str) -> str:
     root = str(root).rstrip("/")
     return "/".join([root, *[p.strip("/") for p in parts]])
+
+
+# --------------------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_write(
+    url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *, mode: int | None = None
+) -> Iterator[BinaryIO]:
+    """A binary file to write ``url`` through; the file appears whole when the block ends, or not at all.
+
+    Local paths (and file:// URLs): a temporary file next to the target, flushed to disk and renamed over
+    it (a rename is atomic on POSIX). ``mode`` sets its permission bits (e.g. 0o600 for a token; the umask
+    applies, as with os.open); without it, the default 0o666 & ~umask.
+    Any other fsspec URL: spooled to a local temporary file and uploaded once with ``fs.put_file`` when the
+    block ends. An object store publishes an object only when its upload completes (a single PUT; s3fs
+    aborts a large file's multipart upload on failure). ``mode`` does not apply there.
+    If the block raises, nothing is written and the temporary file is removed.
+    The caller creates the target's directory when the filesystem has directories.
+    """
+    url = os.fspath(url)
+    if protocol_of(url) in ("file", "local"):
+        path = fsspec.core.url_to_fs(url)[1]
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    fs, path = get_fs(url, storage_options)
+    with tempfile.TemporaryDirectory(prefix="atomic-write-") as spool:
+        local = os.path.join(spool, "upload")
+        with open(local, "wb") as f:
+            yield f
+        fs.put_file(local, path)
 
 
 # ---------------------------------------------------------------------------------------- reachability

@@ -16,7 +16,9 @@ from pipelines.manifest import ManifestNotFoundError, load_manifest
 from pipelines.storage import (
     DatasetNotFoundError,
     StorageUnreachableError,
+    atomic_write,
     check_dataset_reachable,
+    get_fs,
     redacted_options,
 )
 from pipelines.transforms import decode_image
@@ -123,3 +125,40 @@ def test_unreachable_endpoint_fast_and_secret_free(monkeypatch):
     msg = str(e.value) + repr(e.value)
     assert "127.0.0.1:9" in msg and secret not in msg and "AKIDEXAMPLE" not in msg
     assert redacted_options(opts)["secret"] == "***"
+
+
+def test_atomic_write_local_whole_or_nothing(tmp_path):
+    target = tmp_path / "token"
+    with atomic_write(target, mode=0o600) as f:
+        f.write(b"first")
+        assert not target.exists()  # not visible while being written
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(RuntimeError), atomic_write(str(target)) as f:
+        f.write(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"first"  # the old content stays, and no temporary file is left
+    assert os.listdir(tmp_path) == ["token"]
+    with atomic_write(f"file://{target}") as f:
+        f.write(b"second")
+    assert target.read_bytes() == b"second" and (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_write_s3_publishes_on_success_only(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_server)
+    url = f"s3://{s3_bucket}/runs/weights.bin"
+    with pytest.raises(RuntimeError), atomic_write(url) as f:
+        f.write(b"partial")
+        raise RuntimeError("writer died")
+    fs, path = get_fs(url)
+    assert not fs.exists(path)
+    with atomic_write(url) as f:
+        f.write(b"x" * 1000)
+        assert not fs.exists(path)
+    fs.invalidate_cache()
+    assert fs.cat_file(path) == b"x" * 1000
