@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import tarfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -55,7 +54,6 @@ from .storage import (
     StorageError,
     check_dataset_reachable,
     get_fs,
-    is_transient,
     open_url,
     redact_url,
     resolve_storage_options,
@@ -124,73 +122,61 @@ def iter_piece(
     opts: Mapping[str, Any],
     on_bad: Callable[[str, str, int], None],
     num_classes: int | None = None,
-    max_reopen: int = 3,
 ) -> Iterator[_Raw]:
     """Structurally valid samples with index ``start <= i < stop`` of one shard; problems go to on_bad.
 
-    A transient read error re-opens the shard (bounded, with backoff) and skips to where it was.
+    Transient S3 errors, a body broken off mid-read included, are retried by the client (storage.READ_RETRIES);
+    what still fails counts the rest of the piece as unreadable_shard or truncated_tar.
     """
     idx = 0  # next group index to look at
     seen: set[str] = set()
-    reopen = 0
-    while True:
-        try:
-            f = open_url(url, "rb", opts)
-        except FileNotFoundError:
-            on_bad("missing_shard", url, stop - max(start, idx))
-            return
-        except Exception as exc:
-            log.error("cannot open shard %s: %s", redact_url(url), scrub(str(exc), opts))
-            on_bad("unreadable_shard", url, stop - max(start, idx))
-            return
-        try:
-            with f:
-                for i, (key, files) in enumerate(_groups(f)):
-                    if i < idx:
-                        continue  # already handled before a re-open
-                    idx = i + 1
-                    if i >= stop:
-                        return
-                    repeated = key in seen
-                    seen.add(key)
-                    if i < start:
-                        continue
-                    if repeated:
-                        on_bad("non_adjacent", url, 1)
-                        continue
-                    img_ext = next((e for e in IMAGE_EXTS if e in files), None)
-                    if img_ext is None:
-                        on_bad("missing_image", url, 1)
-                        continue
-                    lab_ext = next((e for e in LABEL_EXTS if e in files), None)
-                    if lab_ext is None:
-                        on_bad("missing_label", url, 1)
-                        continue
-                    try:
-                        label = int(files[lab_ext].decode().strip())
-                        if label < 0 or (num_classes is not None and label >= num_classes):
-                            raise ValueError(label)
-                    except Exception:
-                        on_bad("bad_label", url, 1)
-                        continue
-                    yield _Raw(key, url, files[img_ext], label)
-            if idx < stop:  # the shard ended before the manifest said it would
-                on_bad("truncated_tar", url, stop - max(start, idx))
-            return
-        except (tarfile.TarError, EOFError, UnicodeDecodeError) as exc:
-            kind = "unreadable_shard" if idx == 0 else "truncated_tar"
-            log.warning("%s in %s after %d samples: %s", kind, redact_url(url), idx, exc)
-            on_bad(kind, url, stop - max(start, idx))
-            return
-        except Exception as exc:
-            if is_transient(exc) and reopen < max_reopen:
-                reopen += 1
-                time.sleep(min(2.0, 0.2 * 2**reopen))
-                log.warning("re-opening %s after %s", redact_url(url), type(exc).__name__)
-                continue
-            log.error("unreadable shard %s: %s", redact_url(url), scrub(str(exc), opts))
-            on_bad("unreadable_shard", url, stop - max(start, idx))
-            return
+    try:
+        f = open_url(url, "rb", opts)
+    except FileNotFoundError:
+        on_bad("missing_shard", url, stop - start)
+        return
+    except Exception as exc:
+        log.error("cannot open shard %s: %s", redact_url(url), scrub(str(exc), opts))
+        on_bad("unreadable_shard", url, stop - start)
+        return
+    try:
+        with f:
+            for i, (key, files) in enumerate(_groups(f)):
+                idx = i + 1
+                if i >= stop:
+                    return
+                repeated = key in seen
+                seen.add(key)
+                if i < start:
+                    continue
+                if repeated:
+                    on_bad("non_adjacent", url, 1)
+                    continue
+                img_ext = next((e for e in IMAGE_EXTS if e in files), None)
+                if img_ext is None:
+                    on_bad("missing_image", url, 1)
+                    continue
+                lab_ext = next((e for e in LABEL_EXTS if e in files), None)
+                if lab_ext is None:
+                    on_bad("missing_label", url, 1)
+                    continue
+                try:
+                    label = int(files[lab_ext].decode().strip())
+                    if label < 0 or (num_classes is not None and label >= num_classes):
+                        raise ValueError(label)
+                except Exception:
+                    on_bad("bad_label", url, 1)
+                    continue
+                yield _Raw(key, url, files[img_ext], label)
+        if idx < stop:  # the shard ended before the manifest said it would
+            on_bad("truncated_tar", url, stop - max(start, idx))
+    except (tarfile.TarError, EOFError, UnicodeDecodeError) as exc:
+        kind = "unreadable_shard" if idx == 0 else "truncated_tar"
+        log.warning("%s in %s after %d samples: %s", kind, redact_url(url), idx, scrub(str(exc), opts))
+        on_bad(kind, url, stop - max(start, idx))
+    except Exception as exc:
+        log.error("unreadable shard %s: %s", redact_url(url), scrub(str(exc), opts))
+        on_bad("unreadable_shard", url, stop - max(start, idx))
 
 
 def _shuffled(it: Iterator[_Raw], bufsize: int, rng) -> Iterator[_Raw]:

@@ -14,8 +14,11 @@ from pipelines.digits import ensure_digits_dataset
 from pipelines.loader import ShardLoader, iter_piece
 from pipelines.manifest import ManifestNotFoundError, load_manifest
 from pipelines.storage import (
+    PROBE_RETRIES,
+    READ_RETRIES,
     DatasetNotFoundError,
     StorageUnreachableError,
+    _quick_options,
     atomic_write,
     check_dataset_reachable,
     get_fs,
@@ -162,3 +165,19 @@ def test_atomic_write_s3_publishes_on_success_only(s3_server, s3_bucket, monkeyp
         assert not fs.exists(path)
     fs.invalidate_cache()
     assert fs.cat_file(path) == b"x" * 1000
+
+
+def test_s3_retry_policy_is_the_clients(monkeypatch):
+    """Transient S3 errors are retried by botocore (standard mode) as configured in storage.get_fs; the
+    options or botocore's own environment settings take precedence; the reachability probe retries less."""
+    for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    opts = {"endpoint_url": "http://127.0.0.1:9"}
+    fs, _ = get_fs("s3://bucket/ds/manifest.json", opts)
+    assert fs.config_kwargs["retries"] == READ_RETRIES == {"mode": "standard", "total_max_attempts": 5}
+    assert fs.s3.meta.config.retries == {"mode": "standard", "total_max_attempts": 5}  # what botocore got
+    own = {**opts, "config_kwargs": {"retries": {"max_attempts": 9}}}
+    assert get_fs("s3://bucket/ds", own)[0].config_kwargs["retries"] == {"max_attempts": 9}
+    assert _quick_options("s3://bucket/ds", opts)["config_kwargs"]["retries"] == PROBE_RETRIES
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    assert "retries" not in get_fs("s3://bucket/other", opts)[0].config_kwargs
