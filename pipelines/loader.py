@@ -12,8 +12,9 @@ How an epoch is read (see pipelines/plan.py for the plan itself):
 
 - each rank runs a torch DataLoader over one IterableDataset; DataLoader worker ``j`` reads plan slot
   ``(j + rotation) % W`` (rotation = batches consumed mod W, so a resumed rank continues the round-robin
-  exactly where it stopped). Each worker streams its shard pieces through webdataset's tar iterator,
-  checks each sample's structure, passes the raw bytes through a seeded shuffle buffer, then decodes
+  exactly where it stopped). Each worker streams its shard pieces through webdataset's tar stages
+  (tar_file_expander, group_by_keys), checks each sample's structure, passes the raw bytes through
+  webdataset's shuffle buffer (seeded per epoch, rank, worker and pass), then decodes
   (torchvision.io.decode_image), augments (torch RNG seeded per batch) and collates full batches;
 - every worker yields exactly the batches the plan gives it; bad samples are skipped and counted, and a
   worker that runs short re-reads its pieces (a new seeded pass) to pad, counted as ``padded``;
@@ -43,8 +44,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .manifest import Manifest, ShardInfo, load_manifest, split_manifest_url
 from .mixup import MixupConfig, mixup_batch
@@ -76,6 +78,9 @@ BAD_KINDS = (
     "corrupt_image",
 )
 STATE_VERSION = 1
+# The shuffle's algorithm is a plan input: a position saved under another one (before webdataset's shuffle
+# was used) cannot be continued exactly, so such a resume restarts the epoch like any other plan change.
+SHUFFLE = "webdataset"
 
 
 class DataError(RuntimeError):
@@ -91,20 +96,20 @@ class ResumeMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _groups(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive files sharing a key, in tar order (webdataset's tar reader)."""
-    key, cur = None, {}
-    for f in tar_file_iterator(fileobj, handler=reraise_exception):
-        prefix, suffix = base_plus_ext(f["fname"])
-        if prefix is None:
-            continue
-        if prefix != key:
-            if key is not None:
-                yield key, cur
-            key, cur = prefix, {}
-        cur[suffix.lower()] = f["data"]
-    if key is not None:
-        yield key, cur
+def _samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
+    """{"__key__", "__url__", ext: bytes} per run of consecutive members sharing a key, in tar order:
+    webdataset's own stages (tar_file_expander, group_by_keys)."""
+    members = tar_file_expander([{"url": url, "stream": fileobj}], handler=reraise_exception)
+    return group_by_keys(members, handler=_keep_first_copy)
+
+
+def _keep_first_copy(exc: Exception) -> bool:
+    """group_by_keys raises ValueError for a file name repeated inside one sample; keep the first copy and go
+    on, so one odd member does not cost the rest of the shard. Anything else is raised (and counted by the
+    caller)."""
+    if isinstance(exc, ValueError):
+        return True
+    raise exc
 
 
 @dataclass
@@ -141,7 +146,8 @@ def iter_piece(
         return
     try:
         with f:
-            for i, (key, files) in enumerate(_groups(f)):
+            for i, files in enumerate(_samples(f, url)):
+                key = files["__key__"]
                 idx = i + 1
                 if i >= stop:
                     return
@@ -177,19 +183,6 @@ def iter_piece(
     except Exception as exc:
         log.error("unreadable shard %s: %s", redact_url(url), scrub(str(exc), opts))
         on_bad("unreadable_shard", url, stop - max(start, idx))
-
-
-def _shuffled(it: Iterator[_Raw], bufsize: int, rng) -> Iterator[_Raw]:
-    buf: list[_Raw] = []
-    for x in it:
-        if len(buf) < bufsize:
-            buf.append(x)
-            continue
-        k = rng.randrange(len(buf))
-        out, buf[k] = buf[k], x
-        yield out
-    rng.shuffle(buf)
-    yield from buf
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -246,8 +239,10 @@ class _SlotWorker:
 
         if not s.training:
             return raw()
+        # webdataset's shuffle buffer, filled before the first sample leaves it. Its state is not saved: a
+        # resume replays the pass with the same seeded rng and skips the samples taken (``raw_pos``).
         rng = epoch_rng(s.seed, s.epoch, "buffer", s.rank, self.w, p)
-        return _shuffled(raw(), s.shuffle_buffer, rng)
+        return shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)(raw())
 
     def _stream(self) -> Iterator[tuple[int, _Raw]]:
         """(pass number, raw sample), pass 0 then padding passes while needed (training)."""
@@ -364,7 +359,7 @@ def _is_pattern(source: str) -> bool:
 
 def _count_samples(url: str, opts: Mapping[str, Any]) -> int:
     with open_url(url, "rb", opts) as f:
-        return sum(1 for _ in _groups(f))
+        return sum(1 for _ in _samples(f, url))
 
 
 def dataset_from_pattern(
@@ -521,6 +516,7 @@ class ShardLoader:
             "num_workers": max(1, self.num_workers),
             "batch_size": self.batch_size,
             "shuffle_buffer": self.shuffle_buffer,
+            "shuffle": SHUFFLE,
             "split": self.split,
             "dataset": self._fingerprint,
         }
