@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from pipelines.digits import ensure_digits_dataset
-from pipelines.loader import ShardLoader, iter_piece
+from pipelines.loader import ShardLoader
 from pipelines.manifest import ManifestNotFoundError, load_manifest
+from pipelines.shard_reader import iter_piece
 from pipelines.storage import (
     PROBE_RETRIES,
     READ_RETRIES,
