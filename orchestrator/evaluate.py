@@ -116,12 +116,11 @@ def data_url_for(args: argparse.Namespace, src: Source) -> str:
 def eval_transform(src: Source, preset: str | None):
     """The eval preprocessing of the training run (orchestrator/train/loop.build_loaders), at the model's size."""
     from model import pretrained_data_config
-    from pipelines.transforms import make_transform
+    from pipelines import transforms
 
     data_cfg = pretrained_data_config(src.model_name) if src.model_name else _OFFICIAL
     preset = preset or (src.config or {}).get("data", {}).get("transform") or "inception"
-    return make_transform(False, input_size=src.model_cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
-                          interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"], preset=preset)
+    return transforms.eval_transform(data_cfg, input_size=src.model_cfg.img_size, preset=preset)
 
 
 def run(args: argparse.Namespace, src: Source, shots: list[int]) -> Results:

@@ -100,26 +100,17 @@ def init_weights_url(cfg: Config) -> str:
 
 def write_init_weights(cfg: Config, state_dict: dict) -> str:
     """Save the adapted weights into the run's storage (local or fsspec URL); return their URL."""
-    import io
-    import os
-
     import torch
 
     from orchestrator.train.launch import storage_options
-    from pipelines.storage import get_fs
+    from pipelines.storage import atomic_write, get_fs
 
     url = init_weights_url(cfg)
-    fs, path = get_fs(url, storage_options(cfg, url))
+    opts = storage_options(cfg, url)
+    fs, path = get_fs(url, opts)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    if "://" in url:
-        fs.pipe_file(path, buf.getvalue())
-    else:  # whole or not at all
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
+    with atomic_write(url, opts) as f:  # whole or not at all
+        torch.save(state_dict, f)
     return url
 
 

@@ -8,27 +8,31 @@ A dataset is a directory (local or object storage) holding ``manifest.json`` and
 
 The manifest is written last, so a half-written dataset has no manifest and is never taken for a whole
 one. Shard URLs are stored relative to the root, so a dataset can be copied or moved; ``load_manifest``
-resolves them to absolute URLs.
+resolves them to absolute URLs. ``dataset_from_pattern`` makes a manifest for a brace pattern of shard URLs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .shard_reader import count_samples
 from .storage import (
     DatasetNotFoundError,
     StorageError,
-    get_fs,
+    atomic_write,
     join_url,
     read_bytes,
     redact_url,
     resolve_storage_options,
     scrub,
 )
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -159,18 +163,42 @@ def load_manifest(url_or_dir: str, storage_options: Mapping[str, Any] | None = N
 
 
 def write_manifest(manifest: Manifest, root: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``root/manifest.json`` atomically (temp + rename on local disk; one PUT on object storage)."""
+    """Write ``root/manifest.json`` atomically (see storage.atomic_write)."""
     murl = join_url(root, MANIFEST_NAME)
-    fs, path = get_fs(murl, storage_options)
-    data = manifest.to_json(relative_to=root).encode()
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        import os
-        import uuid
-
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    with atomic_write(murl, storage_options) as f:
+        f.write(manifest.to_json(relative_to=root).encode())
     return murl
+
+
+def is_pattern(source: str) -> bool:
+    """A brace pattern or a single tar URL (rather than a dataset root or manifest URL)."""
+    s = str(source)
+    return ("{" in s and ".." in s) or s.endswith((".tar", ".tgz", ".tar.gz"))
+
+
+def dataset_from_pattern(
+    pattern: str, storage_options: Mapping[str, Any] | None = None, split: str = "train"
+) -> Manifest:
+    """A Manifest for a brace-pattern URL. Sample counts come from a ``manifest.json`` in the shards' folder
+    or its parent when it lists these shards; otherwise each shard is read once to count its samples."""
+    import braceexpand
+
+    urls = list(braceexpand.braceexpand(str(pattern)))
+    opts = resolve_storage_options(urls[0], storage_options)
+    folder = urls[0].rsplit("/", 1)[0]
+    for root in (folder, folder.rsplit("/", 1)[0]):
+        try:
+            m = load_manifest(root, opts)
+        except Exception:
+            continue
+        known = {s.url: s for shards in m.splits.values() for s in shards}
+        if all(u in known for u in urls):
+            return Manifest(m.format_version, m.class_names, {split: [known[u] for u in urls]}, root)
+    log.warning("no manifest lists %s: counting samples by reading %d shards", redact_url(pattern), len(urls))
+    shards = []
+    for u in urls:
+        try:
+            shards.append(ShardInfo(u, count_samples(u, opts)))
+        except FileNotFoundError:
+            raise DatasetNotFoundError(f"shard not found: {redact_url(u)} (from pattern {redact_url(pattern)})") from None
+    return Manifest(FORMAT_VERSION, [], {split: shards}, folder)

@@ -37,10 +37,6 @@ class Piece:
     start: int
     stop: int
 
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
 
 @dataclass(frozen=True)
 class SlotPlan:
@@ -60,9 +56,6 @@ class EpochPlan:
     slots: tuple[SlotPlan, ...]  # index rank * num_workers + worker
     total_samples: int
     dropped: int
-
-    def slot(self, rank: int, worker: int) -> SlotPlan:
-        return self.slots[rank * self.num_workers + worker]
 
     def rank_slots(self, rank: int) -> tuple[SlotPlan, ...]:
         return self.slots[rank * self.num_workers : (rank + 1) * self.num_workers]

@@ -1,4 +1,4 @@
-"""Opening dataset URLs through fsspec: storage options, bounded retries, reachability checks.
+"""Dataset URLs through fsspec: storage options, S3 retry policy, atomic writes, reachability checks.
 
 Storage options come from (in order of precedence) the explicit ``storage_options`` mapping (the config)
 and the standard environment:
@@ -14,18 +14,15 @@ log line: every message built here is scrubbed of secret values and of credentia
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from typing import Any, BinaryIO
 
 import fsspec
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 SECRET_KEYS = frozenset(
     {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
@@ -128,18 +125,37 @@ def scrub(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
 
 
 def get_fs(url: str, storage_options: Mapping[str, Any] | None = None, *, resolved: bool = False):
-    """(filesystem, path) for a URL."""
+    """(filesystem, path) for a URL; an S3 client gets READ_RETRIES unless the options or env set retries."""
     opts = dict(storage_options or {}) if resolved else resolve_storage_options(url, storage_options)
+    if protocol_of(url) == "s3":
+        opts["config_kwargs"] = _with_retries(opts.get("config_kwargs"), READ_RETRIES)
     fs, path = fsspec.core.url_to_fs(str(url), **opts)
     return fs, path
 
 
 # --------------------------------------------------------------------------------------------- retries
+# Retries are the S3 client's own, configured here once: botocore retries every request on connection
+# errors, timeouts, throttling and 5xx (mode "standard": exponential backoff with jitter), and s3fs re-issues
+# a ranged read whose body broke off mid-stream (its own S3FileSystem.retries, 5), so a shard being streamed
+# survives a connection reset without a re-open of ours. Local files have no transient errors worth retrying.
+READ_RETRIES = {"mode": "standard", "total_max_attempts": 5}  # the first try included
+PROBE_RETRIES = {"mode": "standard", "total_max_attempts": 3}  # check_dataset_reachable: fail within seconds
+_RETRY_ENV = ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")  # botocore's own settings win over our defaults
+
+
+def _with_retries(config_kwargs: Mapping[str, Any] | None, retries: Mapping[str, Any]) -> dict[str, Any]:
+    """botocore Config kwargs with ``retries`` added unless the options or the environment set them."""
+    ck = dict(config_kwargs or {})
+    if "retries" not in ck and not any(os.environ.get(n) for n in _RETRY_ENV):
+        ck["retries"] = dict(retries)
+    return ck
+
+
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: connection problems, timeouts, throttling, 5xx. Not: missing, denied."""
+    """Connection problems, timeouts, throttling, 5xx (an unreachable store). Not: missing, denied."""
     if isinstance(exc, _PERMANENT):
         return False
     name = type(exc).__name__
@@ -148,60 +164,60 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | ConnectionError)
 
 
-def with_retries(
-    fn: Callable[[], T],
-    *,
-    what: str,
-    attempts: int = 4,
-    base_delay: float = 0.2,
-    max_delay: float = 2.0,
-    storage_options: Mapping[str, Any] | None = None,
-) -> T:
-    """Call ``fn`` with bounded exponential backoff on transient errors (total sleep <= ~3.4 s by default)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc) or i == attempts - 1:
-                raise
-            delay = min(max_delay, base_delay * (2**i))
-            log.warning(
-                "transient storage error on %s (%s: %s); retry %d/%d in %.1fs",
-                redact_url(what),
-                type(exc).__name__,
-                scrub(str(exc), storage_options),
-                i + 1,
-                attempts - 1,
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None, **kw):
-    """Open a URL with fsspec (retrying transient errors on open). Returns an open file object."""
-    opts = resolve_storage_options(url, storage_options)
-
-    def _open():
-        fs, path = fsspec.core.url_to_fs(str(url), **opts)
-        return fs.open(path, mode, **kw)
-
-    return with_retries(_open, what=url, storage_options=opts)
+    """Open a URL with fsspec. Returns an open file object."""
+    fs, path = get_fs(url, storage_options)
+    return fs.open(path, mode, **kw)
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    opts = resolve_storage_options(url, storage_options)
-
-    def _read():
-        fs, path = fsspec.core.url_to_fs(str(url), **opts)
-        return fs.cat_file(path)
-
-    return with_retries(_read, what=url, storage_options=opts)
+    fs, path = get_fs(url, storage_options)
+    return fs.cat_file(path)
 
 
 def join_url(root: str, *parts: str) -> str:
     root = str(root).rstrip("/")
     return "/".join([root, *[p.strip("/") for p in parts]])
+
+
+# --------------------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_write(
+    url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *, mode: int | None = None
+) -> Iterator[BinaryIO]:
+    """A binary file to write ``url`` through; the file appears whole when the block ends, or not at all.
+
+    Local paths (and file:// URLs): a temporary file next to the target, flushed to disk and renamed over
+    it (a rename is atomic on POSIX). ``mode`` sets its permission bits (e.g. 0o600 for a token; the umask
+    applies, as with os.open); without it, the default 0o666 & ~umask.
+    Any other fsspec URL: spooled to a local temporary file and uploaded once with ``fs.put_file`` when the
+    block ends. An object store publishes an object only when its upload completes (a single PUT; s3fs
+    aborts a large file's multipart upload on failure). ``mode`` does not apply there.
+    If the block raises, nothing is written and the temporary file is removed.
+    The caller creates the target's directory when the filesystem has directories.
+    """
+    url = os.fspath(url)
+    if protocol_of(url) in ("file", "local"):
+        path = fsspec.core.url_to_fs(url)[1]
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    fs, path = get_fs(url, storage_options)
+    with tempfile.TemporaryDirectory(prefix="atomic-write-") as spool:
+        local = os.path.join(spool, "upload")
+        with open(local, "wb") as f:
+            yield f
+        fs.put_file(local, path)
 
 
 # ---------------------------------------------------------------------------------------- reachability
@@ -211,8 +227,7 @@ def _quick_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
         ck = dict(opts.get("config_kwargs") or {})
         ck.setdefault("connect_timeout", 2)
         ck.setdefault("read_timeout", 3)
-        ck.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
-        opts["config_kwargs"] = ck
+        opts["config_kwargs"] = _with_retries(ck, PROBE_RETRIES)
         # a fresh instance: don't inherit a cached client with long timeouts
         opts["skip_instance_cache"] = True
     return opts
@@ -232,17 +247,13 @@ def check_dataset_reachable(
     where = f" (endpoint {redact_url(endpoint)})" if endpoint else ""
     target = join_url(url, want_file) if want_file else str(url)
     try:
-        fs, path = fsspec.core.url_to_fs(str(target), **opts)
+        fs, path = get_fs(target, opts, resolved=True)
     except Exception as exc:  # bad URL, missing backend
         raise StorageError(
             f"cannot use dataset URL {redact_url(target)}: {type(exc).__name__}: {scrub(str(exc), opts)}"
         ) from None
-
-    def probe() -> bool:
-        return fs.exists(path)
-
     try:
-        found = with_retries(probe, what=target, attempts=2, base_delay=0.2, storage_options=opts)
+        found = fs.exists(path)  # retried by the client (PROBE_RETRIES)
     except Exception as exc:
         cls = StorageUnreachableError if is_transient(exc) else StorageError
         raise cls(

@@ -14,7 +14,8 @@ tensor); ``python -m orchestrator.benchmark data`` compares it with PIL.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torchvision.io import ImageReadMode
@@ -92,6 +93,15 @@ def make_transform(
             v2.CenterCrop(input_size),
         ]
     return v2.Compose(ops + _normalize(mean, std))
+
+
+def eval_transform(data_config: Mapping[str, Any], *, input_size: int, preset: str = "inception"):
+    """The evaluation transform for a model whose preprocessing is ``data_config`` (timm's shape: mean, std,
+    interpolation, crop_pct), at ``input_size``. Training's validation and stand-alone evaluation both use it."""
+    return make_transform(
+        False, input_size=input_size, mean=data_config["mean"], std=data_config["std"],
+        interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"], preset=preset,
+    )
 
 
 def default_transform(mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):

@@ -19,8 +19,8 @@ import io
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
-from .storage import get_fs, join_url, protocol_of, resolve_storage_options
+from .storage import atomic_write, get_fs, join_url, protocol_of, resolve_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def _encode(item: _Item, fmt: str) -> bytes:
 class _ShardSink:
     """Writes ``<dest>/<split>/<split>-NNNNNN.tar`` with webdataset's TarWriter, rotating on count/size.
 
-    On local disk each shard is written to a temporary name and renamed, so a reader (or a racing writer)
-    never sees a partial shard; on object storage an upload becomes visible only when complete.
+    Each shard goes through storage.atomic_write, so a reader (or a racing writer) never sees a partial one.
     """
 
     def __init__(self, dest: str, split: str, maxcount: int, maxsize: int, opts: dict[str, Any]):
@@ -153,13 +152,12 @@ class _ShardSink:
 
         rel = f"{self.split}/{self.split}-{len(self.shards):06d}.tar"
         self._url = join_url(self.dest, rel)
-        _, path = get_fs(self._url, self.opts, resolved=True)
-        self._path = path
-        self._tmp = f"{path}.tmp-{uuid.uuid4().hex}" if self.local else path
         if self.local:
+            _, path = get_fs(self._url, self.opts, resolved=True)
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = self.fs.open(self._tmp, "wb")
-        self._writer = wds.TarWriter(self._file, mtime=0.0)  # reproducible bytes
+        self._shard_file = ExitStack()  # the open atomic write: closing it publishes the shard
+        file = self._shard_file.enter_context(atomic_write(self._url, self.opts))
+        self._writer = wds.TarWriter(file, mtime=0.0)  # reproducible bytes
         self._count = 0
         self._size = 0
 
@@ -175,11 +173,8 @@ class _ShardSink:
     def _close(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()  # also closes the file
-        if not self._file.closed:
-            self._file.close()
-        if self.local:
-            os.replace(self._tmp, self._path)
+        self._writer.close()  # ends the tar; the file it was given stays open
+        self._shard_file.close()
         self.shards.append(ShardInfo(self._url, self._count))
         self._writer = None
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from pipelines.storage import atomic_write
+
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
 
@@ -23,9 +25,8 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
     """Write `state` into `directory` (created); the file appears whole or not at all."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    with atomic_write(directory / STATE_FILE) as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
     return directory / STATE_FILE
 
 

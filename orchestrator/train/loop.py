@@ -23,7 +23,7 @@ from orchestrator.train.plan import make_plan, micro_batch_size, peak_tflops
 from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
-from pipelines.transforms import make_transform
+from pipelines.transforms import eval_transform, make_transform
 
 
 @dataclass
@@ -69,7 +69,7 @@ def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, 
         randaug_magnitude=cfg.reg.randaug_magnitude or None,
         **common,
     )
-    eval_tf = make_transform(False, **common)
+    eval_tf = eval_transform(data_cfg, input_size=model_cfg.img_size, preset=cfg.data.transform)
     loader_args = dict(
         rank=rank,
         world_size=world_size,

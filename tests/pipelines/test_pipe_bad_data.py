@@ -108,3 +108,14 @@ def test_resume_with_bad_data_is_exact(make_shards):
     b = ShardLoader(root, **kw)
     b.load_state_dict(a.state_dict())
     assert head + [k for x in b for k in x[2]] == ref
+
+
+def test_repeated_member_in_a_sample_keeps_the_rest_of_the_shard(make_shards):
+    """webdataset's group_by_keys raises on a file name repeated inside a sample; the sample keeps its first
+    copy and nothing is counted bad (it has an image and a label)."""
+    m = good_members(1, 20)
+    m.insert(3, (m[2][0], m[2][1]))  # sample 1's .png twice in a row
+    root = make_shards([GOOD, 20], bad={1: m})
+    ld = ShardLoader(root, batch_size=8, num_workers=0, training=False, return_keys=True)
+    keys = [k for _, _, ks in ld for k in ks]
+    assert len(keys) == GOOD + 20 and ld.num_bad_samples() == 0

@@ -32,7 +32,7 @@ def test_plan_even_and_exact(world_size, num_workers):
     assert len(used) == len(set(used)) == world_size * B * bs
     assert plan.dropped == N - len(used) < world_size * bs
     for s in plan.slots:
-        assert sum(p.size for p in s.pieces) == s.num_samples == s.num_batches * bs
+        assert sum(p.stop - p.start for p in s.pieces) == s.num_samples == s.num_batches * bs
         for p in s.pieces:
             assert 0 <= p.start < p.stop <= UNEVEN[p.shard]
 

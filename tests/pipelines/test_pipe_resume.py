@@ -143,3 +143,16 @@ def test_mixup_soft_targets_deterministic(make_shards):
     assert torch.allclose(t.sum(1), torch.ones(4))
     for (xa, ta), (xb, tb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
+
+
+def test_position_from_the_earlier_shuffle_restarts_epoch(make_shards):
+    """A state saved before the loader used webdataset's shuffle holds a position in another sample order."""
+    root = make_shards(SIZES)
+    a = _loader(root)
+    next(iter(a))
+    sd = a.state_dict()
+    del sd["plan"]["shuffle"]
+    b = _loader(root)
+    with pytest.warns(UserWarning, match="shuffle: None -> 'webdataset'"):
+        b.load_state_dict(sd)
+    assert b.batches_consumed == 0

@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 
 from pipelines.digits import ensure_digits_dataset
-from pipelines.loader import ShardLoader, iter_piece
+from pipelines.loader import ShardLoader
 from pipelines.manifest import ManifestNotFoundError, load_manifest
+from pipelines.shard_reader import iter_piece
 from pipelines.storage import (
+    PROBE_RETRIES,
+    READ_RETRIES,
     DatasetNotFoundError,
     StorageUnreachableError,
+    _quick_options,
+    atomic_write,
     check_dataset_reachable,
+    get_fs,
     redacted_options,
 )
 from pipelines.transforms import decode_image
@@ -123,3 +129,56 @@ def test_unreachable_endpoint_fast_and_secret_free(monkeypatch):
     msg = str(e.value) + repr(e.value)
     assert "127.0.0.1:9" in msg and secret not in msg and "AKIDEXAMPLE" not in msg
     assert redacted_options(opts)["secret"] == "***"
+
+
+def test_atomic_write_local_whole_or_nothing(tmp_path):
+    target = tmp_path / "token"
+    with atomic_write(target, mode=0o600) as f:
+        f.write(b"first")
+        assert not target.exists()  # not visible while being written
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(RuntimeError), atomic_write(str(target)) as f:
+        f.write(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"first"  # the old content stays, and no temporary file is left
+    assert os.listdir(tmp_path) == ["token"]
+    with atomic_write(f"file://{target}") as f:
+        f.write(b"second")
+    assert target.read_bytes() == b"second" and (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_write_s3_publishes_on_success_only(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_server)
+    url = f"s3://{s3_bucket}/runs/weights.bin"
+    with pytest.raises(RuntimeError), atomic_write(url) as f:
+        f.write(b"partial")
+        raise RuntimeError("writer died")
+    fs, path = get_fs(url)
+    assert not fs.exists(path)
+    with atomic_write(url) as f:
+        f.write(b"x" * 1000)
+        assert not fs.exists(path)
+    fs.invalidate_cache()
+    assert fs.cat_file(path) == b"x" * 1000
+
+
+def test_s3_retry_policy_is_the_clients(monkeypatch):
+    """Transient S3 errors are retried by botocore (standard mode) as configured in storage.get_fs; the
+    options or botocore's own environment settings take precedence; the reachability probe retries less."""
+    for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    opts = {"endpoint_url": "http://127.0.0.1:9"}
+    fs, _ = get_fs("s3://bucket/ds/manifest.json", opts)
+    assert fs.config_kwargs["retries"] == READ_RETRIES == {"mode": "standard", "total_max_attempts": 5}
+    assert fs.s3.meta.config.retries == {"mode": "standard", "total_max_attempts": 5}  # what botocore got
+    own = {**opts, "config_kwargs": {"retries": {"max_attempts": 9}}}
+    assert get_fs("s3://bucket/ds", own)[0].config_kwargs["retries"] == {"max_attempts": 9}
+    assert _quick_options("s3://bucket/ds", opts)["config_kwargs"]["retries"] == PROBE_RETRIES
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    assert "retries" not in get_fs("s3://bucket/other", opts)[0].config_kwargs

@@ -7,7 +7,7 @@ import torch
 from torchvision.transforms import v2
 
 from pipelines.mixup import mixup_batch, one_hot_smoothed
-from pipelines.transforms import decode_image, decode_image_pil, make_transform
+from pipelines.transforms import decode_image, decode_image_pil, eval_transform, make_transform
 
 
 def _img(h=40, w=56):
@@ -69,3 +69,14 @@ def test_mixup():
     assert abs(a[1][0, 5].item() - (1 - lam)) < 1e-6
     lams = {round(mixup_batch(x, y, 10, 0.5, torch.Generator().manual_seed(s))[1][0, 0].item(), 6) for s in range(5)}
     assert len(lams) > 1
+
+
+@pytest.mark.parametrize("preset", ["inception", "digits"])
+def test_eval_transform_from_a_models_data_config(preset):
+    """Training's validation and orchestrator.evaluate build their transform here: same pixels as the recipe."""
+    cfg = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear", crop_pct=0.9)
+    got = eval_transform(cfg, input_size=24, preset=preset)
+    want = make_transform(False, input_size=24, preset=preset, **cfg)
+    x = _img()
+    assert torch.equal(got(x), want(x))
+    assert [type(t) for t in got.transforms] == [type(t) for t in want.transforms]

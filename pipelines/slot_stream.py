@@ -1,0 +1,193 @@
+"""One rank x worker slot's batches: its plan pieces read, shuffled, skipped to the position, decoded, padded.
+
+Runs inside a torch DataLoader worker (or the rank's process with ``num_workers=0``). Each batch carries its
+metadata (slot, raw samples taken, bad samples seen since the previous batch, padded samples, keys) so the
+rank's ShardLoader can keep the position and the bad-sample tally (pipelines/loader.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import shuffle
+
+from .bad_samples import DataError
+from .plan import SlotPlan, derive_seed, epoch_rng
+from .shard_reader import RawSample, iter_piece
+from .storage import redact_url
+from .transforms import decode_image
+
+
+@dataclass
+class RankSpec:
+    """What every worker of one rank needs to produce its slot's batches (picklable: sent to workers)."""
+
+    urls: list[str]
+    slots: tuple[SlotPlan, ...]  # this rank's slots, index = worker
+    training: bool
+    batch_size: int
+    seed: int
+    epoch: int
+    rank: int
+    rotation: int
+    starts: dict[int, tuple[int, int | None]]  # worker -> (batches consumed, raw position or None)
+    shuffle_buffer: int
+    opts: dict[str, Any]
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    num_classes: int | None
+
+
+class RankDataset(IterableDataset):
+    """DataLoader worker ``j`` of a rank produces plan slot ``(j + rotation) % W``."""
+
+    def __init__(self, spec: RankSpec):
+        self.spec = spec
+
+    def __iter__(self):
+        info = get_worker_info()
+        j = info.id if info is not None else 0
+        W = len(self.spec.slots)
+        w = (j + self.spec.rotation) % W
+        if info is not None:
+            torch.set_num_threads(1)
+        return SlotWorker(self.spec, w).batches()
+
+
+class SlotWorker:
+    """The batches of one rank x worker slot, from its position on: shuffle, skip, decode, augment, pad."""
+
+    def __init__(self, spec: RankSpec, w: int):
+        self.s = spec
+        self.w = w
+        self.plan = spec.slots[w]
+        self.counting = True
+        self.bad: Counter = Counter()
+
+    def _on_bad(self, kind: str, url: str, n: int) -> None:
+        if self.counting and n > 0:
+            self.bad[(kind, url)] += n
+
+    def _pass(self, p: int) -> Iterator[RawSample]:
+        s = self.s
+
+        def raw():
+            for pc in self.plan.pieces:
+                yield from iter_piece(s.urls[pc.shard], pc.start, pc.stop, s.opts, self._on_bad, s.num_classes)
+
+        if not s.training:
+            return raw()
+        # webdataset's shuffle buffer, filled before the first sample leaves it. Its state is not saved: a
+        # resume replays the pass with the same seeded rng and skips the samples taken (``raw_pos``).
+        rng = epoch_rng(s.seed, s.epoch, "buffer", s.rank, self.w, p)
+        return shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)(raw())
+
+    def _stream(self) -> Iterator[tuple[int, RawSample]]:
+        """(pass number, raw sample), pass 0 then padding passes while needed (training)."""
+        p = 0
+        while True:
+            if p > 0:
+                self.counting = False  # bad samples were counted in pass 0
+            n = 0
+            for r in self._pass(p):
+                n += 1
+                yield p, r
+            if not self.s.training:
+                return
+            if n == 0 or (p > 0 and not self._good_in_pass and not self._skipping):
+                shards = sorted({self.s.urls[pc.shard] for pc in self.plan.pieces})
+                raise DataError(
+                    f"rank {self.s.rank} worker {self.w}: no readable sample in its shards "
+                    f"{[redact_url(u) for u in shards]} (bad: {dict(self.bad)}); cannot form the planned "
+                    f"{self.plan.num_batches} batches"
+                )
+            self._good_in_pass = 0
+            p += 1
+
+    def _decode(self, r: RawSample) -> torch.Tensor | None:
+        try:
+            return decode_image(r.image)
+        except Exception:
+            return None
+
+    def batches(self):
+        s, bs = self.s, self.s.batch_size
+        done, raw_pos = s.starts.get(self.w, (0, 0))
+        target = self.plan.num_batches
+        if done >= target:
+            return
+        self._good_in_pass = 0
+        stream = self._stream()
+        pos = 0
+        # skip what was consumed before (no decode when the raw position is known)
+        self.counting = False
+        self._skipping = True
+        if raw_pos is not None:
+            for _ in range(raw_pos):
+                if next(stream, None) is None:
+                    break
+                pos += 1
+        else:
+            good = 0
+            while good < done * bs:
+                item = next(stream, None)
+                if item is None:
+                    break
+                pos += 1
+                if self._decode(item[1]) is not None:
+                    good += 1
+                    self._good_in_pass += 1
+        self.counting = True
+        self._skipping = False
+        in_padding = False
+        last_n = self.plan.num_samples - (target - 1) * bs if not s.training else bs
+        while done < target:
+            want = bs if (s.training or done < target - 1) else last_n
+            imgs, labels, keys = [], [], []
+            padded = 0
+            seed = derive_seed(s.seed, s.epoch, "aug", s.rank, self.w, done)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                while len(imgs) < want:
+                    item = next(stream, None)
+                    if item is None:
+                        break
+                    p, r = item
+                    pos += 1
+                    if p > 0:
+                        in_padding = True
+                        self.counting = False
+                    x = self._decode(r)
+                    if x is not None:
+                        try:
+                            x = s.transform(x)
+                        except Exception:
+                            x = None
+                    if x is None:
+                        if p == 0:
+                            self._on_bad("corrupt_image", r.url, 1)
+                        continue
+                    self._good_in_pass += 1
+                    imgs.append(x)
+                    labels.append(r.label)
+                    keys.append(r.key)
+                    padded += int(in_padding)
+            if not imgs:
+                return  # evaluation: nothing left (bad samples)
+            meta = {
+                "slot": self.w,
+                "batch": done,
+                "raw_pos": pos,
+                "bad": [(k, u, n) for (k, u), n in self.bad.items()],
+                "padded": padded,
+                "keys": keys,
+            }
+            self.bad = Counter()
+            done += 1
+            yield torch.stack(imgs), torch.tensor(labels, dtype=torch.int64), meta
+            if not s.training and len(imgs) < want:
+                return
