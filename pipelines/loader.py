@@ -47,13 +47,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .bad_samples import BadSampleTally, DataError, TooManyBadSamplesError, check_shards_present
+from .bad_samples import BadSampleTally, DataError, check_shards_present
 from .manifest import ShardInfo, dataset_from_pattern, is_pattern, load_manifest, split_manifest_url
 from .mixup import MixupConfig, mixup_batch
 from .plan import EpochPlan, derive_seed, plan_epoch, worker_position
-from .shard_reader import BAD_KINDS, iter_piece
 from .slot_stream import RankDataset, RankSpec
-from .storage import StorageError, check_dataset_reachable, resolve_storage_options
+from .storage import check_dataset_reachable, resolve_storage_options
 from .transforms import default_transform
 
 log = logging.getLogger(__name__)
@@ -321,17 +320,3 @@ class ShardLoader:
                 yield images, targets
         if self.training and k != total:
             raise DataError(f"internal: rank {self.rank} yielded {k} batches, planned {total}")
-
-
-# iter_piece and dataset_from_pattern are re-exported for callers that import them from here
-# (pipelines.bench, orchestrator.benchmark.data).
-__all__ = [
-    "ShardLoader",
-    "DataError",
-    "TooManyBadSamplesError",
-    "ResumeMismatchError",
-    "StorageError",
-    "BAD_KINDS",
-    "dataset_from_pattern",
-    "iter_piece",
-]

@@ -71,7 +71,8 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         batch_size: int = 32, input_size: int = 224) -> dict[str, Any]:
     import webdataset as wds
 
-    from pipelines.loader import ShardLoader, iter_piece
+    from pipelines.loader import ShardLoader
+    from pipelines.shard_reader import iter_piece
     from pipelines.transforms import decode_image, decode_image_pil, make_transform
     from pipelines.write_shards import write_dataset
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import good_members
+from shard_samples import good_members
 
-from pipelines.loader import DataError, ShardLoader, TooManyBadSamplesError
+from pipelines.bad_samples import DataError, TooManyBadSamplesError
+from pipelines.loader import ShardLoader
 from pipelines.storage import DatasetNotFoundError
 
 GOOD = 200

@@ -77,7 +77,7 @@ def test_ensure_digits_idempotent(tmp_path):
 
 
 def test_cli_folder_source_reports_unreadable(tmp_path, capsys):
-    from conftest import png_bytes
+    from shard_samples import png_bytes
 
     src = tmp_path / "src"
     for c in ("cat", "dog"):
