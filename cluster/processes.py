@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from pipelines.storage import atomic_write
+
 STATE_VERSION = 1
 DEFAULT_STATE_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixer-orchestrator" / "local-cluster"
@@ -65,9 +67,8 @@ def load_state(state_dir: Path) -> dict:
 
 def save_state(state_dir: Path, state: dict) -> None:
     path = state_path(state_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(state, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------------------------- processes

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from cluster.processes import ClusterError, ray_executable, venv_bin
+from pipelines.storage import atomic_write
 
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 
@@ -33,9 +34,8 @@ def resolve_token(token_file: str | Path | None) -> Path | None:
         path = DEFAULT_TOKEN_PATH
     if not path.exists() or not path.read_text().strip():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))  # same generator as ray's generate_new_authentication_token
+        with atomic_write(path, mode=0o600) as f:
+            f.write(secrets.token_hex(32).encode())  # same generator as ray's generate_new_authentication_token
         print(f"wrote a new Ray auth token to {path}", file=sys.stderr)
     return path
 
