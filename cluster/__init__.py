@@ -8,6 +8,7 @@
 Two modules are imported by other code: cluster.local (LocalCluster, the one client of a local multi-node
 cluster: the CLI above, tests/cluster and the train benchmark use it) and cluster.loopback (free_port and a
 moto S3 server on 127.0.0.1, for the tests and the benchmarks). orchestrator.benchmark and tests/ import them;
-the library code of model/, pipelines/ and orchestrator/ (everything but orchestrator.benchmark) does not.
+of the library code only orchestrator.train.launch imports one function (free_port, for a local Ray
+instance's dashboard port); model/ and pipelines/ never import cluster.
 It writes its state and token files with pipelines.storage.atomic_write (the one atomic write). See cluster/README.md.
 """

@@ -1,5 +1,7 @@
 """Servers on 127.0.0.1 for a local cluster, tests and benchmarks: a free TCP port, an S3 server (moto).
 
+free_port is also what orchestrator.train.launch picks a local Ray instance's dashboard port with.
+
     from cluster.loopback import free_port, moto_s3_server, create_bucket
     with moto_s3_server() as endpoint:            # "http://127.0.0.1:<port>", dummy AWS credentials set
         create_bucket(endpoint, "bench")

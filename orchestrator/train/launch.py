@@ -122,9 +122,9 @@ def init_ray() -> None:
     finds the cluster through the state API and, with no address, fails ("Found multiple active Ray
     instances") when another local Ray runs on the same host.
     """
-    import socket
-
     import ray
+
+    from cluster.loopback import free_port
 
     if ray.is_initialized():
         return
@@ -132,9 +132,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS"):
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
     ray.init(log_to_driver=True, dashboard_port=port)
 
