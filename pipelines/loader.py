@@ -50,6 +50,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from .manifest import Manifest, ShardInfo, load_manifest, split_manifest_url
 from .mixup import MixupConfig, mixup_batch
 from .plan import EpochPlan, SlotPlan, derive_seed, epoch_rng, plan_epoch, worker_position
+from .redaction import redact_url, scrub
 from .storage import (
     DatasetNotFoundError,
     StorageError,
@@ -57,9 +58,7 @@ from .storage import (
     get_fs,
     is_transient,
     open_url,
-    redact_url,
     resolve_storage_options,
-    scrub,
 )
 from .transforms import decode_image, default_transform
 

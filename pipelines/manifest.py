@@ -19,15 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .redaction import redact_url, scrub
 from .storage import (
     DatasetNotFoundError,
     StorageError,
     get_fs,
     join_url,
     read_bytes,
-    redact_url,
     resolve_storage_options,
-    scrub,
 )
 
 FORMAT_VERSION = 1

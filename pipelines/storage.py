@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import fsspec
 
+from .redaction import redact_url, scrub
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SECRET_KEYS = frozenset(
-    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-)
 _ENDPOINT_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 class StorageError(OSError):
@@ -81,50 +78,6 @@ def resolve_storage_options(url: str, storage_options: Mapping[str, Any] | None 
     if "anon" not in opts and _truthy(os.environ.get("AWS_NO_SIGN_REQUEST")):
         opts["anon"] = True
     return opts
-
-
-def redact_url(url: str) -> str:
-    """Strip ``user:password@`` from a URL."""
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", str(url))
-
-
-def redacted_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy safe to log: secret values replaced by ``***``, URLs stripped of credentials."""
-    out: dict[str, Any] = {}
-    for k, v in (storage_options or {}).items():
-        if k.lower() in SECRET_KEYS:
-            out[k] = "***"
-        elif isinstance(v, Mapping):
-            out[k] = redacted_options(v)
-        elif isinstance(v, str):
-            out[k] = redact_url(v)
-        else:
-            out[k] = v
-    return out
-
-
-def _secret_values(storage_options: Mapping[str, Any] | None) -> list[str]:
-    vals: list[str] = []
-
-    def walk(m: Mapping[str, Any]) -> None:
-        for k, v in m.items():
-            if isinstance(v, Mapping):
-                walk(v)
-            elif k.lower() in SECRET_KEYS and isinstance(v, str) and v:
-                vals.append(v)
-
-    walk(storage_options or {})
-    vals += [os.environ[n] for n in _SECRET_ENV if os.environ.get(n)]
-    return sorted(set(vals), key=len, reverse=True)
-
-
-def scrub(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Remove secret values (from the options and the environment) and URL credentials from text."""
-    text = redact_url(str(text))
-    for v in _secret_values(storage_options):
-        if len(v) >= 4:
-            text = text.replace(v, "***")
-    return text
 
 
 def get_fs(url: str, storage_options: Mapping[str, Any] | None = None, *, resolved: bool = False):

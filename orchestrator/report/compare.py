@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.tracking.tracker import redact, resolve_tracking_uri
+from orchestrator.tracking.tracker import resolve_tracking_uri
+from pipelines.redaction import redact
 
 DEFAULT_EXPERIMENT = "mixer-pretrain"
 REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.redaction import filter_secrets, redact
+
 logger = logging.getLogger(__name__)
 
 # MLflow's limits (mlflow/utils/validation.py, 3.17).
@@ -58,88 +60,6 @@ REQUEST_TIMEOUT_S = 3
 ARTIFACT_REQUEST_TIMEOUT_S = 120
 START_REQUEST_TIMEOUT_S = 20
 FIRST_RETRY_S = 2.0
-
-
-# ------------------------------------------------------------------------------------------ secrets -------
-
-_SECRET_SUBSTRINGS = ("secret", "password", "passwd", "credential", "apikey", "privatekey", "accesskey")
-# Whole words of a key (split on anything not a letter/digit): "aws_access_key_id" has "key", "tokens_mlp_dim"
-# has "tokens" (not a secret).
-_SECRET_WORDS = {"key", "keys", "token", "pwd", "pass", "sas", "auth", "bearer", "cookie"}
-_AWS_ACCESS_KEY_RE = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b")
-_AWS_SECRET_RE = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
-_URL_PASSWORD_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-_KEY_VALUE_RE = re.compile(
-    r"(?i)\b(?P<k>[\w.-]*(?:secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)[\w.-]*)"
-    r"(?P<sep>\s*[=:]\s*)(?P<q>['\"]?)(?P<v>[^\s'\",;&]+)"
-)
-MASK = "****"
-
-
-def is_secret_key(name: str) -> bool:
-    """True when a param/tag/config key names a secret. `model.tokens_mlp_dim` is not one; `data.s3.key` is."""
-    low = str(name).lower()
-    if any(s in low.replace("_", "").replace("-", "") for s in _SECRET_SUBSTRINGS):
-        return True
-    return any(w in _SECRET_WORDS for w in re.split(r"[^a-z0-9]+", low))
-
-
-def _environ_items() -> list[tuple[str, str]]:
-    """A snapshot of os.environ. Another thread may set or delete a variable while it is read (MLflow's telemetry
-    does, with _MLFLOW_TELEMETRY_SESSION_ID), which raises KeyError/RuntimeError mid-iteration: read again."""
-    for _ in range(20):
-        try:
-            return list(os.environ.items())
-        except (KeyError, RuntimeError):
-            continue
-    return list(os.environ.items())
-
-
-def _secret_env_values() -> list[str]:
-    vals = []
-    for k, v in _environ_items():
-        if v and len(v) >= 8 and is_secret_key(k):
-            vals.append(v)
-    return sorted(set(vals), key=len, reverse=True)
-
-
-def _looks_like_aws_secret(s: str) -> bool:
-    # 40 chars of base64 alphabet with mixed case and a digit; excludes git SHAs (lowercase hex).
-    return (any(c.isupper() for c in s) and any(c.islower() for c in s) and any(c.isdigit() for c in s))
-
-
-def redact(value: Any) -> Any:
-    """Mask secrets inside a value: strings are scrubbed; dicts lose secret-named keys; lists are mapped."""
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items() if not is_secret_key(str(k))}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    if not isinstance(value, str):
-        return value
-    s = value
-    for secret in _secret_env_values():
-        if secret in s:
-            s = s.replace(secret, MASK)
-    s = _URL_PASSWORD_RE.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", s)
-    s = _AWS_ACCESS_KEY_RE.sub(MASK, s)
-    s = _AWS_SECRET_RE.sub(lambda m: MASK if _looks_like_aws_secret(m.group(0)) else m.group(0), s)
-    s = _KEY_VALUE_RE.sub(lambda m: f"{m['k']}{m['sep']}{m['q']}{MASK}", s)
-    return s
-
-
-def redact_text(text: str) -> str:
-    return redact(str(text))
-
-
-def filter_secrets(items: dict) -> tuple[dict, list[str]]:
-    """(items without secret-named keys and with masked values, names of the dropped keys)."""
-    kept, dropped = {}, []
-    for k, v in items.items():
-        if is_secret_key(str(k)):
-            dropped.append(str(k))
-        else:
-            kept[k] = redact(v) if isinstance(v, str) else v
-    return kept, dropped
 
 
 # ------------------------------------------------------------------------------------------ helpers -------

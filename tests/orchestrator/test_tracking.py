@@ -21,8 +21,6 @@ from orchestrator.tracking.tracker import (
     TrackingUnreachableError,
     check_tracking_reachable,
     flatten_config,
-    is_secret_key,
-    redact,
     resolve_tracking_uri,
 )
 
@@ -59,22 +57,6 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri("sqlite:///rel/m.db", "x") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
     assert resolve_tracking_uri("store", "x") == f"sqlite:///{tmp_path.resolve()}/store/mlflow.db"
-
-
-def test_secret_keys_and_values():
-    for k in ["data.key", "aws_secret_access_key", "AWS_ACCESS_KEY_ID", "api_key", "tracking.token",
-              "db.password", "gcp.credentials", "storage_options.secret", "MLFLOW_TRACKING_PASSWORD"]:
-        assert is_secret_key(k), k
-    for k in ["model.tokens_mlp_dim", "model.hidden_dim", "data.url", "optim.lr", "model.name", "run.seed"]:
-        assert not is_secret_key(k), k
-    text = f"id AKIAIOSFODNN7EXAMPLE secret {FAKE_SECRET} at https://bob:hunter22@host/x password=abc"
-    out = redact(text)
-    for s in ["AKIAIOSFODNN7EXAMPLE", FAKE_SECRET, "hunter22", "abc"]:
-        assert s not in out
-    sha = "0123456789abcdef0123456789abcdef01234567"  # a git commit is not a secret
-    assert redact(sha) == sha
-    assert redact({"a": 1, "password": "x", "n": {"token": "y", "b": "s3://u:p@h/b"}}) == {
-        "a": 1, "n": {"b": "s3://u:****@h/b"}}
 
 
 def test_check_reachable_sqlite_and_dead_http(tmp_path):

@@ -13,11 +13,11 @@ import pytest
 from pipelines.digits import ensure_digits_dataset
 from pipelines.loader import ShardLoader, iter_piece
 from pipelines.manifest import ManifestNotFoundError, load_manifest
+from pipelines.redaction import redacted_options
 from pipelines.storage import (
     DatasetNotFoundError,
     StorageUnreachableError,
     check_dataset_reachable,
-    redacted_options,
 )
 from pipelines.transforms import decode_image
 from pipelines.write_shards import digits_arrays, digits_split, main, write_dataset
@@ -122,4 +122,4 @@ def test_unreachable_endpoint_fast_and_secret_free(monkeypatch):
     assert time.monotonic() - t < 15
     msg = str(e.value) + repr(e.value)
     assert "127.0.0.1:9" in msg and secret not in msg and "AKIDEXAMPLE" not in msg
-    assert redacted_options(opts)["secret"] == "***"
+    assert redacted_options(opts)["secret"] == "****"
