@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.tree import mixer_home
 from pipelines.redaction import filter_secrets, redact
 
 logger = logging.getLogger(__name__)
@@ -252,9 +253,7 @@ class RunTracker:
         retry_seconds: float = 30.0,
         request_timeout: int = REQUEST_TIMEOUT_S,
     ):
-        self.tracking_uri = tracking_uri or resolve_tracking_uri(
-            None, os.environ.get("MIXER_HOME", str(Path.home() / ".mixer"))
-        )
+        self.tracking_uri = tracking_uri or resolve_tracking_uri(None, str(mixer_home()))
         self.experiment = experiment
         self.run_name = run_name
         self.run_id = run_id
