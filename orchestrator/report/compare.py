@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.tracking.tracker import resolve_tracking_uri
+from orchestrator.tracking.store import resolve_tracking_uri
 from pipelines.redaction import redact
 
 DEFAULT_EXPERIMENT = "mixer-pretrain"
@@ -204,7 +204,7 @@ def _client(tracking_uri: str):
 
 def open_store(tracking_uri: str):
     """An MlflowClient for an existing store; a clear ReportError when there is none to read."""
-    from orchestrator.tracking.tracker import TrackingUnreachableError, check_tracking_reachable
+    from orchestrator.tracking.store import TrackingUnreachableError, check_tracking_reachable
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.tracking import tracker as tracking
-from orchestrator.tracking.tracker import (
-    RunTracker,
+from orchestrator.tracking.run import flatten_config
+from orchestrator.tracking.store import (
     TrackingUnreachableError,
     check_tracking_reachable,
-    flatten_config,
     resolve_tracking_uri,
 )
+from orchestrator.tracking.tracker import RunTracker
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzTESTKEY1"
@@ -126,6 +126,24 @@ def test_run_params_tags_metrics_and_resume(sqlite_uri, monkeypatch, caplog):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_mlflow_async_failure_surfaces_through_wait(sqlite_uri):
+    """What RunTracker relies on (MLflow 3.17.2): an asynchronous batch that fails raises from
+    RunOperations.wait(), and MLflow neither keeps nor retries it (so the tracker must)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(sqlite_uri)
+    run_id = RunTracker(sqlite_uri, "unit", "async-contract").start()
+    client.delete_run(run_id)  # a deleted run refuses new metrics
+    ops = client.log_batch(run_id, metrics=[Metric("m", 1.0, 0, 0)], synchronous=False)
+    with pytest.raises(MlflowException):
+        ops.wait()
+    client.restore_run(run_id)
+    client.log_batch(run_id, metrics=[Metric("other", 1.0, 0, 1)], synchronous=False).wait()
+    assert client.get_metric_history(run_id, "m") == []
+
+
 def test_parent_run_and_unknown_resume(sqlite_uri):
     from mlflow import MlflowClient
 
@@ -190,15 +208,18 @@ def test_log_model_pt2(sqlite_uri):
     t = RunTracker(sqlite_uri, "unit", "model")
     run_id = t.start()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    global_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     assert t.log_model(model, torch.randn(1, 3, 2, 2)) == "pt2"
+    assert (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None) == global_uri  # put back
     t.end()
     models = [m for m in mlflow.MlflowClient(sqlite_uri).search_logged_models([t.experiment_id])
               if m.source_run_id == run_id]
     assert len(models) == 1 and str(models[0].status) == "READY"
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(sqlite_uri):
+    mlflow.set_tracking_uri(sqlite_uri)  # models:/ URIs resolve through the process-wide tracking URI
+    try:
         loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    finally:
+        mlflow.set_tracking_uri(global_uri)
     x = torch.randn(5, 3, 2, 2)  # a batch size other than the example's
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
