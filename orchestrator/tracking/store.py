@@ -2,12 +2,14 @@
 
 - `resolve_tracking_uri(uri, default_dir)`: the URI to use (made absolute: Ray workers run in another cwd).
 - `check_tracking_reachable(uri)`: fail fast, before any cluster resource is requested, with a clear message.
-- `use_bounded_http_retries()`: MLflow's own HTTP retry/timeout settings for this process, set once.
+- `use_bounded_http_retries()`: MLflow's own HTTP retry/timeout settings for this process, set once (and
+  MLflow's async-logging errors kept free of URL passwords).
 - `ensure_experiment(client, name)`: the experiment's id, created next to a sqlite store if missing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.error
@@ -41,6 +43,20 @@ def is_refused(exc: BaseException) -> bool:
 def use_bounded_http_retries() -> None:
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
+    queue_log = logging.getLogger(ASYNC_QUEUE_LOGGER)
+    if not any(isinstance(f, _RedactingFilter) for f in queue_log.filters):
+        queue_log.addFilter(_RedactingFilter())
+
+
+# MLflow's async queue logs each failed batch with the request URL, which carries any user:password of the
+# tracking URI (logger name checked against MLflow 3.17.2; tests/orchestrator/test_tracking.py pins it).
+ASYNC_QUEUE_LOGGER = "mlflow.utils.async_logging.async_logging_queue"
+
+
+class _RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 def resolve_tracking_uri(uri: str | None, default_dir: str) -> str:

@@ -144,6 +144,19 @@ def test_mlflow_async_failure_surfaces_through_wait(sqlite_uri):
     assert client.get_metric_history(run_id, "m") == []
 
 
+def test_mlflow_async_errors_are_redacted():
+    import mlflow.utils.async_logging.async_logging_queue  # noqa: F401  (creates the logger below)
+
+    from orchestrator.tracking.store import ASYNC_QUEUE_LOGGER, use_bounded_http_retries
+
+    use_bounded_http_retries()
+    assert ASYNC_QUEUE_LOGGER in logging.Logger.manager.loggerDict  # where MLflow reports failed batches
+    record = logging.LogRecord(ASYNC_QUEUE_LOGGER, logging.ERROR, "", 0, "Failed: API request to %s failed",
+                               ("http://bob:hunter22@127.0.0.1:9/api",), None)
+    assert all(f.filter(record) for f in logging.getLogger(ASYNC_QUEUE_LOGGER).filters)
+    assert record.getMessage() == "Failed: API request to http://bob:****@127.0.0.1:9/api failed"
+
+
 def test_parent_run_and_unknown_resume(sqlite_uri):
     from mlflow import MlflowClient
 
