@@ -198,7 +198,8 @@ class _SourceRunLogger:
 
 def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
     from orchestrator.config.tree import mixer_home
-    from orchestrator.tracking.tracker import RunTracker, check_tracking_reachable, resolve_tracking_uri
+    from orchestrator.tracking.store import check_tracking_reachable, resolve_tracking_uri
+    from orchestrator.tracking.tracker import RunTracker
 
     mixer_home().mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(args.tracking_uri, str(mixer_home()))

@@ -120,7 +120,7 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     print(f"checkpoint      {checkpoint_path}")
     if run:
         from orchestrator.report.compare import report_command
-        from orchestrator.tracking.tracker import redact
+        from pipelines.redaction import redact
 
         tracking_uri = redact(tracking_uri)
 

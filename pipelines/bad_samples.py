@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .manifest import ShardInfo
-from .storage import DatasetNotFoundError, get_fs, redact_url, scrub
+from .redaction import redact_url, scrub
+from .storage import DatasetNotFoundError, get_fs
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .redaction import redact_url, scrub
 from .shard_reader import count_samples
 from .storage import (
     DatasetNotFoundError,
@@ -27,9 +28,7 @@ from .storage import (
     atomic_write,
     join_url,
     read_bytes,
-    redact_url,
     resolve_storage_options,
-    scrub,
 )
 
 log = logging.getLogger(__name__)

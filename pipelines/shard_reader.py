@@ -16,7 +16,8 @@ from typing import Any
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .storage import open_url, redact_url, scrub
+from .redaction import redact_url, scrub
+from .storage import open_url
 
 log = logging.getLogger(__name__)
 

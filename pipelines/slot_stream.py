@@ -18,8 +18,8 @@ from webdataset.filters import shuffle
 
 from .bad_samples import DataError
 from .plan import SlotPlan, derive_seed, epoch_rng
+from .redaction import redact_url
 from .shard_reader import RawSample, iter_piece
-from .storage import redact_url
 from .transforms import decode_image
 
 

@@ -15,7 +15,6 @@ log line: every message built here is scrubbed of secret values and of credentia
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -24,11 +23,9 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-SECRET_KEYS = frozenset(
-    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-)
+from .redaction import redact_url, scrub
+
 _ENDPOINT_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 class StorageError(OSError):
@@ -78,50 +75,6 @@ def resolve_storage_options(url: str, storage_options: Mapping[str, Any] | None 
     if "anon" not in opts and _truthy(os.environ.get("AWS_NO_SIGN_REQUEST")):
         opts["anon"] = True
     return opts
-
-
-def redact_url(url: str) -> str:
-    """Strip ``user:password@`` from a URL."""
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", str(url))
-
-
-def redacted_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy safe to log: secret values replaced by ``***``, URLs stripped of credentials."""
-    out: dict[str, Any] = {}
-    for k, v in (storage_options or {}).items():
-        if k.lower() in SECRET_KEYS:
-            out[k] = "***"
-        elif isinstance(v, Mapping):
-            out[k] = redacted_options(v)
-        elif isinstance(v, str):
-            out[k] = redact_url(v)
-        else:
-            out[k] = v
-    return out
-
-
-def _secret_values(storage_options: Mapping[str, Any] | None) -> list[str]:
-    vals: list[str] = []
-
-    def walk(m: Mapping[str, Any]) -> None:
-        for k, v in m.items():
-            if isinstance(v, Mapping):
-                walk(v)
-            elif k.lower() in SECRET_KEYS and isinstance(v, str) and v:
-                vals.append(v)
-
-    walk(storage_options or {})
-    vals += [os.environ[n] for n in _SECRET_ENV if os.environ.get(n)]
-    return sorted(set(vals), key=len, reverse=True)
-
-
-def scrub(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Remove secret values (from the options and the environment) and URL credentials from text."""
-    text = redact_url(str(text))
-    for v in _secret_values(storage_options):
-        if len(v) >= 4:
-            text = text.replace(v, "***")
-    return text
 
 
 def get_fs(url: str, storage_options: Mapping[str, Any] | None = None, *, resolved: bool = False):

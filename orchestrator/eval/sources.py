@@ -83,7 +83,8 @@ class Source:
 
 def load_source(url: str, storage_options: dict | None = None) -> Source:
     """Read a checkpoint source (see the module docstring); CheckpointError on anything unusable."""
-    from pipelines.storage import get_fs, redact_url
+    from pipelines.redaction import redact_url
+    from pipelines.storage import get_fs
 
     url = str(url)
     shown = redact_url(url)

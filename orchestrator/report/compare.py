@@ -40,7 +40,8 @@ from orchestrator.report.runs import (
     resolve_experiment,
 )
 from orchestrator.report.table import mark_frontier, markdown_table, sort_rows, write_csv
-from orchestrator.tracking.tracker import redact, resolve_tracking_uri
+from orchestrator.tracking.store import resolve_tracking_uri
+from pipelines.redaction import redact
 
 REPORT_RUN_IDS_TAG = "mixer.report.run_ids"
 

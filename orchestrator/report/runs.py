@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.tracking.tracker import redact
+from pipelines.redaction import redact
 
 DEFAULT_EXPERIMENT = "mixer-pretrain"
 REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves
@@ -140,7 +140,7 @@ def open_store(tracking_uri: str):
     """An MlflowClient for an existing store; a clear ReportError when there is none to read."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.tracker import TrackingUnreachableError, check_tracking_reachable
+    from orchestrator.tracking.store import TrackingUnreachableError, check_tracking_reachable
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])

@@ -11,9 +11,20 @@ import subprocess
 from pathlib import Path
 
 from orchestrator.config.tree import Config
-from orchestrator.tracking.tracker import RunTracker, flatten_config
+from orchestrator.tracking.tracker import RunTracker, stringify
 
 RUN_NAME_TAG = "mixer.run_name"
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"}; lists and scalars are stringified; empty dicts are kept as "{}"."""
+    out: dict[str, str] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, prefix=f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = "{}" if isinstance(v, dict) else stringify(v)
+    return out
 
 
 def _git_commit() -> str:

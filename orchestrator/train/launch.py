@@ -84,7 +84,8 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
 def resolve_tracking(cfg: Config) -> str | None:
     if not cfg.tracking.enabled:
         return None
-    from orchestrator.tracking.tracker import check_tracking_reachable, redact, resolve_tracking_uri
+    from orchestrator.tracking.store import check_tracking_reachable, resolve_tracking_uri
+    from pipelines.redaction import redact
 
     mixer_home().mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.uri, str(mixer_home()))

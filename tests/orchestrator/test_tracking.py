@@ -16,15 +16,13 @@ import pytest
 
 from cluster.loopback import free_port
 from orchestrator.tracking import tracker as tracking
-from orchestrator.tracking.tracker import (
-    RunTracker,
+from orchestrator.tracking.run import flatten_config
+from orchestrator.tracking.store import (
     TrackingUnreachableError,
     check_tracking_reachable,
-    flatten_config,
-    is_secret_key,
-    redact,
     resolve_tracking_uri,
 )
+from orchestrator.tracking.tracker import RunTracker
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzTESTKEY1"
@@ -53,22 +51,6 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri("sqlite:///rel/m.db", "x") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
     assert resolve_tracking_uri("store", "x") == f"sqlite:///{tmp_path.resolve()}/store/mlflow.db"
-
-
-def test_secret_keys_and_values():
-    for k in ["data.key", "aws_secret_access_key", "AWS_ACCESS_KEY_ID", "api_key", "tracking.token",
-              "db.password", "gcp.credentials", "storage_options.secret", "MLFLOW_TRACKING_PASSWORD"]:
-        assert is_secret_key(k), k
-    for k in ["model.tokens_mlp_dim", "model.hidden_dim", "data.url", "optim.lr", "model.name", "run.seed"]:
-        assert not is_secret_key(k), k
-    text = f"id AKIAIOSFODNN7EXAMPLE secret {FAKE_SECRET} at https://bob:hunter22@host/x password=abc"
-    out = redact(text)
-    for s in ["AKIAIOSFODNN7EXAMPLE", FAKE_SECRET, "hunter22", "abc"]:
-        assert s not in out
-    sha = "0123456789abcdef0123456789abcdef01234567"  # a git commit is not a secret
-    assert redact(sha) == sha
-    assert redact({"a": 1, "password": "x", "n": {"token": "y", "b": "s3://u:p@h/b"}}) == {
-        "a": 1, "n": {"b": "s3://u:****@h/b"}}
 
 
 def test_check_reachable_sqlite_and_dead_http(tmp_path):
@@ -138,6 +120,37 @@ def test_run_params_tags_metrics_and_resume(sqlite_uri, monkeypatch, caplog):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_mlflow_async_failure_surfaces_through_wait(sqlite_uri):
+    """What RunTracker relies on (MLflow 3.17.2): an asynchronous batch that fails raises from
+    RunOperations.wait(), and MLflow neither keeps nor retries it (so the tracker must)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(sqlite_uri)
+    run_id = RunTracker(sqlite_uri, "unit", "async-contract").start()
+    client.delete_run(run_id)  # a deleted run refuses new metrics
+    ops = client.log_batch(run_id, metrics=[Metric("m", 1.0, 0, 0)], synchronous=False)
+    with pytest.raises(MlflowException):
+        ops.wait()
+    client.restore_run(run_id)
+    client.log_batch(run_id, metrics=[Metric("other", 1.0, 0, 1)], synchronous=False).wait()
+    assert client.get_metric_history(run_id, "m") == []
+
+
+def test_mlflow_async_errors_are_redacted():
+    import mlflow.utils.async_logging.async_logging_queue  # noqa: F401  (creates the logger below)
+
+    from orchestrator.tracking.store import ASYNC_QUEUE_LOGGER, use_bounded_http_retries
+
+    use_bounded_http_retries()
+    assert ASYNC_QUEUE_LOGGER in logging.Logger.manager.loggerDict  # where MLflow reports failed batches
+    record = logging.LogRecord(ASYNC_QUEUE_LOGGER, logging.ERROR, "", 0, "Failed: API request to %s failed",
+                               ("http://bob:hunter22@127.0.0.1:9/api",), None)
+    assert all(f.filter(record) for f in logging.getLogger(ASYNC_QUEUE_LOGGER).filters)
+    assert record.getMessage() == "Failed: API request to http://bob:****@127.0.0.1:9/api failed"
+
+
 def test_parent_run_and_unknown_resume(sqlite_uri):
     from mlflow import MlflowClient
 
@@ -202,15 +215,18 @@ def test_log_model_pt2(sqlite_uri):
     t = RunTracker(sqlite_uri, "unit", "model")
     run_id = t.start()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    global_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     assert t.log_model(model, torch.randn(1, 3, 2, 2)) == "pt2"
+    assert (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None) == global_uri  # put back
     t.end()
     models = [m for m in mlflow.MlflowClient(sqlite_uri).search_logged_models([t.experiment_id])
               if m.source_run_id == run_id]
     assert len(models) == 1 and str(models[0].status) == "READY"
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(sqlite_uri):
+    mlflow.set_tracking_uri(sqlite_uri)  # models:/ URIs resolve through the process-wide tracking URI
+    try:
         loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    finally:
+        mlflow.set_tracking_uri(global_uri)
     x = torch.randn(5, 3, 2, 2)  # a batch size other than the example's
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
 

@@ -13,6 +13,7 @@ import pytest
 from pipelines.digits import ensure_digits_dataset
 from pipelines.loader import ShardLoader
 from pipelines.manifest import ManifestNotFoundError, load_manifest
+from pipelines.redaction import redacted_options
 from pipelines.shard_reader import iter_piece
 from pipelines.storage import (
     PROBE_RETRIES,
@@ -23,7 +24,6 @@ from pipelines.storage import (
     atomic_write,
     check_dataset_reachable,
     get_fs,
-    redacted_options,
 )
 from pipelines.transforms import decode_image
 from pipelines.write_shards import digits_arrays, digits_split, main, write_dataset
@@ -128,7 +128,7 @@ def test_unreachable_endpoint_fast_and_secret_free(monkeypatch):
     assert time.monotonic() - t < 15
     msg = str(e.value) + repr(e.value)
     assert "127.0.0.1:9" in msg and secret not in msg and "AKIDEXAMPLE" not in msg
-    assert redacted_options(opts)["secret"] == "***"
+    assert redacted_options(opts)["secret"] == "****"
 
 
 def test_atomic_write_local_whole_or_nothing(tmp_path):
