@@ -84,3 +84,13 @@ def test_bad_input(home_env, tmp_path, capsys):
 
     assert evaluate.main(["--from", home_env["run_dir"], "--shots", "0,5", "--no-tracking"]) == 2
     assert "--shots" in capsys.readouterr().err
+
+
+def test_printed_mlflow_command_hides_tracking_credentials(capsys):
+    from types import SimpleNamespace
+
+    src = SimpleNamespace(describe=lambda: "timm checkpoint x.pt")
+    r = evaluate.Results(src, "/data", "val", None, None, "run1", "http://alice:s3cr3t@mlflow.example:5000", 1.0)
+    evaluate.print_results(r)
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and "mlflow ui --backend-store-uri http://alice:****@mlflow.example:5000" in out
