@@ -208,7 +208,12 @@ class LocalCluster:
             return e.code, e.read()
 
     def alive_nodes(self, detail: bool = True) -> list[dict]:
-        """Nodes the GCS reports ALIVE, through the dashboard's state API (token-authenticated)."""
+        """Nodes the GCS reports ALIVE, through the dashboard's state API (token-authenticated).
+
+        The same endpoint ray.util.state.list_nodes reads; that client takes the auth mode from the process's
+        environment and the token from a process-wide cache (ray._raylet.AuthenticationTokenLoader, Ray 2.60),
+        while this client serves clusters with their own token files from one process without touching
+        its environment, so it sends this cluster's token itself."""
         status, body = self.api_request(f"/api/v0/nodes?limit=1000&detail={str(detail).lower()}")
         if status != 200:
             raise ClusterError(f"state API answered HTTP {status}: {body[:300]!r}")
