@@ -15,9 +15,6 @@ from typing import Any
 from .manifest import MANIFEST_NAME
 from .storage import get_fs, join_url, resolve_storage_options
 
-DIGITS_INPUT_SIZE = 8
-DIGITS_NUM_CLASSES = 10
-
 
 def ensure_digits_dataset(
     dest: str, storage_options: Mapping[str, Any] | None = None, *, maxcount: int = 256, seed: int = 0

@@ -49,8 +49,6 @@ class RunRow:
     accelerator_hours: float | None = None
     total_flops: float | None = None
     best_top1: float | None = None
-    best_top1_step: int | None = None
-    last_step: int | None = None
     fewshot: dict[int, float] = field(default_factory=dict)
     parent_run_id: str | None = None
     frontier: bool = False
@@ -125,10 +123,7 @@ def row_from_run(client, run) -> RunRow:
     row.total_flops = _last(hist("compute/flops"))
     top1 = [m for m in hist("val/top1") if finite(m.value)]
     if top1:
-        best = max(top1, key=lambda m: (m.value, -m.step))
-        row.best_top1, row.best_top1_step = best.value, best.step
-    steps = [m.step for k in ("train/loss", "val/top1") for m in (hist(k) if k != "val/top1" else top1)]
-    row.last_step = max(steps) if steps else None
+        row.best_top1 = max(m.value for m in top1)
     for key in latest:
         if key.startswith(FEWSHOT_PREFIX) and key.endswith("shot"):
             k = _num(key[len(FEWSHOT_PREFIX):-len("shot")], int)
