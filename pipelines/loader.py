@@ -256,9 +256,6 @@ class ShardLoader:
         """This epoch's bad samples on this rank: kind -> {shard URL: count}; plus 'padded' -> {'': n}."""
         return self._tally.by_kind()
 
-    def num_bad_samples(self) -> int:
-        return self._tally.total()
-
     # -------------------------------------------------------------------------------- iteration
     def __iter__(self):
         plan = self.plan()
