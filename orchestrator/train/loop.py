@@ -18,8 +18,9 @@ from model import create_model, pretrained_data_config
 from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
 from orchestrator.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orchestrator.train.compute import ComputeClock
 from orchestrator.train.optim import build_optimizer, build_scheduler
-from orchestrator.train.plan import make_plan, micro_batch_size, peak_tflops
+from orchestrator.train.plan import accelerators, make_plan, micro_batch_size, peak_tflops
 from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
@@ -109,6 +110,7 @@ def _stream(loader: ShardLoader, start_epoch: int, resumed: bool) -> Iterator[tu
 def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     rank, world = session.world_rank, session.world_size
     device = session.device
+    clock = ComputeClock(accelerators(cfg, world))  # held from here: the worker group's start
     torch.manual_seed(cfg.run.seed * 1000 + rank)
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
@@ -121,7 +123,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.schedule)
 
-    step, start_epoch, resumed, run_id, accel_hours = 0, 0, False, job.mlflow_run_id, 0.0
+    step, start_epoch, resumed, run_id = 0, 0, False, job.mlflow_run_id
     with session.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is None and job.init_weights_url:
             model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
@@ -134,7 +136,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
             train_loader.load_state_dict(state["data"])
             start_epoch, resumed = state["data"]["epoch"], True
             run_id = state.get("mlflow_run_id") or run_id
-            accel_hours = state.get("accelerator_hours", 0.0)
+            clock.resume(state)
             rngs = state.get("rng", [])
             if rank < len(rngs):
                 set_rng_state(rngs[rank])
@@ -162,16 +164,17 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     while step < plan.total_steps:
         micro_batches = []
-        for _i in range(accum):
-            epoch, batch = next(stream)
-            if trace:
-                trace.write(step + 1, epoch, batch[2])
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            micro_batches.append((x, y))
-        result = train_step(
-            train_model, micro_batches, optimizer, scheduler,
-            loss_kind=cfg.reg.loss, clip_norm=cfg.optim.clip_norm, autocast_dtype=autocast,
-        )
+        with clock.step():
+            for _i in range(accum):
+                epoch, batch = next(stream)
+                if trace:
+                    trace.write(step + 1, epoch, batch[2])
+                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                micro_batches.append((x, y))
+            result = train_step(
+                train_model, micro_batches, optimizer, scheduler,
+                loss_kind=cfg.reg.loss, clip_norm=cfg.optim.clip_norm, autocast_dtype=autocast,
+            )
         step += 1
         window_images += result.images * world
 
@@ -179,7 +182,6 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
             now = time.perf_counter()
             elapsed = now - window_t
             img_s = window_images / elapsed if elapsed > 0 else 0.0
-            accel_hours += elapsed * world / 3600
             metrics = {
                 "train/loss": result.loss.item(),
                 "train/lr": result.lr,
@@ -187,7 +189,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                 "train/img_per_s": img_s,
                 "train/img_per_s_per_device": img_s / world,
                 "compute/flops": plan.train_flops_per_step * step,
-                "compute/accelerator_hours": accel_hours,
+                **clock.metrics(),
                 "train/epoch": epoch,
             }
             if peak:
@@ -206,7 +208,8 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
         eval_due = step % plan.eval_every_steps == 0 or step == plan.total_steps
         ckpt_due = step % plan.checkpoint_every_steps == 0 or step == plan.total_steps
         if eval_due or ckpt_due:
-            report: dict[str, Any] = {"step": step, "epoch": epoch}
+            # the run's figures so far: the driver's end summary
+            report: dict[str, Any] = {"step": step, "epoch": epoch, **clock.metrics()}
             if eval_due:
                 t0 = time.perf_counter()
                 val = evaluate(model, val_loader, device, autocast)
@@ -220,7 +223,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                         tracker.log_metrics({
                             **{k: v for k, v in report.items() if k.startswith("val/")},
                             "compute/flops": plan.train_flops_per_step * step,
-                            "compute/accelerator_hours": accel_hours + (time.perf_counter() - window_t) * world / 3600,
+                            **clock.metrics(),
                         }, step)
             ckpt_dir = None
             if ckpt_due:
@@ -236,14 +239,17 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                         "data": ShardLoader.merge_state_dicts(data_states),
                         "rng": rngs,
                         "mlflow_run_id": run_id,
-                        "accelerator_hours": accel_hours,
+                        **clock.state(),  # accelerator_hours (held), productive_hours
                         "config": cfg.to_dict(),
                     })
             session.report(report, ckpt_dir)
             final.update(report)
 
     final["best_top1"] = best_top1
-    final["accelerator_hours"] = accel_hours
+    compute = clock.metrics()
+    final.update(compute)
+    if tracker and step > first_step:
+        tracker.log_metrics(compute, step)  # held until the end, the last checkpoint's save included
     if tracker:
         tracker.flush(force=True)  # what an outage buffered; the driver ends the run
         missing = tracker.unlogged_summary()

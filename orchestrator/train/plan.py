@@ -37,6 +37,11 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+def accelerators(cfg: Config, workers: int) -> int:
+    """Accelerators `workers` hold: their GPUs with scaling.use_gpu, else one per (CPU) worker."""
+    return workers * int(worker_resources(cfg).get("GPU", 1))
+
+
 def check_batch_split(cfg: Config) -> None:
     """The global batch must split into workers x micro batch x accumulation steps exactly (ConfigError)."""
     o, workers = cfg.optim, cfg.scaling.num_workers
