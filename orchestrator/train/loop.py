@@ -19,6 +19,7 @@ from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
 from orchestrator.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from orchestrator.train.compute import ComputeClock
+from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.plan import accelerators, make_plan, micro_batch_size, peak_tflops
 from orchestrator.train.step import train_step
@@ -124,6 +125,8 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.schedule)
 
     step, start_epoch, resumed, run_id = 0, 0, False, job.mlflow_run_id
+    run_counts = DataCounts()  # bad/padded/dropped samples of the finished epochs, all ranks (checkpointed)
+    last_epoch_counts = DataCounts()  # the unfinished epoch at the run's end: reported, not checkpointed
     with session.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is None and job.init_weights_url:
             model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
@@ -137,6 +140,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
             start_epoch, resumed = state["data"]["epoch"], True
             run_id = state.get("mlflow_run_id") or run_id
             clock.resume(state)
+            run_counts = DataCounts.from_state(state.get("data_counts"))
             rngs = state.get("rng", [])
             if rank < len(rngs):
                 set_rng_state(rngs[rank])
@@ -164,6 +168,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     while step < plan.total_steps:
         micro_batches = []
+        ended: list[tuple[int, DataCounts]] = []  # epochs whose last batch this step took, with their counts
         with clock.step():
             for _i in range(accum):
                 epoch, batch = next(stream)
@@ -171,12 +176,24 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                     trace.write(step + 1, epoch, batch[2])
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                 micro_batches.append((x, y))
+                if train_loader.batches_consumed == len(train_loader):
+                    # read now: the next batch's set_epoch starts new counts (a collective: all ranks are here)
+                    ended.append((epoch, epoch_counts(train_loader, device)))
             result = train_step(
                 train_model, micro_batches, optimizer, scheduler,
                 loss_kind=cfg.reg.loss, clip_norm=cfg.optim.clip_norm, autocast_dtype=autocast,
             )
         step += 1
         window_images += result.images * world
+        for ended_epoch, counts in ended:
+            run_counts += counts
+            if tracker:
+                _log_epoch_counts(tracker, ended_epoch, counts, step)
+        if step == plan.total_steps and 0 < train_loader.batches_consumed < len(train_loader):
+            # a resume continues this epoch and counts it whole when it ends, so it stays out of run_counts
+            last_epoch_counts = epoch_counts(train_loader, device)
+            if tracker:
+                _log_epoch_counts(tracker, epoch, last_epoch_counts, step)
 
         if step % cfg.train.log_every_steps == 0 or step == plan.total_steps:
             now = time.perf_counter()
@@ -208,8 +225,10 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
         eval_due = step % plan.eval_every_steps == 0 or step == plan.total_steps
         ckpt_due = step % plan.checkpoint_every_steps == 0 or step == plan.total_steps
         if eval_due or ckpt_due:
-            # the run's figures so far: the driver's end summary
-            report: dict[str, Any] = {"step": step, "epoch": epoch, **clock.metrics()}
+            # the run's figures so far (data counts summed over ranks and epochs): the driver's end summary
+            report: dict[str, Any] = {
+                "step": step, "epoch": epoch, **clock.metrics(), **(run_counts + last_epoch_counts).metrics(),
+            }
             if eval_due:
                 t0 = time.perf_counter()
                 val = evaluate(model, val_loader, device, autocast)
@@ -240,6 +259,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                         "rng": rngs,
                         "mlflow_run_id": run_id,
                         **clock.state(),  # accelerator_hours (held), productive_hours
+                        "data_counts": run_counts.state(),
                         "config": cfg.to_dict(),
                     })
             session.report(report, ckpt_dir)
@@ -256,6 +276,14 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
         if missing:
             print(f"[tracking] {missing}", flush=True)
     return final
+
+
+def _log_epoch_counts(tracker, epoch: int, counts: DataCounts, step: int) -> None:
+    """An epoch's bad/padded/dropped samples (all ranks) at the step that took its last batch."""
+    tracker.log_metrics({**counts.metrics(), "data/epoch": epoch}, step)
+    worst = counts.worst_shards_tag(epoch)
+    if worst:
+        tracker.set_tags(worst)
 
 
 def _load_init_weights(url: str, storage_options: dict) -> dict:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
 from orchestrator.train.compute import ComputeClock
+from orchestrator.train.data_counts import DataCounts
 
 
 class FakeClock:
@@ -55,3 +62,123 @@ def test_accelerators_held():
     cpu = load_config("digits", ["scaling.num_workers=4"])
     gpu = load_config("digits", ["scaling.num_workers=4", "scaling.use_gpu=true"])
     assert accelerators(cpu, 4) == 4 and accelerators(gpu, 4) == 4
+
+
+def test_data_counts_metrics_state_and_totals():
+    a = DataCounts(Counter({("corrupt_image", "s3://key:secret@b/t-1.tar"): 2, ("missing_label", "/d/t-2.tar"): 1}),
+                   padded=3, dropped=5)
+    b = DataCounts(Counter({("corrupt_image", "s3://key:secret@b/t-1.tar"): 1}), padded=1, dropped=5)
+    total = a + b
+    assert total.metrics() == {"data/bad_samples": 4, "data/bad/corrupt_image": 3, "data/bad/missing_label": 1,
+                               "data/padded_samples": 4, "data/dropped_samples": 10}
+    assert DataCounts.from_state(json.loads(json.dumps(total.state()))) == total
+    assert DataCounts.from_state(None) == DataCounts()
+    worst = total.worst_shards()
+    assert [w["bad"] for w in worst] == [3, 1] and worst[0]["kinds"] == {"corrupt_image": 3}
+    assert worst[0]["shard"] == "s3://key:****@b/t-1.tar"  # URLs redacted
+    assert DataCounts().worst_shards_tag(0) == {}
+
+
+# ------------------------------------------------------------------ a short run without Ray, with bad samples
+
+BATCH = 16
+TRAIN = [40, 24]  # 64 samples: 4 batches an epoch, none dropped
+BAD = 2  # corrupt images in the second shard, every epoch (padded back by re-reading)
+
+
+def _shard_samples():
+    spec = importlib.util.spec_from_file_location(
+        "shard_samples", Path(__file__).parents[1] / "pipelines" / "shard_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dataset(root: Path) -> str:
+    ss = _shard_samples()
+    from pipelines.manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
+
+    splits = {}
+    for split, sizes in (("train", TRAIN), ("val", [32])):
+        shards = []
+        for j, n in enumerate(sizes):
+            path = str(root / split / f"{split}-{j:06d}.tar")
+            members = ss.good_members(j, n)
+            if split == "train" and j == 1:
+                members[4] = (members[4][0], b"garbage")  # sample 2's image
+                members[10] = (members[10][0], b"\x89PNG\r\n\x1a\nnot a png")  # sample 5's image
+            ss.write_tar(path, members)
+            shards.append(ShardInfo(path, n))
+        splits[split] = shards
+    write_manifest(Manifest(FORMAT_VERSION, [str(i) for i in range(10)], splits, root=str(root),
+                            image_format="png"), str(root))
+    return str(root)
+
+
+def _run(tmp_path, uri, run_id, url, *overrides):
+    from orchestrator.config.tree import load_config
+    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.loop import Job, run_training
+    from orchestrator.train.session import LocalSession
+
+    cfg = load_config("digits", [
+        "run.name=figures", f"data.url={url}", "data.max_bad_fraction=0.5", "data.loader_workers=0",
+        "scaling.num_workers=1", f"optim.global_batch_size={BATCH}", "schedule.epochs=3", "schedule.warmup_steps=1",
+        "train.log_every_steps=2", *overrides,
+    ])
+    data = resolve_data(cfg)
+    job = Job(data.url, data.num_classes, data.train_samples, run_id, uri, data.storage_options)
+    session = LocalSession(str(tmp_path / "run"), device="cpu")
+    return run_training(cfg, session, job), session
+
+
+def test_run_logs_data_counts_per_epoch_and_compute(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.tracker import RunTracker
+
+    monkeypatch.setenv("MIXER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    url = _dataset(tmp_path / "ds")
+    bad_shard = os.path.join(url, "train", "train-000001.tar")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker(uri, "figures", "figures")
+    run_id = tracker.start()
+
+    # 1.5 epochs, then a resume that finishes the 3 epochs (4 steps an epoch): the unfinished epoch 1 is
+    # logged at the first attempt's end, and counted once in the run's totals
+    first, _ = _run(tmp_path, uri, run_id, url, "train.max_steps=6")
+    assert first["step"] == 6
+    # epoch 0 whole, and what the first half of epoch 1 met so far
+    half = first["data/bad_samples"] - BAD
+    assert 0 <= half <= BAD and BAD <= first["data/padded_samples"] <= 2 * BAD
+    final, session = _run(tmp_path, uri, run_id, url)
+    tracker.end("FINISHED")
+    assert final["step"] == 12
+    assert final["data/bad_samples"] == final["data/bad/corrupt_image"] == 3 * BAD
+    assert final["data/padded_samples"] == 3 * BAD and final["data/dropped_samples"] == 0
+    assert 0 < final["compute/productive_hours"] < final["compute/accelerator_hours"]
+    assert 0 < final["compute/goodput"] < 1
+
+    client = MlflowClient(uri)
+
+    def hist(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    # epoch 0 ends at step 4, epoch 1 at step 8 (after its half at step 6), epoch 2 at step 12
+    assert hist("data/epoch") == [(4, 0), (6, 1), (8, 1), (12, 2)]
+    assert hist("data/bad_samples") == [(4, BAD), (6, half), (8, BAD), (12, BAD)]
+    assert hist("data/bad/corrupt_image") == hist("data/bad_samples")
+    padded = hist("data/padded_samples")
+    assert [v for s, v in padded if s != 6] == [BAD] * 3 and padded[1] == (6, first["data/padded_samples"] - BAD)
+    assert [v for _, v in hist("data/dropped_samples")] == [0] * 4
+    tags = client.get_run(run_id).data.tags
+    for epoch in (0, 1, 2):  # epoch 1's tag: the whole epoch's, set when it ended
+        worst = json.loads(tags[f"data/worst_shards/epoch_{epoch}"])
+        assert worst == [{"shard": bad_shard, "bad": BAD, "kinds": {"corrupt_image": BAD}}]
+
+    held = hist("compute/accelerator_hours")
+    assert all(b[1] >= a[1] for a, b in zip(held, held[1:], strict=False))  # accumulated across the resume
+    for key in ("compute/accelerator_hours", "compute/productive_hours", "compute/goodput"):
+        assert (12, pytest.approx(final[key])) in hist(key), key  # held until the end
+    assert session.reports[-1]["compute/accelerator_hours"] <= final["compute/accelerator_hours"]
