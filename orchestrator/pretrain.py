@@ -118,6 +118,8 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     if "val/top1" in metrics:
         print(f"top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  after step {metrics.get('step')}")
     print(f"checkpoint      {checkpoint_path}")
+    for line in figures_lines(metrics):
+        print(line)
     if run:
         from orchestrator.report.compare import report_command
         from pipelines.redaction import redact
@@ -130,6 +132,22 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
         missing = run.unlogged_summary()
         if missing:
             print(f"not logged to MLflow: {missing}")
+
+
+def figures_lines(metrics: dict) -> list[str]:
+    """The run's data counts and compute, from the last report of the training loop (absent keys: not shown)."""
+    lines = []
+    if "data/bad_samples" in metrics:
+        kinds = ", ".join(f"{k[len('data/bad/'):]} {int(v):,}" for k, v in sorted(metrics.items())
+                          if k.startswith("data/bad/"))
+        lines.append(f"samples         {int(metrics['data/bad_samples']):,} bad" + (f" ({kinds})" if kinds else "")
+                     + f", {int(metrics.get('data/padded_samples', 0)):,} padded, "
+                     f"{int(metrics.get('data/dropped_samples', 0)):,} dropped (all epochs, all workers)")
+    if "compute/accelerator_hours" in metrics:
+        lines.append(f"compute         {metrics['compute/accelerator_hours']:.4g} accelerator-hours held, "
+                     f"{metrics['compute/productive_hours']:.4g} in training steps "
+                     f"(goodput {100 * metrics['compute/goodput']:.1f}%)")
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.pretrain import figures_lines
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts
 
@@ -77,6 +78,17 @@ def test_data_counts_metrics_state_and_totals():
     assert [w["bad"] for w in worst] == [3, 1] and worst[0]["kinds"] == {"corrupt_image": 3}
     assert worst[0]["shard"] == "s3://key:****@b/t-1.tar"  # URLs redacted
     assert DataCounts().worst_shards_tag(0) == {}
+
+
+def test_end_summary_lines():
+    total = DataCounts(Counter({("corrupt_image", "/d/t-1.tar"): 3, ("missing_label", "/d/t-2.tar"): 1}),
+                       padded=4, dropped=10)
+    lines = figures_lines({**total.metrics(), "compute/accelerator_hours": 2.0, "compute/productive_hours": 1.5,
+                           "compute/goodput": 0.75})
+    assert lines[0].split(None, 1)[1] == ("4 bad (corrupt_image 3, missing_label 1), 4 padded, 10 dropped "
+                                          "(all epochs, all workers)")
+    assert "2 accelerator-hours held, 1.5 in training steps (goodput 75.0%)" in lines[1]
+    assert figures_lines({}) == []
 
 
 # ------------------------------------------------------------------ a short run without Ray, with bad samples
