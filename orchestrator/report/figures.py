@@ -209,8 +209,8 @@ def write_figures(rows, front, curves, out: Path, title: str) -> tuple[list[Path
     n = len(rows)
     colors = _colors(rows)
     specs = [
-        ("accuracy_vs_compute.png", lambda r: r.accelerator_hours, "accelerator-hours (training)", True,
-         f"{title}: accuracy vs compute ({n} runs)", False),
+        ("accuracy_vs_compute.png", lambda r: r.accelerator_hours,
+         "accelerator-hours held (wall time x accelerators)", True, f"{title}: accuracy vs compute ({n} runs)", False),
         ("accuracy_vs_throughput.png", lambda r: r.img_per_s_per_device, "throughput (img/s per accelerator)",
          False, f"{title}: accuracy vs throughput", False),
         ("accuracy_vs_params.png", lambda r: r.num_params, "parameters", False, f"{title}: accuracy vs model size",

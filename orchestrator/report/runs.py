@@ -1,8 +1,9 @@
 """Reading runs from MLflow into table rows: which runs, and how each number is read from its histories.
 
-best top-1 = max of the val/top1 history; accelerator-hours and total FLOPs = the last value of the cumulative
-compute/accelerator_hours and compute/flops; img/s, img/s per accelerator and MFU = median of their history
-after the first logging window (warm-up); few-shot = the last value logged.
+best top-1 = max of the val/top1 history; accelerator-hours (held), productive hours, goodput and total FLOPs =
+the last value of compute/accelerator_hours, compute/productive_hours, compute/goodput and compute/flops;
+img/s, img/s per accelerator and MFU = median of their history after the first logging window (warm-up);
+few-shot = the last value logged.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class RunRow:
     img_per_s: float | None = None
     img_per_s_per_device: float | None = None
     mfu: float | None = None
-    accelerator_hours: float | None = None
+    accelerator_hours: float | None = None  # held: wall time x accelerators
+    productive_hours: float | None = None  # inside training steps
+    goodput: float | None = None
     total_flops: float | None = None
     best_top1: float | None = None
     fewshot: dict[int, float] = field(default_factory=dict)
@@ -120,6 +123,8 @@ def row_from_run(client, run) -> RunRow:
         row.img_per_s_per_device = row.img_per_s / row.workers
     row.mfu = _steady_median(hist("train/mfu"))
     row.accelerator_hours = _last(hist("compute/accelerator_hours"))
+    row.productive_hours = _last(hist("compute/productive_hours"))
+    row.goodput = _last(hist("compute/goodput"))
     row.total_flops = _last(hist("compute/flops"))
     top1 = [m for m in hist("val/top1") if finite(m.value)]
     if top1:

@@ -83,6 +83,8 @@ def _columns(rows: list[RunRow]):
         ("img/s/acc", "img_per_s_per_accelerator", lambda r: r.img_per_s_per_device, lambda v: _fmt_sig(v, 3)),
         ("MFU", "mfu", lambda r: r.mfu, lambda v: _fmt_pct(v, 1)),
         ("acc-hours", "accelerator_hours", lambda r: r.accelerator_hours, _fmt_sig),
+        ("productive h", "productive_hours", lambda r: r.productive_hours, _fmt_sig),
+        ("goodput", "goodput", lambda r: r.goodput, lambda v: _fmt_pct(v, 0)),
         ("total FLOPs", "total_flops", lambda r: r.total_flops, _fmt_flops),
         ("best top-1", "best_top1", lambda r: r.best_top1, _fmt_pct),
     ]

@@ -51,7 +51,8 @@ def _log_run(uri, experiment, spec, parent_run_id=None):
         if compute:
             m.update({"train/mfu": rate / workers * 3 * gflops * 1e9 / 989e12,
                       "compute/flops": 3 * gflops * 1e9 * 4096 * step,
-                      "compute/accelerator_hours": hours * frac})
+                      "compute/accelerator_hours": hours * frac,
+                      "compute/productive_hours": 0.8 * hours * frac, "compute/goodput": 0.8})
         if top1 is not None and i % 2 == 0:
             # rises, with a slight dip at the end so "best" differs from "last"
             acc = top1 * (1 - 0.5 * (1 - frac) ** 2) - (0.004 if i == STEPS else 0.0)
@@ -153,9 +154,12 @@ def test_table_matches_mlflow_and_figures(store, tmp_path, capsys):
         if hours:
             assert float(row["accelerator_hours"]) == pytest.approx(hours[-1][1])
             assert float(row["total_flops"]) == pytest.approx(hist("compute/flops")[-1][1])
+            assert float(row["productive_hours"]) == pytest.approx(hist("compute/productive_hours")[-1][1])
+            assert float(row["goodput"]) == pytest.approx(hist("compute/goodput")[-1][1])
             assert float(row["mfu"]) == pytest.approx(statistics.median(v for _, v in hist("train/mfu")[1:]))
         else:
             assert row["accelerator_hours"] == row["total_flops"] == row["mfu"] == ""
+            assert row["productive_hours"] == row["goodput"] == ""
         rates = [v for _, v in hist("train/img_per_s")]
         assert float(row["img_per_s"]) == pytest.approx(statistics.median(rates[1:]))
         per_dev = [v for _, v in hist("train/img_per_s_per_device")]
@@ -168,6 +172,10 @@ def test_table_matches_mlflow_and_figures(store, tmp_path, capsys):
     assert "l16-live (running)" in md and "crashed (failed)" in md and "5-shot" in md and "★" in md
     no_compute_line = next(line for line in md.splitlines() if line.startswith("| no-compute"))
     assert "89.60%" in no_compute_line and "★" not in no_compute_line  # best top-1, but off the frontier
+    header = md.splitlines()[next(i for i, line in enumerate(md.splitlines()) if line.startswith("| run |"))]
+    assert "| acc-hours | productive h | goodput |" in header
+    s16_line = next(line for line in md.splitlines() if line.startswith("| s16-bs4k"))
+    assert "| 25 | 20 | 80% |" in s16_line  # held, productive, goodput
 
     for name in ["accuracy_vs_compute.png", "accuracy_vs_throughput.png", "accuracy_vs_params.png",
                  "training_curves.png"]:
