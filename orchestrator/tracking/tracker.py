@@ -88,6 +88,10 @@ class RunTracker(ArtifactLogging):
         self._calls: list[tuple[str, Callable[[], Any]]] = []  # artifact calls kept for later (label, call)
         self._status: str | None = None  # RUNNING to set on resume, or the final status, until it is set
         self._ended = False
+        # The highest step taken per metric key: a loop restarted from a checkpoint sends the steps between
+        # that checkpoint and the crash again; they were logged already and are dropped, not logged twice.
+        self._last_step: dict[str, int] = {}
+        self.resent = 0
 
     @property
     def client(self):
@@ -175,10 +179,15 @@ class RunTracker(ArtifactLogging):
         now = int(time.time() * 1000)
         points = []
         for k, v in metrics.items():
+            if int(step) <= self._last_step.get(str(k), -1):
+                self.resent += 1
+                continue
             try:
                 points.append(Metric(str(k), float(v.item() if hasattr(v, "item") else v), now, int(step)))
             except (TypeError, ValueError):
                 self._lost.refused.append(f"metric {k} (not a number: {type(v).__name__})")
+                continue
+            self._last_step[str(k)] = int(step)
         self._buffer_metrics(points)
         self.flush()
 
