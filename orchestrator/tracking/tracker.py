@@ -77,6 +77,7 @@ class RunTracker(ArtifactLogging):
         self.parent_run_id = parent_run_id
         self._init_tags = dict(tags or {})
         self._client = None
+        self.retry_seconds = retry_seconds
         self._outage = Outage(self.tracking_uri, retry_seconds)
         self._lost = Unlogged()
         self._lock = threading.RLock()
@@ -92,6 +93,7 @@ class RunTracker(ArtifactLogging):
         # that checkpoint and the crash again; they were logged already and are dropped, not logged twice.
         self._last_step: dict[str, int] = {}
         self.resent = 0
+        self.kept_at: str | None = None  # the replay file holding what was not logged (replay.py)
 
     @property
     def client(self):
@@ -315,6 +317,41 @@ class RunTracker(ArtifactLogging):
                 self._lost.metrics += 1
                 self._lost.metric_keys.add(self._metrics.popleft().key)
 
+    # ------------------------------------------------------------------ what is not logged, as plain data
+
+    def pending(self) -> dict:
+        """What is not logged yet (after waiting for MLflow's confirmations): metrics as [key, value,
+        timestamp, step], params, tags, and the final status if the run ended without it being set."""
+        for confirmation, _ in list(self._in_flight):
+            confirmation.exception()  # waits; a failed batch returns to the buffer
+        with self._lock:
+            metrics = [[m.key, m.value, m.timestamp, m.step] for m in self._metrics]
+        return {"metrics": metrics, "params": dict(self._params), "tags": dict(self._tags),
+                "status": self._status if self._ended else None}
+
+    def hand_over(self) -> tuple[dict, Unlogged, int]:
+        """(pending(), the tally of what was lost, the number of outages), taken out of this tracker: how the
+        driver's relay actor (relay.py) passes its leftovers to the driver's tracker (adopt)."""
+        state = self.pending()
+        with self._lock:
+            self._metrics.clear()
+        self._params, self._tags = {}, {}
+        lost, self._lost = self._lost, Unlogged()
+        return state, lost, self._outage.count
+
+    def adopt(self, state: dict, lost: Unlogged | None = None, outages: int = 0) -> None:
+        """Take over another tracker's leftovers (hand_over, or a replay file) for this run: sent with this
+        tracker's next flush, or counted in its summary."""
+        from mlflow.entities import Metric
+
+        self._buffer_metrics([Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in state["metrics"]],
+                             older=True)
+        self._params = {**state["params"], **self._params}
+        self._tags = {**state["tags"], **self._tags}
+        if lost is not None:
+            self._lost.merge(lost)
+        self._outage.count += outages
+
     def _bound(self, d: dict, kind: str) -> None:
         while len(d) > MAX_BUFFERED_PARAMS_TAGS:
             d.pop(next(iter(d)))
@@ -327,4 +364,4 @@ class RunTracker(ArtifactLogging):
         return self._lost.summary(
             redact(self.tracking_uri), self.run_id, self._outage.count, buffered_metrics=keys,
             params=len(self._params), tags=len(self._tags), artifacts=[label for label, _ in self._calls],
-            status=self._status if self._ended else None)
+            status=self._status if self._ended else None, kept_at=self.kept_at)

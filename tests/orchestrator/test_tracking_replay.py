@@ -1,12 +1,29 @@
-"""Nothing tracked is logged twice: the steps a loop restarted from its checkpoint sends again are dropped."""
+"""Nothing tracked is lost or logged twice: steps re-sent after a restart are dropped, and what is still
+unlogged at the end goes to a replay file that `python -m orchestrator.tracking.replay` logs into the same run."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cluster.loopback import free_port
+from orchestrator.tracking.replay import REPLAY_FILE, write_unlogged
 from orchestrator.tracking.tracker import RunTracker
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _steps(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _replay(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "orchestrator.tracking.replay", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_steps_resent_after_a_restart_are_not_logged_twice(tmp_path):
@@ -26,3 +43,46 @@ def test_steps_resent_after_a_restart_are_not_logged_twice(tmp_path):
     assert _steps(client, run_id, "train/lr") == list(range(1, 21))
     assert _steps(client, run_id, "val/top1") == [10]
     assert t.resent == 16 and t.unlogged_summary() is None
+
+
+def test_replay_file_restores_into_the_same_run(tmp_path):
+    """A run whose server went away: its leftovers move to the driver's tracker (hand_over/adopt, as from
+    the relay actor), are written next to the checkpoints, and the replay command logs them once."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = RunTracker(uri, "unit", "replayed").start()
+    dead = f"http://127.0.0.1:{free_port()}"
+    relayed = RunTracker(dead, "unit", "replayed", run_id=run_id, retry_seconds=0.5)
+    relayed.start()
+    for step in range(1, 8):
+        relayed.log_metrics({"train/loss": 1.0 / step}, step)
+    driver = RunTracker(dead, "unit", "replayed", run_id=run_id, retry_seconds=0.5)
+    driver.start()
+    driver.log_params({"optim.lr": 0.003})
+    driver.adopt(*relayed.hand_over())
+    driver.set_tags({"model_name": "mixer_digits"})
+    driver.end("FINISHED")
+    url = write_unlogged(driver, str(tmp_path / "runs" / "replayed"))
+    assert url == str(tmp_path / "runs" / "replayed" / REPLAY_FILE)
+    summary = driver.unlogged_summary()
+    assert "7 metric values (train/loss)" in summary and "1 params" in summary and "1 tags" in summary
+    assert f"Kept for replay (7 metric values, 1 params, 1 tags, the run status) in {url}" in summary
+    assert f"python -m orchestrator.tracking.replay {url}" in summary
+    lines = [json.loads(x) for x in Path(url).read_text().splitlines()]
+    assert lines[0]["run_id"] == run_id and lines[0]["status"] == "FINISHED" and len(lines) == 1 + 7 + 1 + 1
+
+    # Still away: nothing is replayed and the file stays as it is.
+    out = _replay(str(tmp_path / "runs" / "replayed"), "--tracking-uri", dead)
+    assert out.returncode == 1 and f"what is not logged stays in {url}" in out.stderr
+    assert len(Path(url).read_text().splitlines()) == len(lines)
+    out = _replay(str(tmp_path / "runs" / "replayed"), "--tracking-uri", uri)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "replayed 7 metric values, 1 params, 1 tags and the run status" in out.stdout
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert _steps(client, run_id, "train/loss") == list(range(1, 8))
+    assert run.data.params["optim.lr"] == "0.003" and run.data.tags["model_name"] == "mixer_digits"
+    assert run.info.status == "FINISHED"
+    assert not Path(url).exists() and list(Path(url).parent.glob("unlogged_tracking.replayed-*.jsonl"))
+    assert len(client.search_runs([run.info.experiment_id])) == 1
