@@ -1,13 +1,21 @@
-"""Nothing tracked is lost or logged twice: steps re-sent after a restart are dropped, and what is still
-unlogged at the end goes to a replay file that `python -m orchestrator.tracking.replay` logs into the same run."""
+"""Nothing tracked is lost or logged twice: steps re-sent after a restart are dropped, what is still unlogged
+at the end goes to a replay file that `python -m orchestrator.tracking.replay` logs into the same run, and
+through `python -m orchestrator.pretrain` rank 0's points outlive a killed worker while the server is away."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+import pytest
+from tracking_server import MlflowServer
 
 from cluster.loopback import free_port
 from orchestrator.tracking.replay import REPLAY_FILE, write_unlogged
@@ -86,3 +94,70 @@ def test_replay_file_restores_into_the_same_run(tmp_path):
     assert run.info.status == "FINISHED"
     assert not Path(url).exists() and list(Path(url).parent.glob("unlogged_tracking.replayed-*.jsonl"))
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+# ----------------------------------------------------------------------- through the real entry point -----
+
+
+@pytest.mark.slow  # a 2-worker Ray run with a worker restart, and an `mlflow server`
+def test_pretrain_outage_worker_killed_then_replayed(tmp_path):
+    """The server dies at step 3 and stays away; rank 0's worker is killed at step 12. Ray restarts the group
+    from its latest checkpoint; the points rank 0 sent before dying are held by the driver's actor, the re-sent
+    steps are dropped, and at the end the replay file restores every point into the run, exactly once."""
+    from mlflow import MlflowClient
+
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    server.start()
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(MIXER_HOME=str(home), PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+    args = [sys.executable, "-m", "orchestrator.pretrain", "run.name=outage", "schedule.epochs=2",
+            "schedule.warmup_steps=2", "checkpoint.every_steps=5", "train.log_every_steps=1",
+            "eval.every_steps=1000", f"tracking.uri={server.url}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, killed = [], None
+    deadline = time.monotonic() + 400
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if server.proc is not None and re.search(r"RayTrainWorker pid=\d+\S* step 3/\d+", line):
+                server.kill()
+            match = re.search(r"RayTrainWorker pid=(\d+)\S* step 12/\d+", line)
+            if killed is None and match:
+                killed = int(match.group(1))  # the pid Ray prefixes to rank 0's lines
+                assert "RayTrainWorker" in " ".join(psutil.Process(killed).cmdline())
+                os.kill(killed, signal.SIGKILL)
+            assert time.monotonic() < deadline, "".join(lines[-50:])
+        proc.wait(timeout=60)
+    finally:
+        server.kill()
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert proc.returncode == 0 and killed is not None, text[-4000:]
+    # The group restarted from its latest registered checkpoint (or from scratch if none was registered yet,
+    # under load): either way rank 0 printed some steps twice, and sent them twice.
+    printed = re.findall(r"RayTrainWorker pid=\d+\S* step (\d+)/", text)
+    assert len(printed) > len(set(printed)), text[-4000:]
+    total = int(re.search(r"step \d+/(\d+)", text).group(1))
+    run_id = re.search(r"MLflow run id\s+(\w+)", text).group(1)
+    replay_file = home / "runs" / "outage" / REPLAY_FILE
+    kept = re.search(r"Kept for replay \((\d+) metric values, (\d+) params, (\d+) tags, the run status\) in (\S+);",
+                     text)
+    assert kept and kept.group(4) == str(replay_file), text[-3000:]
+    assert f"python -m orchestrator.tracking.replay {replay_file}" in text
+    in_file = [json.loads(x) for x in replay_file.read_text().splitlines()[1:]]
+    assert int(kept.group(1)) == sum("metric" in x for x in in_file) > 0
+
+    # The server's own store, read directly (a second server start would only cost time).
+    store = f"sqlite:///{server.root}/server.db"
+    client = MlflowClient(store)
+    before = _steps(client, run_id, "train/loss")
+    assert before == list(range(1, len(before) + 1)) and len(before) < total  # up to the kill, at most
+    out = _replay(str(replay_file.parent), "--tracking-uri", store)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _steps(client, run_id, "train/loss") == list(range(1, total + 1)), before
+    assert _steps(client, run_id, "train/lr") == list(range(1, total + 1))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mixer_digits"
