@@ -1,4 +1,5 @@
-"""MLflow tracking for one training run, safe to call from the training loop (rank 0 only).
+"""MLflow tracking for one run, safe to call from a training loop (the driver's tracker, and the one in the
+driver-owned actor that rank 0 logs through, relay.py).
 
     tracker = RunTracker(resolve_tracking_uri(None, "~/.mixer"), "mixer-pretrain", "digits-s")
     run_id = tracker.start()                       # or RunTracker(..., run_id=run_id).start() to continue
@@ -15,7 +16,10 @@ How it uses MLflow (checked against MLflow 3.17.2):
 - Params, tags, artifacts and the run status are few: sent synchronously, so MLflow's error code tells a
   refusal (counted, never retried) from an outage (kept and sent again once the store answers).
 - HTTP retries and timeouts are MLflow's own (MLFLOW_HTTP_REQUEST_*), set once per process (store.py).
-- Nothing raises into the training loop; `unlogged_summary()` counts exactly what never reached MLflow.
+- A metric point at or below the highest step already taken for its key is dropped: a loop restarted from
+  a checkpoint re-sends the steps between that checkpoint and the crash, which were logged already.
+- Nothing raises into the training loop; `unlogged_summary()` counts exactly what never reached MLflow, and
+  `pending()` gives what is still unlogged as plain data (replay.py writes it next to the checkpoints).
 - Secrets never reach MLflow or a log line (pipelines.redaction). `import mlflow` (~2 s) waits for start().
 """
 
@@ -92,7 +96,6 @@ class RunTracker(ArtifactLogging):
         # The highest step taken per metric key: a loop restarted from a checkpoint sends the steps between
         # that checkpoint and the crash again; they were logged already and are dropped, not logged twice.
         self._last_step: dict[str, int] = {}
-        self.resent = 0
         self.kept_at: str | None = None  # the replay file holding what was not logged (replay.py)
 
     @property
@@ -182,7 +185,6 @@ class RunTracker(ArtifactLogging):
         points = []
         for k, v in metrics.items():
             if int(step) <= self._last_step.get(str(k), -1):
-                self.resent += 1
                 continue
             try:
                 points.append(Metric(str(k), float(v.item() if hasattr(v, "item") else v), now, int(step)))
