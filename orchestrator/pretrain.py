@@ -69,6 +69,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     has no checkpoint yet) and tags recording where they came from.
     """
     from orchestrator.tracking import run as run_tracking
+    from orchestrator.tracking.relay import collect_relay, start_relay
     from orchestrator.train import launch
 
     data, plan = resolve_run(cfg)
@@ -94,23 +95,43 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         print(f"error: {e}", file=sys.stderr)
         if run:
             run.end("FAILED")
+            keep_unlogged(cfg, run)
         raise SystemExit(3) from None
 
+    # Rank 0 logs through an actor this process owns: what an outage buffers outlives any worker.
+    relay = start_relay(run) if run else None
+    job.tracker_actor = relay.name if relay else None
     trainer = launch.build_trainer(cfg, job)
     try:
         result = trainer.fit()
     except Exception as e:
         print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
         if run:
+            collect_relay(run, relay)
             run.end("FAILED")
+            keep_unlogged(cfg, run)
+            if missing := run.unlogged_summary():
+                print(missing, file=sys.stderr)
         raise SystemExit(1) from None
 
     metrics = dict(result.metrics or {})
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     if run:
+        collect_relay(run, relay)
         run_tracking.finish_run(run, cfg, plan.model_cfg, result)
+        keep_unlogged(cfg, run)
     print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
     return metrics
+
+
+def keep_unlogged(cfg: Config, run) -> None:
+    """What never reached MLflow goes next to the run's checkpoints, for `python -m orchestrator.tracking.replay`."""
+    from orchestrator.tracking.replay import write_unlogged
+    from orchestrator.train.launch import storage_options
+    from pipelines.storage import join_url
+
+    run_dir = join_url(cfg.resolved_storage_path(), cfg.run.name)
+    write_unlogged(run, run_dir, storage_options(cfg, run_dir))
 
 
 def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, checkpoint_path: str | None) -> None:
@@ -129,9 +150,9 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
         print(f"MLflow run id   {run.run_id}")
         print(f"MLflow UI       mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
         print(f"compare runs    {report_command(cfg.tracking.experiment, tracking_uri=tracking_uri)}")
-        missing = run.unlogged_summary()
+        missing = run.unlogged_summary()  # exact counts, and the replay file holding them
         if missing:
-            print(f"not logged to MLflow: {missing}")
+            print(missing)
 
 
 def figures_lines(metrics: dict) -> list[str]:

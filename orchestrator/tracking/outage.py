@@ -82,9 +82,18 @@ class Unlogged:
     refused: list[str] = field(default_factory=list)  # refused by MLflow (not an outage)
     model: str | None = None
 
+    def merge(self, other: Unlogged) -> None:
+        self.metrics += other.metrics
+        self.metric_keys |= other.metric_keys
+        self.params += other.params
+        self.tags += other.tags
+        self.refused += other.refused
+        self.model = self.model or other.model
+
     def summary(self, where: str, run_id: str | None, outages: int, *, buffered_metrics: list[str], params: int,
-                tags: int, artifacts: list[str], status: str | None) -> str | None:
-        """One line (counts per kind, plus the still-buffered ones given), or None when nothing is missing."""
+                tags: int, artifacts: list[str], status: str | None, kept_at: str | None = None) -> str | None:
+        """One line (counts per kind, plus the still-buffered ones given), or None when nothing is missing.
+        `kept_at`: the replay file that holds the still-buffered metrics, params, tags and status."""
         keys = sorted(self.metric_keys | set(buffered_metrics))
         parts = []
         if n := self.metrics + len(buffered_metrics):
@@ -107,4 +116,9 @@ class Unlogged:
             return None
         why = " (tracking was unreachable)" if outages else ""
         run = f" for run {run_id}" if run_id else ""
-        return f"not logged to MLflow at {where}{run}{why}: " + "; ".join(parts)
+        line = f"not logged to MLflow at {where}{run}{why}: " + "; ".join(parts)
+        if kept_at:
+            kept = [f"{len(buffered_metrics)} metric values", f"{params} params", f"{tags} tags"]
+            line += (f". Kept for replay ({', '.join(kept)}{', the run status' if status else ''}) in {kept_at}; "
+                     f"replay into the same run with: python -m orchestrator.tracking.replay {kept_at}")
+        return line

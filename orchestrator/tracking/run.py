@@ -1,7 +1,8 @@
 """The driver's side of MLflow for a training run: open (or re-open) the run, then close it with artifacts.
 
-Workers only log metrics (rank 0, orchestrator/train/loop.py). The driver owns the run's lifecycle so a
-run restarted by Ray, or re-submitted with the same run.name, keeps one MLflow run.
+Workers only log metrics and a few params (rank 0, orchestrator/train/loop.py, through the driver-owned actor
+of relay.py). The driver owns the run's lifecycle so a run restarted by Ray, or re-submitted with the same
+run.name, keeps one MLflow run.
 """
 
 from __future__ import annotations

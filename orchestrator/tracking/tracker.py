@@ -1,4 +1,5 @@
-"""MLflow tracking for one training run, safe to call from the training loop (rank 0 only).
+"""MLflow tracking for one run, safe to call from a training loop (the driver's tracker, and the one in the
+driver-owned actor that rank 0 logs through, relay.py).
 
     tracker = RunTracker(resolve_tracking_uri(None, "~/.mixer"), "mixer-pretrain", "digits-s")
     run_id = tracker.start()                       # or RunTracker(..., run_id=run_id).start() to continue
@@ -15,7 +16,10 @@ How it uses MLflow (checked against MLflow 3.17.2):
 - Params, tags, artifacts and the run status are few: sent synchronously, so MLflow's error code tells a
   refusal (counted, never retried) from an outage (kept and sent again once the store answers).
 - HTTP retries and timeouts are MLflow's own (MLFLOW_HTTP_REQUEST_*), set once per process (store.py).
-- Nothing raises into the training loop; `unlogged_summary()` counts exactly what never reached MLflow.
+- A metric point at or below the highest step already taken for its key is dropped: a loop restarted from
+  a checkpoint re-sends the steps between that checkpoint and the crash, which were logged already.
+- Nothing raises into the training loop; `unlogged_summary()` counts exactly what never reached MLflow, and
+  `pending()` gives what is still unlogged as plain data (replay.py writes it next to the checkpoints).
 - Secrets never reach MLflow or a log line (pipelines.redaction). `import mlflow` (~2 s) waits for start().
 """
 
@@ -77,6 +81,7 @@ class RunTracker(ArtifactLogging):
         self.parent_run_id = parent_run_id
         self._init_tags = dict(tags or {})
         self._client = None
+        self.retry_seconds = retry_seconds
         self._outage = Outage(self.tracking_uri, retry_seconds)
         self._lost = Unlogged()
         self._lock = threading.RLock()
@@ -88,6 +93,10 @@ class RunTracker(ArtifactLogging):
         self._calls: list[tuple[str, Callable[[], Any]]] = []  # artifact calls kept for later (label, call)
         self._status: str | None = None  # RUNNING to set on resume, or the final status, until it is set
         self._ended = False
+        # The highest step taken per metric key: a loop restarted from a checkpoint sends the steps between
+        # that checkpoint and the crash again; they were logged already and are dropped, not logged twice.
+        self._last_step: dict[str, int] = {}
+        self.kept_at: str | None = None  # the replay file holding what was not logged (replay.py)
 
     @property
     def client(self):
@@ -175,10 +184,14 @@ class RunTracker(ArtifactLogging):
         now = int(time.time() * 1000)
         points = []
         for k, v in metrics.items():
+            if int(step) <= self._last_step.get(str(k), -1):
+                continue
             try:
                 points.append(Metric(str(k), float(v.item() if hasattr(v, "item") else v), now, int(step)))
             except (TypeError, ValueError):
                 self._lost.refused.append(f"metric {k} (not a number: {type(v).__name__})")
+                continue
+            self._last_step[str(k)] = int(step)
         self._buffer_metrics(points)
         self.flush()
 
@@ -306,6 +319,41 @@ class RunTracker(ArtifactLogging):
                 self._lost.metrics += 1
                 self._lost.metric_keys.add(self._metrics.popleft().key)
 
+    # ------------------------------------------------------------------ what is not logged, as plain data
+
+    def pending(self) -> dict:
+        """What is not logged yet (after waiting for MLflow's confirmations): metrics as [key, value,
+        timestamp, step], params, tags, and the final status if the run ended without it being set."""
+        for confirmation, _ in list(self._in_flight):
+            confirmation.exception()  # waits; a failed batch returns to the buffer
+        with self._lock:
+            metrics = [[m.key, m.value, m.timestamp, m.step] for m in self._metrics]
+        return {"metrics": metrics, "params": dict(self._params), "tags": dict(self._tags),
+                "status": self._status if self._ended else None}
+
+    def hand_over(self) -> tuple[dict, Unlogged, int]:
+        """(pending(), the tally of what was lost, the number of outages), taken out of this tracker: how the
+        driver's relay actor (relay.py) passes its leftovers to the driver's tracker (adopt)."""
+        state = self.pending()
+        with self._lock:
+            self._metrics.clear()
+        self._params, self._tags = {}, {}
+        lost, self._lost = self._lost, Unlogged()
+        return state, lost, self._outage.count
+
+    def adopt(self, state: dict, lost: Unlogged | None = None, outages: int = 0) -> None:
+        """Take over another tracker's leftovers (hand_over, or a replay file) for this run: sent with this
+        tracker's next flush, or counted in its summary."""
+        from mlflow.entities import Metric
+
+        self._buffer_metrics([Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in state["metrics"]],
+                             older=True)
+        self._params = {**state["params"], **self._params}
+        self._tags = {**state["tags"], **self._tags}
+        if lost is not None:
+            self._lost.merge(lost)
+        self._outage.count += outages
+
     def _bound(self, d: dict, kind: str) -> None:
         while len(d) > MAX_BUFFERED_PARAMS_TAGS:
             d.pop(next(iter(d)))
@@ -318,4 +366,4 @@ class RunTracker(ArtifactLogging):
         return self._lost.summary(
             redact(self.tracking_uri), self.run_id, self._outage.count, buffered_metrics=keys,
             params=len(self._params), tags=len(self._tags), artifacts=[label for label, _ in self._calls],
-            status=self._status if self._ended else None)
+            status=self._status if self._ended else None, kept_at=self.kept_at)

@@ -41,6 +41,8 @@ class Job:
     # A state_dict file (local path or fsspec URL) to start from when the run has no checkpoint yet:
     # how fine-tuning hands its adapted pretrained weights to every worker.
     init_weights_url: str | None = None
+    # The driver's tracking actor (orchestrator/tracking/relay.py) rank 0 sends to; None: rank 0 logs itself.
+    tracker_actor: str | None = None
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -270,7 +272,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     final.update(compute)
     if tracker and step > first_step:
         tracker.log_metrics(compute, step)  # held until the end, the last checkpoint's save included
-    if tracker:
+    if tracker and not job.tracker_actor:  # a relay's leftovers are collected by the driver
         tracker.flush(force=True)  # what an outage buffered; the driver ends the run
         missing = tracker.unlogged_summary()
         if missing:
@@ -322,9 +324,14 @@ def _gather(mine: tuple, world: int) -> tuple[list, list]:
 
 
 def _start_tracker(cfg: Config, job: Job, run_id: str | None):
-    """Rank 0 logs metrics into the run the driver created (or the one the checkpoint names)."""
+    """Rank 0 logs metrics into the run the driver created (or the one the checkpoint names): through the
+    driver's actor when there is one, so what an outage buffers outlives this worker."""
     if not cfg.tracking.enabled or run_id is None:
         return None
+    if job.tracker_actor:
+        from orchestrator.tracking.relay import RelayedTracker
+
+        return RelayedTracker(job.tracker_actor)
     from orchestrator.tracking.tracker import RunTracker
 
     tracker = RunTracker(job.tracking_uri, cfg.tracking.experiment, cfg.run.name, run_id=run_id)

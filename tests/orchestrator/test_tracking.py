@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from tracking_server import MlflowServer
 
 from cluster.loopback import free_port
 from orchestrator.tracking import tracker as tracking
@@ -24,7 +21,6 @@ from orchestrator.tracking.store import (
 )
 from orchestrator.tracking.tracker import RunTracker
 
-MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzTESTKEY1"
 
 
@@ -234,49 +230,6 @@ def test_log_model_pt2(sqlite_uri):
 # ------------------------------------------------------------------------------------ a real server -----
 
 
-class MlflowServer:
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> None:
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.kill()
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):
-                    pass
-            except OSError:
-                time.sleep(0.2)
-                continue
-            from mlflow import MlflowClient
-
-            MlflowClient(self.url).search_experiments()  # the server opens its store on the first API call
-            return
-        self.kill()
-        raise RuntimeError(f"mlflow server did not start within {timeout:.0f} s")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            try:  # the server's own session (start_new_session): uvicorn and the job runner go with it
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
@@ -288,7 +241,8 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.mark.slow  # starts `mlflow server` twice (~10-15 s each on an idle 2-core machine)
-def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, caplog):
+def test_server_outage_buffers_retries_and_reports(mlflow_server, caplog):
+    """Killed and restarted mid-run: every point reaches MLflow, once."""
     from mlflow import MlflowClient
 
     caplog.set_level(logging.WARNING, logger="orchestrator.tracking.tracker")
@@ -303,7 +257,6 @@ def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, c
     assert len(client.get_metric_history(run_id, "train/loss")) == 5
 
     mlflow_server.kill()
-    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 40)
     slowest, step = 0.0, 5
     t_outage = time.monotonic()
     while step < 55 or time.monotonic() - t_outage < 3:  # long enough for several retry attempts
@@ -317,10 +270,8 @@ def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, c
     assert slowest < 2.0, f"a logging call blocked {slowest:.1f} s"
     outage_warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(outage_warnings) == 1 and mlflow_server.url in outage_warnings[0].getMessage()
-    dropped = step - 5 - 40  # the buffer keeps the newest 40 points
     summary = t.unlogged_summary()
     assert f"{step - 5} metric values" in summary and "1 params" in summary
-    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 200_000)  # nothing more is dropped from here
 
     mlflow_server.start()
     deadline = time.monotonic() + 60  # a ceiling for loaded CI machines; it takes ~retry_seconds
@@ -332,14 +283,29 @@ def test_server_outage_buffers_retries_and_reports(mlflow_server, monkeypatch, c
     t.end("FINISHED")
 
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
-    expected = list(range(5)) + list(range(5 + dropped, step))
-    assert sorted(steps) == expected
+    assert sorted(steps) == list(range(step))  # every point, each once
     run = client.get_run(run_id)
     assert run.data.params["late.param"] == "1" and run.info.status == "FINISHED"
-    summary = t.unlogged_summary()
-    assert summary is not None and f"{dropped} metric values (train/loss)" in summary
-    assert "params" not in summary and "status" not in summary
+    assert t.unlogged_summary() is None
     assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_outage_buffer_keeps_the_newest_points(monkeypatch):
+    """The buffer is bounded: beyond MAX_BUFFERED_METRICS the oldest points go, counted in the summary."""
+    monkeypatch.setattr(tracking, "MAX_BUFFERED_METRICS", 40)
+    t = RunTracker(f"http://127.0.0.1:{free_port()}", "x", "bounded", run_id="e" * 32, retry_seconds=60.0)
+    t.start()
+    for step in range(55):
+        t.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    assert "55 metric values (train/loss)" in t.unlogged_summary()
+    state, lost, _ = t.hand_over()
+    assert [m[3] for m in state["metrics"]] == list(range(15, 55))  # the newest 40
+    assert lost.metrics == 15 and lost.metric_keys == {"train/loss"}
+    assert t.unlogged_summary() is None  # all handed over
+    driver = RunTracker(t.tracking_uri, "x", "bounded", run_id=t.run_id)
+    driver.adopt(state, lost, 1)
+    summary = driver.unlogged_summary()
+    assert "55 metric values (train/loss)" in summary and "(tracking was unreachable)" in summary
 
 
 def test_server_down_at_end_and_at_start(tmp_path):

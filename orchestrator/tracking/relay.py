@@ -1,0 +1,73 @@
+"""Rank 0's tracking goes through a Ray actor owned by the driver, so a dead worker loses nothing buffered.
+
+    relay = start_relay(tracker)            # driver, after ray.init: an actor holding a RunTracker of the run
+    Job(..., tracker_actor=relay.name)      # rank 0: RelayedTracker(name).log_metrics(...) (does not wait)
+    collect_relay(tracker, relay)           # driver, after fit: the actor's leftovers move to `tracker`
+
+The actor is not detached: it lives as long as the driver that owns it, whatever happens to the workers.
+While the store is away its RunTracker keeps what rank 0 sent and sends it once the store answers; after a
+worker restart it drops the steps the loop sends again (those between the checkpoint and the crash were
+logged already). What it still holds at the end goes to the driver's tracker, which sends it with the run's
+last flush or writes it to the replay file (replay.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.tracking.tracker import RunTracker
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "mixer-tracking"
+
+
+@dataclass
+class Relay:
+    name: str
+    actor: Any  # the ActorHandle; holding it keeps the actor alive until collect_relay
+
+
+def start_relay(tracker: RunTracker) -> Relay:
+    """An actor holding a RunTracker that continues `tracker`'s run (which must be started)."""
+    import ray
+
+    name = f"tracker-{tracker.run_id}-{uuid.uuid4().hex[:8]}"
+    # num_cpus=0: the workers get every CPU; max_restarts=0: a restarted actor would have lost its buffer.
+    actor = ray.remote(RunTracker).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0).remote(
+        tracker.tracking_uri, tracker.experiment, tracker.run_name, run_id=tracker.run_id,
+        retry_seconds=tracker.retry_seconds)
+    ray.get(actor.start.remote())
+    return Relay(name, actor)
+
+
+def collect_relay(tracker: RunTracker, relay: Relay | None) -> None:
+    """Move what the actor could not log into `tracker`, then end the actor."""
+    if relay is None:
+        return
+    import ray
+
+    try:
+        tracker.adopt(*ray.get(relay.actor.hand_over.remote()))
+    except Exception as e:  # the actor died with the driver's node: what it held is gone, say so
+        logger.warning("the tracking relay %s is gone (%s: %s); what it had not logged is lost",
+                       relay.name, type(e).__name__, e)
+    ray.kill(relay.actor)
+
+
+class RelayedTracker:
+    """Rank 0's side: sends to the driver's actor without waiting (calls run in the order they were made)."""
+
+    def __init__(self, name: str):
+        import ray
+
+        self._actor = ray.get_actor(name, namespace=NAMESPACE)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._actor.log_metrics.remote(dict(metrics), int(step))
+
+    def log_params(self, params: dict) -> None:
+        self._actor.log_params.remote(params)
