@@ -16,8 +16,9 @@ How it uses MLflow (checked against MLflow 3.17.2):
 - Params, tags, artifacts and the run status are few: sent synchronously, so MLflow's error code tells a
   refusal (counted, never retried) from an outage (kept and sent again once the store answers).
 - HTTP retries and timeouts are MLflow's own (MLFLOW_HTTP_REQUEST_*), set once per process (store.py).
-- A metric point at or below the highest step already taken for its key is dropped: a loop restarted from
-  a checkpoint re-sends the steps between that checkpoint and the crash, which were logged already.
+- A metric point below the highest step already taken for its key, or at it with the same value, is dropped:
+  a loop restarted from a checkpoint re-sends the steps between that checkpoint and the crash, which were
+  logged already. A new value at the highest step (a figure updated at the end of the run) is kept.
 - Nothing raises into the training loop; `unlogged_summary()` counts exactly what never reached MLflow, and
   `pending()` gives what is still unlogged as plain data (replay.py writes it next to the checkpoints).
 - Secrets never reach MLflow or a log line (pipelines.redaction). `import mlflow` (~2 s) waits for start().
@@ -96,6 +97,7 @@ class RunTracker(ArtifactLogging):
         # The highest step taken per metric key: a loop restarted from a checkpoint sends the steps between
         # that checkpoint and the crash again; they were logged already and are dropped, not logged twice.
         self._last_step: dict[str, int] = {}
+        self._last_value: dict[str, float] = {}
         self.kept_at: str | None = None  # the replay file holding what was not logged (replay.py)
 
     @property
@@ -184,14 +186,16 @@ class RunTracker(ArtifactLogging):
         now = int(time.time() * 1000)
         points = []
         for k, v in metrics.items():
-            if int(step) <= self._last_step.get(str(k), -1):
-                continue
+            key, last = str(k), self._last_step.get(str(k), -1)
             try:
-                points.append(Metric(str(k), float(v.item() if hasattr(v, "item") else v), now, int(step)))
+                value = float(v.item() if hasattr(v, "item") else v)
             except (TypeError, ValueError):
                 self._lost.refused.append(f"metric {k} (not a number: {type(v).__name__})")
                 continue
-            self._last_step[str(k)] = int(step)
+            if int(step) < last or (int(step) == last and value == self._last_value.get(key)):
+                continue
+            points.append(Metric(key, value, now, int(step)))
+            self._last_step[key], self._last_value[key] = int(step), value
         self._buffer_metrics(points)
         self.flush()
 
