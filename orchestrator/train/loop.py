@@ -17,7 +17,7 @@ import torch
 from model import create_model, pretrained_data_config
 from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
-from orchestrator.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orchestrator.train.checkpoints import load_newest_complete, rng_state, save_checkpoint, set_rng_state
 from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.plan import make_plan, micro_batch_size, peak_tflops
 from orchestrator.train.step import train_step
@@ -122,25 +122,25 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.schedule)
 
     step, start_epoch, resumed, run_id, accel_hours = 0, 0, False, job.mlflow_run_id, 0.0
-    with session.latest_checkpoint() as ckpt_dir:
-        if ckpt_dir is None and job.init_weights_url:
-            model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
-        if ckpt_dir is not None:
-            state = load_checkpoint(ckpt_dir, map_location="cpu")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step = state["step"]
-            train_loader.load_state_dict(state["data"])
-            start_epoch, resumed = state["data"]["epoch"], True
-            run_id = state.get("mlflow_run_id") or run_id
-            accel_hours = state.get("accelerator_hours", 0.0)
-            rngs = state.get("rng", [])
-            if rank < len(rngs):
-                set_rng_state(rngs[rank])
-            if rank == 0:
-                print(f"[resume] from {ckpt_dir.name}: step {step}, data at epoch {start_epoch} batch "
-                      f"{state['data']['batches_consumed']}", flush=True)
+    restored = load_newest_complete(session.restore_candidates(), warn=_print_on_rank0(rank))
+    if restored is None and job.init_weights_url:
+        model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
+    if restored is not None:
+        state, source = restored
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        train_loader.load_state_dict(state["data"])
+        start_epoch, resumed = state["data"]["epoch"], True
+        run_id = state.get("mlflow_run_id") or run_id
+        accel_hours = state.get("accelerator_hours", 0.0)
+        rngs = state.get("rng", [])
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+        if rank == 0:
+            print(f"[resume] from {source.name}: step {step}, data at epoch {start_epoch} batch "
+                  f"{state['data']['batches_consumed']}", flush=True)
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:
@@ -250,6 +250,10 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
         if missing:
             print(f"[tracking] {missing}", flush=True)
     return final
+
+
+def _print_on_rank0(rank: int):
+    return (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
 
 
 def _load_init_weights(url: str, storage_options: dict) -> dict:
