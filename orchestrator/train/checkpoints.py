@@ -4,6 +4,9 @@ A checkpoint is a directory with one file, ``state.pt``: model, optimizer, sched
 position, every rank's RNG state, the MLflow run id and the resolved config. It holds only tensors and
 plain Python values, so it loads with ``torch.load(weights_only=True)`` and never executes pickled code.
 It never holds secrets: the resolved config carries no credentials (they come from the environment).
+
+A restart resumes from the newest checkpoint of the run that loads (load_newest_complete over the run's
+checkpoints as run_checkpoints lists them): a damaged newest one costs the steps since the previous one.
 """
 
 from __future__ import annotations
