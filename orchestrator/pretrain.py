@@ -88,7 +88,12 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         storage_options=data.storage_options,
         init_weights_url=init_weights_url,
     )
-    launch.init_ray()
+    try:
+        launch.init_ray()
+    except launch.RayAddressError:
+        if run:
+            run.end("FAILED")
+        raise
     try:
         launch.check_capacity(cfg)
     except launch.ClusterTooSmallError as e:

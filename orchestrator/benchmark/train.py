@@ -117,7 +117,7 @@ def checkpoint_bench(model_name: str, batch: int, repeats: int, tmp: Path) -> di
         return store.commit(staged, step_no[0])
 
     def restore() -> None:
-        state = load_checkpoint(store.latest())
+        state = load_checkpoint(max(store.root.glob("checkpoint_*")))  # checkpoint_<08d step>: newest last
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -29,7 +29,7 @@ import torch
 
 from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
 from model.state_dict_loading import check_state_dict, config_from_state_dict
-from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE
+from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE, run_checkpoints
 
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -110,7 +110,7 @@ def _join(path: str, name: str) -> str:
 def _load_directory(fs, path: str, shown: str) -> Source:
     if fs.exists(_join(path, STATE_FILE)):
         return _load_project(fs, _join(path, STATE_FILE), shown)
-    candidates = _run_checkpoints(fs, path)
+    candidates = [name for name, _ in run_checkpoints(fs, path)]
     if not candidates:
         raise CheckpointError(
             f"checkpoint {shown} is a directory without {STATE_FILE} and without complete checkpoint_* "
@@ -123,43 +123,6 @@ def _load_directory(fs, path: str, shown: str) -> Source:
         except CheckpointError as e:
             problems.append(str(e))
     raise CheckpointError(f"no checkpoint of run directory {shown} can be loaded: {'; '.join(problems)}")
-
-
-def _run_checkpoints(fs, path: str) -> list[str]:
-    """Names of the run's checkpoint dirs with a state.pt, the registered latest first, then newest first."""
-    names = sorted(
-        (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
-         if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
-        reverse=True,  # Ray's checkpoint_<date_ms> and our checkpoint_<zero-padded step> both sort by age
-    )
-    names = [n for n in names if fs.exists(_join(_join(path, n), STATE_FILE))]
-    latest = _latest_registered(fs, path)
-    if latest in names:
-        names.remove(latest)
-        names.insert(0, latest)
-    return names
-
-
-def _latest_registered(fs, path: str) -> str | None:
-    """The directory name of the run's latest checkpoint as Ray Train registered it, or None when `path` is not
-    a Ray Train run (e.g. a LocalSession run) or its registry cannot be read now (being rewritten, or naming a
-    checkpoint that was just deleted): the caller then goes by directory order."""
-    import logging
-
-    import pyarrow.fs
-    from ray.train import Result
-
-    # from_path announces at INFO, for a run about to resume, what it found: noise when only reading
-    train_logger = logging.getLogger("ray.train")
-    level = train_logger.level
-    train_logger.setLevel(logging.WARNING)
-    try:
-        result = Result.from_path(path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
-    except Exception:  # RuntimeError without a registry; Ray's own errors for an unreadable one
-        return None
-    finally:
-        train_logger.setLevel(level)
-    return result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if result.checkpoint else None
 
 
 def _torch_load(fs, path: str, shown: str) -> Any:

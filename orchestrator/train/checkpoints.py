@@ -4,18 +4,25 @@ A checkpoint is a directory with one file, ``state.pt``: model, optimizer, sched
 position, every rank's RNG state, the MLflow run id and the resolved config. It holds only tensors and
 plain Python values, so it loads with ``torch.load(weights_only=True)`` and never executes pickled code.
 It never holds secrets: the resolved config carries no credentials (they come from the environment).
+
+A restart resumes from the newest checkpoint of the run that loads (load_newest_complete over the run's
+checkpoints as run_checkpoints lists them): a damaged newest one costs the steps since the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelines.storage import atomic_write
+from pipelines.storage import atomic_write, get_fs
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
@@ -30,17 +37,31 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
     return directory / STATE_FILE
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's state.pt is missing, truncated or otherwise unreadable (not a safety refusal)."""
+
+
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint of this project: it has no {STATE_FILE}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # an unpickling refusal or a truncated file: name the file, not the payload
-        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {type(e).__name__}") from None
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged or truncated: {_first_line(e)}") from None
+        # name the file, not the payload
+        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): it holds pickled "
+                         "objects other than tensors and plain values, which are not executed") from None
+    except Exception as e:  # a truncated zip, a short read: the file is damaged
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged or truncated: {_first_line(e)}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has an unknown format; expected format_version {FORMAT_VERSION}")
     return state
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,12 +84,12 @@ class LocalCheckpointStore:
         self.root = Path(root)
         self.num_to_keep = num_to_keep
 
-    def latest(self) -> Path | None:
-        done = sorted(
-            (p for p in self.root.glob("checkpoint_*") if (p / STATE_FILE).exists()),
-            key=lambda p: int(p.name.split("_")[1]),
-        )
-        return done[-1] if done else None
+    def candidates(self) -> list[RestoreCandidate]:
+        """The run's checkpoints to restore from, newest first (see run_checkpoints)."""
+        if not self.root.is_dir():
+            return []
+        fs, path = get_fs(str(self.root))
+        return [RestoreCandidate(name, step, _local_dir(self.root / name)) for name, step in run_checkpoints(fs, path)]
 
     def commit(self, staged: Path, step: int) -> Path:
         target = self.root / f"checkpoint_{step:08d}"
@@ -80,3 +101,106 @@ class LocalCheckpointStore:
         for old in kept[: -self.num_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
         return target
+
+
+def _local_dir(path: Path) -> Callable[[], contextlib.AbstractContextManager[Path]]:
+    return lambda: contextlib.nullcontext(path)
+
+
+# ----------------------------------------------------------------------- finding a run's checkpoints ---
+
+
+@dataclass
+class RestoreCandidate:
+    """One checkpoint of a run: its directory name, its step when known, and how to get it as a local dir."""
+
+    name: str
+    step: int | None
+    open: Callable[[], contextlib.AbstractContextManager[Path]]
+
+
+def run_checkpoints(fs, path: str) -> list[tuple[str, int | None]]:
+    """(name, step) of the run's checkpoint dirs that have a state.pt: the latest Ray Train registered first,
+    then newest first. The step comes from Ray Train's registry (what the loop reported) or from our
+    ``checkpoint_<step>`` name; None when neither says. Used to resume (the loop) and to read a run (eval)."""
+    names = sorted(
+        (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
+         if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
+        reverse=True,  # Ray's checkpoint_<date_ms> and our checkpoint_<zero-padded step> both sort by age
+    )
+    names = [n for n in names if fs.exists(_join(_join(path, n), STATE_FILE))]
+    registered = _registered_steps(fs, path)
+    if registered:
+        latest = next(reversed(registered))
+        if latest in names:
+            names.remove(latest)
+            names.insert(0, latest)
+    return [(n, registered.get(n, _step_from_name(n))) for n in names]
+
+
+def _join(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name
+
+
+def _step_from_name(name: str) -> int | None:
+    suffix = name.removeprefix("checkpoint_")
+    return int(suffix) if suffix.isdigit() and len(suffix) == 8 else None  # ours: checkpoint_<08d step>
+
+
+def _registered_steps(fs, path: str) -> dict[str, int | None]:
+    """{checkpoint dir name: reported step} as Ray Train registered them, oldest first (the last is the latest),
+    or {} when `path` is not a Ray Train run (e.g. a LocalSession run) or its registry cannot be read now
+    (being rewritten, or naming a checkpoint that was just deleted): the caller then goes by directory order."""
+    import logging
+
+    import pyarrow.fs
+    from ray.train import Result
+
+    # from_path announces at INFO, for a run about to resume, what it found: noise when only reading
+    train_logger = logging.getLogger("ray.train")
+    level = train_logger.level
+    train_logger.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
+    except Exception:  # RuntimeError without a registry; Ray's own errors for an unreadable one
+        return {}
+    finally:
+        train_logger.setLevel(level)
+    steps = {c.path.rstrip("/").rsplit("/", 1)[-1]: m.get("step") for c, m in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:  # the latest goes last whatever the registry's order
+        latest = result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        steps[latest] = steps.pop(latest, (result.metrics or {}).get("step"))
+    return steps
+
+
+def load_newest_complete(candidates: Iterable[RestoreCandidate], map_location: str | torch.device = "cpu",
+                         warn: Callable[[str], None] = print) -> tuple[dict[str, Any], RestoreCandidate] | None:
+    """The state of the newest checkpoint that loads, and which one it was; None when the run has none.
+
+    A checkpoint that does not load (damaged, truncated, refused) is skipped with a warning naming it and what
+    failed; resuming from an earlier one says how many steps are done again. When none loads, the error
+    lists every checkpoint and its problem.
+    """
+    skipped: list[tuple[RestoreCandidate, str]] = []
+    for candidate in candidates:
+        try:
+            with candidate.open() as directory:
+                state = load_checkpoint(directory, map_location=map_location)
+        except (ValueError, OSError) as e:
+            warn(f"[resume] {e}; trying the previous checkpoint")
+            skipped.append((candidate, str(e)))
+            continue
+        if skipped:
+            newest = max((c.step for c, _ in skipped if c.step is not None), default=None)
+            redone = f"{newest - state['step']} step(s)" if newest is not None else "the steps after it"
+            warn(f"[resume] WARNING: the newest checkpoint(s) {', '.join(c.name for c, _ in skipped)} could not "
+                 f"be loaded; resuming from the earlier complete checkpoint {candidate.name} at step "
+                 f"{state['step']}: {redone} are done again")
+        return state, candidate
+    if skipped:
+        raise DamagedCheckpointError(
+            "no checkpoint of this run can be loaded, so it cannot resume: "
+            + "; ".join(problem for _, problem in skipped)
+            + ". Remove the damaged checkpoint directories to start the run afresh, or use another run.name"
+        )
+    return None

@@ -6,8 +6,14 @@ capacity is checked before the worker group is started (Train V2 otherwise waits
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,12 +122,23 @@ def storage_target(cfg: Config):
     return path[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+class RayAddressError(ConfigError):
+    """RAY_ADDRESS names a cluster that does not answer."""
+
+
 def init_ray() -> None:
-    """Join RAY_ADDRESS (a cluster, or the one `ray job submit` runs us on) or start a local instance.
+    """Start this process's own local Ray instance, or join the cluster RAY_ADDRESS names.
+
+    Without RAY_ADDRESS nothing is joined (``address="local"``): a plain ``ray.init()`` would join whatever
+    Ray's ``ray_current_cluster`` file names, and a ``ray start`` head killed hard leaves that file behind, so
+    every later run would hang on GCS connection retries (in C++, deaf to SIGTERM). Joining is asked for with
+    RAY_ADDRESS: ``auto`` (the local cluster ``ray start`` made), ``host:port``, or the address ``ray job
+    submit`` gives its entrypoint. Its GCS port is checked first, so a dead address fails in seconds.
 
     A local instance also tells its processes which dashboard is theirs: Ray Train's PlacementGroupCleaner
     finds the cluster through the state API and, with no address, fails ("Found multiple active Ray
-    instances") when another local Ray runs on the same host.
+    instances") when another local Ray runs on the same host. Ctrl-C or SIGTERM during the start ends the
+    process within seconds (see _ends_on_signal).
     """
     import ray
 
@@ -130,12 +147,115 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS"):
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        check_ray_address(address)
+        with _ends_on_signal():
+            ray.init(address=address, log_to_driver=True)
         return
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
-    ray.init(log_to_driver=True, dashboard_port=port)
+    print("[ray] starting a local Ray instance (set RAY_ADDRESS to join a cluster)", flush=True)
+    with _ends_on_signal():
+        ray.init(address="local", log_to_driver=True, dashboard_port=port)
+
+
+@contextlib.contextmanager
+def _ends_on_signal(grace_s: float = 5.0) -> Iterator[None]:
+    """Make Ctrl-C / SIGTERM end the process while the block (ray.init) runs, even when the Python handler's
+    exception is lost.
+
+    ray.init installs a SIGTERM handler that raises SystemExit, but the exception is often raised inside a
+    logging at-fork callback of one of the many processes ray.init spawns, where Python only prints
+    "Exception ignored" and the start goes on. So the signal is also watched through signal.set_wakeup_fd:
+    if the block is still running `grace_s` after one arrived, the processes this one started are killed and
+    it exits (128 + signal number); when the exception does get through, they are killed too. Only in the
+    main thread (where signals are delivered).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            ready, _, _ = select.select([read_fd], [], [], 0.2)
+            got = [n for n in os.read(read_fd, 64) if n in (signal.SIGINT, signal.SIGTERM)] if ready else []
+            if got and not done.wait(grace_s):
+                _abort_start(signal.Signals(got[0]))
+
+    watcher = threading.Thread(target=watch, name="ray-start-signal-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):  # the handler's exception got through: nothing half-started stays
+        _stop_started_processes()
+        raise
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous)
+        watcher.join(timeout=1)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _abort_start(sig: signal.Signals) -> None:
+    print(f"[ray] {sig.name} during the Ray start: stopping what was started and exiting", file=sys.stderr,
+          flush=True)
+    _stop_started_processes()
+    os._exit(128 + sig)
+
+
+def _stop_started_processes() -> None:
+    """SIGKILL this process's descendants: what an interrupted ray.init had started (GCS, raylet, dashboard)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """RayAddressError unless something listens at the GCS port RAY_ADDRESS (or, for ``auto``, Ray's
+    ``ray_current_cluster`` file) names. ``auto`` without that file is left to ray.init (it then looks for
+    running Ray processes, or says there is none)."""
+    import socket
+
+    where = f"RAY_ADDRESS={address}"
+    if address == "auto":
+        path = ray_current_cluster_file()
+        if not path.exists():
+            return
+        address = path.read_text().strip()
+        where += f" (from {path}, written by the last `ray start --head`)"
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise RayAddressError(f"{where} is not a Ray address: expected auto, host:port or ray://host:port, or "
+                              "unset it to start a local Ray instance")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayAddressError(
+            f"{where}: no Ray cluster answers at {host}:{port} ({e.strerror or type(e).__name__}); start the "
+            "cluster (ray start --head), point RAY_ADDRESS at a live one, or unset it to start a local Ray "
+            "instance"
+        ) from None
+
+
+def ray_current_cluster_file() -> Path:
+    """Where Ray keeps the address of the last cluster `ray start` made on this machine.
+
+    Checked against Ray 2.60.0, which has no public API for it: ray._common.utils.get_ray_address_file(None)
+    is ``<RAY_TMPDIR, else TMPDIR, else /tmp>/ray/ray_current_cluster``.
+    tests/orchestrator/test_ray_startup.py fails when a Ray upgrade moves it.
+    """
+    base = os.environ["RAY_TMPDIR"] if "RAY_TMPDIR" in os.environ else os.environ.get("TMPDIR", "/tmp")
+    return Path(base) / "ray" / "ray_current_cluster"
 
 
 def check_capacity(cfg: Config) -> None:

@@ -17,7 +17,7 @@ import torch
 from model import create_model, pretrained_data_config
 from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
-from orchestrator.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orchestrator.train.checkpoints import load_newest_complete, rng_state, save_checkpoint, set_rng_state
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.optim import build_optimizer, build_scheduler
@@ -129,26 +129,26 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     step, start_epoch, resumed, run_id = 0, 0, False, job.mlflow_run_id
     run_counts = DataCounts()  # bad/padded/dropped samples of the finished epochs, all ranks (checkpointed)
     last_epoch_counts = DataCounts()  # the unfinished epoch at the run's end: reported, not checkpointed
-    with session.latest_checkpoint() as ckpt_dir:
-        if ckpt_dir is None and job.init_weights_url:
-            model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
-        if ckpt_dir is not None:
-            state = load_checkpoint(ckpt_dir, map_location="cpu")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step = state["step"]
-            train_loader.load_state_dict(state["data"])
-            start_epoch, resumed = state["data"]["epoch"], True
-            run_id = state.get("mlflow_run_id") or run_id
-            clock.resume(state)
-            run_counts = DataCounts.from_state(state.get("data_counts"))
-            rngs = state.get("rng", [])
-            if rank < len(rngs):
-                set_rng_state(rngs[rank])
-            if rank == 0:
-                print(f"[resume] from {ckpt_dir.name}: step {step}, data at epoch {start_epoch} batch "
-                      f"{state['data']['batches_consumed']}", flush=True)
+    restored = load_newest_complete(session.restore_candidates(), warn=_print_on_rank0(rank))
+    if restored is None and job.init_weights_url:
+        model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
+    if restored is not None:
+        state, source = restored
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        train_loader.load_state_dict(state["data"])
+        start_epoch, resumed = state["data"]["epoch"], True
+        run_id = state.get("mlflow_run_id") or run_id
+        clock.resume(state)
+        run_counts = DataCounts.from_state(state.get("data_counts"))
+        rngs = state.get("rng", [])
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+        if rank == 0:
+            print(f"[resume] from {source.name}: step {step}, data at epoch {start_epoch} batch "
+                  f"{state['data']['batches_consumed']}", flush=True)
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:
@@ -286,6 +286,10 @@ def _log_epoch_counts(tracker, epoch: int, counts: DataCounts, step: int) -> Non
     worst = counts.worst_shards_tag(epoch)
     if worst:
         tracker.set_tags(worst)
+
+
+def _print_on_rank0(rank: int):
+    return (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
 
 
 def _load_init_weights(url: str, storage_options: dict) -> dict:

@@ -6,16 +6,14 @@ same loop runs under Ray Train and without Ray (tests, benchmarks, debugging).
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from orchestrator.train.checkpoints import LocalCheckpointStore
+from orchestrator.train.checkpoints import LocalCheckpointStore, RestoreCandidate, run_checkpoints
 
 
 class LocalSession:
@@ -32,9 +30,8 @@ class LocalSession:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield self.store.latest()
+    def restore_candidates(self) -> list[RestoreCandidate]:
+        return self.store.candidates()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -64,14 +61,25 @@ class RaySession:
 
         return ray.train.torch.prepare_model(model)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as path:
-            yield Path(path)
+    def restore_candidates(self) -> list[RestoreCandidate]:
+        """The latest checkpoint (what Ray Train hands over), then its earlier siblings in the run's storage
+        directory, newest first: the loop falls back to them when the latest does not load."""
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        latest = self._train.get_checkpoint()
+        if latest is None:
+            return []
+        run_dir = latest.path.rstrip("/").rsplit("/", 1)[0]
+        try:
+            found = run_checkpoints(ArrowFSWrapper(latest.filesystem), run_dir)
+        except Exception:  # the run's directory cannot be listed now: the latest alone
+            found = []
+        latest_name = latest.path.rstrip("/").rsplit("/", 1)[-1]
+        steps = dict(found)
+        return [RestoreCandidate(latest_name, steps.get(latest_name), latest.as_directory)] + [
+            RestoreCandidate(name, step, self._train.Checkpoint(f"{run_dir}/{name}", latest.filesystem).as_directory)
+            for name, step in found if name != latest_name
+        ]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         # A barrier: every rank calls it the same number of times; only rank 0 hands over a checkpoint.

@@ -1,0 +1,160 @@
+"""A run whose newest checkpoint is damaged resumes from the newest complete earlier one.
+
+- unit: the load error says "damaged or truncated" for a truncated state.pt and "cannot be loaded safely" only for
+  pickled code; run_checkpoints lists a LocalSession run newest first with the steps from the names;
+- the loop (LocalSession, no Ray): a truncated newest checkpoint is named with what failed, the run resumes from
+  the earlier one with a warning giving the steps done again, and finishes; with every checkpoint damaged it
+  fails with that message;
+- end to end (slow): `python -m orchestrator.pretrain` with the same run.name after truncating the newest
+  checkpoint of a finished Ray Train run: the run finishes, its MLflow run stays FINISHED.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.train.checkpoints import (
+    STATE_FILE,
+    DamagedCheckpointError,
+    LocalCheckpointStore,
+    load_checkpoint,
+    load_newest_complete,
+    run_checkpoints,
+    save_checkpoint,
+)
+from pipelines.storage import get_fs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _truncate(checkpoint_dir: Path) -> None:
+    state = checkpoint_dir / STATE_FILE
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+
+
+def _store_with_steps(root: Path, steps: list[int]) -> LocalCheckpointStore:
+    store = LocalCheckpointStore(root, num_to_keep=len(steps))
+    for step in steps:
+        staged = root.parent / f"staged_{step}"
+        save_checkpoint(staged, {"step": step, "model": {"w": torch.full((2,), float(step))}})
+        store.commit(staged, step)
+    return store
+
+
+def test_truncated_state_is_called_damaged_and_pickled_code_unsafe(tmp_path):
+    store = _store_with_steps(tmp_path / "run", [4])
+    ckpt = tmp_path / "run" / "checkpoint_00000004"
+    _truncate(ckpt)
+    with pytest.raises(DamagedCheckpointError) as damaged:
+        load_checkpoint(ckpt)
+    assert "damaged or truncated" in str(damaged.value) and str(ckpt / STATE_FILE) in str(damaged.value)
+    assert "weights_only" not in str(damaged.value)
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"format_version": 1, "x": Path("/")}, evil / STATE_FILE)  # an object weights_only refuses
+    with pytest.raises(ValueError) as unsafe:
+        load_checkpoint(evil)
+    assert "cannot be loaded safely" in str(unsafe.value) and not isinstance(unsafe.value, DamagedCheckpointError)
+    assert store.candidates()[0].name == "checkpoint_00000004"
+
+
+def test_run_checkpoints_lists_newest_first_with_steps(tmp_path):
+    _store_with_steps(tmp_path / "run", [3, 6, 9])
+    (tmp_path / "run" / "checkpoint_00000012").mkdir()  # being written: no state.pt yet, never offered
+    fs, path = get_fs(str(tmp_path / "run"))
+    assert run_checkpoints(fs, path) == [("checkpoint_00000009", 9), ("checkpoint_00000006", 6),
+                                         ("checkpoint_00000003", 3)]
+
+
+def test_newest_damaged_falls_back_with_a_warning(tmp_path):
+    store = _store_with_steps(tmp_path / "run", [3, 6, 9])
+    _truncate(tmp_path / "run" / "checkpoint_00000009")
+    warnings: list[str] = []
+    state, source = load_newest_complete(store.candidates(), warn=warnings.append)
+    assert source.name == "checkpoint_00000006" and state["step"] == 6
+    assert "checkpoint_00000009" in warnings[0] and "damaged or truncated" in warnings[0]
+    assert "3 step(s) are done again" in warnings[-1] and "checkpoint_00000006" in warnings[-1]
+
+
+def test_none_loads_fails_naming_each(tmp_path):
+    store = _store_with_steps(tmp_path / "run", [3, 6])
+    for name in ("checkpoint_00000003", "checkpoint_00000006"):
+        _truncate(tmp_path / "run" / name)
+    with pytest.raises(DamagedCheckpointError) as err:
+        load_newest_complete(store.candidates(), warn=lambda m: None)
+    message = str(err.value)
+    assert "no checkpoint of this run can be loaded" in message
+    assert "checkpoint_00000003" in message and "checkpoint_00000006" in message
+    assert load_newest_complete(LocalCheckpointStore(tmp_path / "empty", 2).candidates()) is None
+
+
+def test_loop_resumes_from_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    """The training loop itself (LocalSession): a truncated newest checkpoint costs only the steps after the
+    earlier one, and the run still ends at its planned step."""
+    from orchestrator.config.tree import load_config
+    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.loop import Job, run_training
+    from orchestrator.train.session import LocalSession
+
+    monkeypatch.setenv("MIXER_HOME", str(tmp_path / "home"))
+    overrides = ["run.name=fallback", "schedule.warmup_steps=2", "scaling.num_workers=1", "data.loader_workers=0",
+                 "eval.every_steps=100000", "tracking.enabled=false", "checkpoint.num_to_keep=3"]
+    cfg = load_config("digits", ["schedule.epochs=2", *overrides])
+    data = resolve_data(cfg)
+    job = Job(data.url, data.num_classes, data.train_samples, None, None, data.storage_options)
+    run_dir = tmp_path / "run"
+    first = run_training(cfg, LocalSession(str(run_dir), num_to_keep=3, device="cpu"), job)
+    names = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    assert len(names) >= 2
+    _truncate(run_dir / names[-1])
+    capsys.readouterr()
+
+    again = run_training(cfg, LocalSession(str(run_dir), num_to_keep=3, device="cpu"), job)
+    out = capsys.readouterr().out
+    earlier_step = int(names[-2].split("_")[1])
+    assert f"{names[-1]}" in out and "damaged or truncated" in out
+    assert f"resuming from the earlier complete checkpoint {names[-2]}" in out
+    assert f"{first['step'] - earlier_step} step(s) are done again" in out
+    assert again["step"] == first["step"]
+    load_checkpoint(max(run_dir.glob("checkpoint_*")))  # the redone steps wrote a whole newest checkpoint
+
+
+@pytest.mark.slow
+def test_pretrain_resumes_past_a_truncated_newest_checkpoint(tmp_path):
+    """Through the real entry point on Ray Train: the finished run, rerun by name after its newest checkpoint was
+    truncated, redoes the steps from the earlier checkpoint and ends FINISHED in MLflow (never FAILED)."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(MIXER_HOME=str(home), PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+    args = [sys.executable, "-m", "orchestrator.pretrain", "run.name=trunc", "schedule.epochs=2",
+            "schedule.warmup_steps=2", "scaling.num_workers=1", "data.loader_workers=0", "checkpoint.num_to_keep=3",
+            "train.log_every_steps=5"]
+
+    def pretrain() -> str:
+        out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out.stdout + out.stderr
+
+    first = pretrain()
+    run_id = re.search(r"MLflow run id\s+(\w+)", first).group(1)
+    run_dir = home / "runs" / "trunc"
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # Ray: checkpoint_<date>
+    assert len(checkpoints) >= 2
+    _truncate(checkpoints[-1])
+
+    second = pretrain()
+    assert checkpoints[-1].name in second and "damaged or truncated" in second
+    assert f"resuming from the earlier complete checkpoint {checkpoints[-2].name}" in second
+    assert "step(s) are done again" in second
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(run_id).info.status == "FINISHED"
