@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
     """(the resolved dataset, the run's plan): everything checked before any Ray resource is requested."""
-    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.launch import check_storage_target, resolve_data
     from orchestrator.train.plan import make_plan
 
+    if not allow_unreachable:  # a dry run writes nothing
+        check_storage_target(cfg)
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
     return data, make_plan(cfg, data.num_classes, data.train_samples, data.batches_per_rank_per_epoch)
 

@@ -246,7 +246,7 @@ def check_writable_target(url: str, storage_options: Mapping[str, Any] | None = 
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing):
-            where = "is a file" if existing == path else f"is under the regular file {existing}"
+            where = "is a regular file" if existing == path else f"is under the regular file {existing}"
             raise StorageError(f"{what} {url!r} cannot be used: {where}; expected a directory or a path to create one")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StorageError(f"{what} {url!r} cannot be used: {existing} is not writable by this user")

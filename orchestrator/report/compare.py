@@ -70,6 +70,8 @@ def make_report(tracking_uri: str | None = None, experiment: str | None = None, 
     """Read the runs, write table and figures to `out_dir`, optionally log them as a report run."""
     from orchestrator.report import figures as report_figures
 
+    if out_dir is not None:
+        _check_out_dir(out_dir)
     uri = resolve_tracking_uri(tracking_uri, str(mixer_home()))
     client = open_store(uri)
     exp, parent = resolve_experiment(client, experiment, parent_run_id)
@@ -102,6 +104,16 @@ def make_report(tracking_uri: str | None = None, experiment: str | None = None, 
 def _default_out(experiment: str, parent_run_id: str | None) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
     return mixer_home() / "reports" / (safe + (f"-{parent_run_id[:8]}" if parent_run_id else ""))
+
+
+def _check_out_dir(out_dir: str | Path) -> None:
+    """--out must be a directory or creatable as one; checked before the store is read."""
+    from pipelines.storage import StorageError, check_writable_target
+
+    try:
+        check_writable_target(str(out_dir), what="--out")
+    except StorageError as e:
+        raise ReportError(str(e)) from None
 
 
 def _markdown_document(exp_name, uri, parent_run_id, filter_string, rows, front) -> str:

@@ -31,7 +31,7 @@ CASES = [
     ("source-without-class-folders", ["{flat}", "{dest}"], ["SOURCE=", "no class sub-folders", "one sub-folder per class"]),
     ("source-with-empty-class-folders", ["{empty_classes}", "{dest}"], ["SOURCE=", "no class sub-folders"]),
     ("dest-under-a-file", ["digits", "{file}/sub/out"], ["DEST", "regular file", "expected a directory"]),
-    ("dest-is-a-file", ["digits", "{file}"], ["DEST", "is a file", "expected a directory"]),
+    ("dest-is-a-file", ["digits", "{file}"], ["DEST", "is a regular file", "expected a directory"]),
     ("dest-unknown-protocol", ["digits", "nosuchproto://bucket/x"], ["DEST", "nosuchproto://bucket/x", "s3://bucket/prefix"]),
     ("dest-s3-refused", ["digits", "s3://bucket/x", "--endpoint-url", "http://127.0.0.1:{port}"],
      ["DEST", "s3://bucket/x", "cannot reach storage", "127.0.0.1"]),
