@@ -89,22 +89,22 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         storage_options=data.storage_options,
         init_weights_url=init_weights_url,
     )
-    launch.init_ray()
+    # Once the MLflow run is open, every way out ends it: FAILED (or KILLED) with the reason as a tag.
     try:
+        launch.init_ray()
         launch.check_capacity(cfg)
+        result = launch.build_trainer(cfg, job).fit()
     except launch.ClusterTooSmallError as e:
         print(f"error: {e}", file=sys.stderr)
-        if run:
-            run.end("FAILED")
+        end_failed(run, str(e))
         raise SystemExit(3) from None
-
-    trainer = launch.build_trainer(cfg, job)
-    try:
-        result = trainer.fit()
+    except KeyboardInterrupt:
+        end_failed(run, "interrupted (KeyboardInterrupt)", status="KILLED")
+        raise
     except Exception as e:
-        print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
-        if run:
-            run.end("FAILED")
+        reason = f"training failed: {type(e).__name__}: {e}"
+        print(f"error: {reason}", file=sys.stderr)
+        end_failed(run, reason)
         raise SystemExit(1) from None
 
     metrics = dict(result.metrics or {})
@@ -113,6 +113,16 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         run_tracking.finish_run(run, cfg, plan.model_cfg, result)
     print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
     return metrics
+
+
+FAILURE_REASON_TAG = "failure.reason"
+
+
+def end_failed(run, reason: str, status: str = "FAILED") -> None:
+    """End the driver's MLflow run (if any) with `status`, the reason in the failure.reason tag."""
+    if run:
+        run.set_tags({FAILURE_REASON_TAG: reason})
+        run.end(status)
 
 
 def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, checkpoint_path: str | None) -> None:

@@ -177,3 +177,46 @@ def test_tune_best_config_must_be_a_yaml_path(isolated, assets, capsys):
     _check(tune.main, ["--best-config", "{tmp}/best.txt"], ["--best-config", "best.txt", ".yaml file path"],
            isolated, assets, capsys)
 
+
+# ------------------------------------------------------------------ after the start: the MLflow run's end
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('bad-inputs-mlflow')}/mlflow.db"
+
+
+@pytest.mark.parametrize("where, code, reason", [
+    ("fit", 1, "training failed: RuntimeError: worker group died: simulated"),
+    ("capacity", 3, "the Ray cluster cannot fit: simulated"),
+])
+def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code, reason, sqlite_uri, isolated,
+                                                                      assets, monkeypatch, capsys):
+    """After the MLflow run is open, a failure ends it FAILED with failure.reason (Ray itself stubbed out)."""
+    from mlflow import MlflowClient
+
+    from orchestrator.config.tree import load_config
+    from orchestrator.train import launch
+
+    class BrokenTrainer:
+        def fit(self):
+            raise RuntimeError("worker group died: simulated")
+
+    def too_small(cfg):
+        if where == "capacity":
+            raise launch.ClusterTooSmallError(reason)
+
+    monkeypatch.setattr(launch, "init_ray", lambda: None)
+    monkeypatch.setattr(launch, "check_capacity", too_small)
+    monkeypatch.setattr(launch, "build_trainer", lambda cfg, job: BrokenTrainer())
+    experiment = f"failures-{where}"
+    cfg = load_config("digits", [f"data.url={assets['data']}", f"tracking.uri={sqlite_uri}", "run.name=fails",
+                                 f"run.storage_path={isolated['tmp']}/runs", f"tracking.experiment={experiment}"])
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.pretrain(cfg)
+    assert exit_info.value.code == code
+    assert f"error: {reason}" in capsys.readouterr().err
+    client = MlflowClient(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[pretrain.FAILURE_REASON_TAG] == reason
