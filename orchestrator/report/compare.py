@@ -1,6 +1,6 @@
 """Compare runs on compute spent against accuracy reached: a table and figures from MLflow.
 
-    python -m orchestrator.report                                   # runs of experiment mixer-pretrain
+    python -m orchestrator.report                                   # runs of the default pretrain (mixer-digits)
     python -m orchestrator.report --experiment mixer-tune --parent <search run id>   # trials of one search
     python -m orchestrator.report --filter 'params.`model.name` = "mixer_s16_224"' --out /tmp/s16
     python -m orchestrator.report --log-to-mlflow                   # also keep the report as an MLflow run
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from orchestrator.config.tree import mixer_home
 from orchestrator.report.runs import (
-    DEFAULT_EXPERIMENT,
     REPORT_TAG,
     ReportError,
     RunRow,
     collect_runs,
+    default_experiment,
     metric_curves,
     open_store,
     resolve_experiment,
@@ -184,7 +184,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "and figures (PNG) with the Pareto frontier.",
     )
     p.add_argument("--experiment", default=None,
-                   help=f"MLflow experiment name (default: the --parent run's, else {DEFAULT_EXPERIMENT})")
+                   help="MLflow experiment name (default: the --parent run's, else the one a plain "
+                        f"`python -m orchestrator.pretrain` logs to, {default_experiment()})")
     p.add_argument("--parent", default=None, metavar="RUN_ID", help="only the child runs of this run (a Tune search)")
     p.add_argument("--filter", default=None, metavar="FILTER",
                    help="MLflow search filter (dotted names in backticks), e.g. "
