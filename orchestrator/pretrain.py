@@ -131,13 +131,10 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
         print(f"top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  after step {metrics.get('step')}")
     print(f"checkpoint      {checkpoint_path}")
     if run:
-        from orchestrator.report.compare import report_command
-        from pipelines.redaction import redact
-
-        tracking_uri = redact(tracking_uri)
+        from orchestrator.report.compare import mlflow_ui_hint, report_command
 
         print(f"MLflow run id   {run.run_id}")
-        print(f"MLflow UI       mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+        print(f"MLflow UI       {mlflow_ui_hint(tracking_uri)}")
         print(f"compare runs    {report_command(cfg.tracking.experiment, tracking_uri=tracking_uri)}")
         missing = run.unlogged_summary()
         if missing:

@@ -163,6 +163,15 @@ def report_command(experiment: str, parent_run_id: str | None = None, tracking_u
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """Where to see the runs: an http(s) tracking server's own UI, else the `mlflow ui` command for the store."""
+    import urllib.parse
+
+    if urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https"):
+        return _without_credentials(tracking_uri)
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}   (then open http://127.0.0.1:5000)"
+
+
 def _without_credentials(uri: str) -> str:
     """http://user:pw@host -> http://host (MLflow takes credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)."""
     import urllib.parse

@@ -248,3 +248,12 @@ def test_no_arguments_reports_the_default_pretrain_experiment(store, tmp_path, m
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "s32-bs4k" in out and f"wrote {home.resolve()}/reports/{experiment}/" in out
+
+
+def test_mlflow_ui_hint_names_the_server_for_http_and_the_command_for_a_store(tmp_path):
+    from orchestrator.report.compare import mlflow_ui_hint
+
+    assert mlflow_ui_hint("http://alice:s3cr3t@mlflow.example:5000") == "http://mlflow.example:5000"
+    assert mlflow_ui_hint("https://mlflow.example/") == "https://mlflow.example/"
+    hint = mlflow_ui_hint(f"sqlite:///{tmp_path}/mlflow.db")
+    assert hint.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db")
