@@ -186,6 +186,21 @@ def sqlite_uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('bad-inputs-mlflow')}/mlflow.db"
 
 
+def test_resume_lookup_finds_a_run_name_with_quotes(sqlite_uri):
+    from orchestrator.tracking.run import RUN_NAME_TAG, find_run_id
+    from orchestrator.tracking.tracker import RunTracker
+
+    ids = {}
+    # the last two match the first one's LIKE pattern: only the exact name may be returned
+    for name in ("it's a \"quoted\" run \\ 100%", "it_s a _quoted_ run _ 100_", "it's a \"quoted\" run \\ 1000"):
+        tracker = RunTracker(sqlite_uri, "quotes", name, tags={RUN_NAME_TAG: name})
+        ids[name] = tracker.start()
+        tracker.end("FINISHED")
+    for name, run_id in ids.items():
+        assert find_run_id(sqlite_uri, "quotes", name) == run_id
+    assert find_run_id(sqlite_uri, "quotes", "it's") is None
+
+
 @pytest.mark.parametrize("where, code, reason", [
     ("fit", 1, "training failed: RuntimeError: worker group died: simulated"),
     ("capacity", 3, "the Ray cluster cannot fit: simulated"),
