@@ -207,7 +207,7 @@ def write_dataset(
     used without train/ and val/ sub-trees). ``maxsize`` (bytes per shard) defaults to 1 GiB.
     """
     fmt = {"jpeg": "jpg"}.get(fmt.lower(), fmt.lower())
-    check_inputs(source, dest, maxcount=maxcount, maxsize=maxsize, val_fraction=val_fraction, fmt=fmt,
+    check_inputs(source, dest, maxcount=maxcount, maxsize=maxsize, val_fraction=val_fraction, fmt=fmt, seed=seed,
                  storage_options=storage_options)
     if "://" not in str(dest):
         dest = os.path.abspath(dest)
@@ -260,11 +260,13 @@ class ShardInputError(ValueError):
 
 
 def check_inputs(source: str, dest: str, *, maxcount: int | None, maxsize: int | None, val_fraction: float | None,
-                 fmt: str, storage_options: Mapping[str, Any] | None) -> None:
+                 fmt: str, seed: int, storage_options: Mapping[str, Any] | None) -> None:
     """Every argument checked before anything is read or written (StorageError for an unusable DEST)."""
     for flag, value in (("--maxcount", maxcount), ("--maxsize", maxsize)):
         if value is not None and value < 1:
             raise ShardInputError(f"{flag}={value} is not accepted; expected an integer >= 1 (or leave it unset)")
+    if seed < 0:
+        raise ShardInputError(f"--seed={seed} is not accepted; expected an integer >= 0")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         raise ShardInputError(f"--val-fraction={val_fraction} is not accepted; expected a number in [0, 1)")
     if fmt not in ("png", "jpg"):

@@ -72,6 +72,8 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={v} is not accepted; expected an integer >= 1")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures={args.max_failures} is not accepted; expected -1 (forever) or an integer >= 0")
     if args.grace_period < 1:
         raise ConfigError(f"--grace-period={args.grace_period} is not accepted; expected an integer >= 1")
     if args.reduction_factor <= 1:

@@ -27,6 +27,7 @@ CASES = [
     ("maxsize-negative", ["digits", "{dest}", "--maxsize", "-1"], ["--maxsize=-1", "integer >= 1"]),
     ("val-fraction-1.5", ["digits", "{dest}", "--val-fraction", "1.5"], ["--val-fraction=1.5", "[0, 1)"]),
     ("val-fraction-negative", ["digits", "{dest}", "--val-fraction", "-0.1"], ["--val-fraction=-0.1", "[0, 1)"]),
+    ("seed-negative", ["digits", "{dest}", "--seed", "-1"], ["--seed=-1", "integer >= 0"]),
     ("missing-source", ["{tmp}/nowhere", "{dest}"], ["SOURCE=", "nowhere", "no such directory", "'digits'"]),
     ("source-without-class-folders", ["{flat}", "{dest}"], ["SOURCE=", "no class sub-folders", "one sub-folder per class"]),
     ("source-with-empty-class-folders", ["{empty_classes}", "{dest}"], ["SOURCE=", "no class sub-folders"]),
