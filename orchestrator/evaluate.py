@@ -19,7 +19,7 @@ eval.source_run_id (the run that wrote the checkpoint), with metrics eval/top1, 
 fewshot/<k>shot at the checkpoint's step. --log-to-source-run instead adds the metrics (eval/<split>/top1, ...,
 fewshot/<k>shot) to the run that wrote the checkpoint, at its step, without changing that run's status, so a
 run in progress can be followed in place. --no-tracking logs nothing.
-Exit status: 2 for a bad checkpoint, dataset or tracking store.
+Exit status: 2 for a bad flag, checkpoint, dataset or tracking store (flags are checked before anything loads).
 """
 
 from __future__ import annotations

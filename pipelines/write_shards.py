@@ -9,7 +9,8 @@ folder tree with one sub-folder per class. If the folder holds ``train/`` and ``
 ImageNet layout) those are the splits; otherwise a seeded stratified split with ``--val-fraction`` is made.
 DEST is any fsspec URL. Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text).
 Unreadable inputs are reported with their paths (stderr and the manifest's ``unreadable`` list) and the
-command exits with status 2 when there were any.
+command exits with status 2 when there were any. Bad arguments (a missing SOURCE, a DEST that cannot be
+written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before anything is written.
 """
 
 from __future__ import annotations
