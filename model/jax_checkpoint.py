@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -49,12 +50,52 @@ class NpzImport:
     checkpoint_num_classes: int
 
 
+class NpzError(ValueError):
+    """An .npz checkpoint that cannot be used: the message names the file and what is wrong with it."""
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty zip
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _describe_source(source: str | os.PathLike | IO[bytes]) -> str:
+    return repr(os.fspath(source)) if isinstance(source, str | os.PathLike) else f"<{type(source).__name__}>"
+
+
 def read_npz(source: str | os.PathLike | IO[bytes]) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file (path or binary file object), loaded with allow_pickle=False."""
-    with np.load(source, allow_pickle=False) as npz:
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise ValueError(f"checkpoint {source!r} is not an .npz archive: expected the official Flax .npz")
-        return {key: npz[key] for key in npz.files}
+    """All arrays of an .npz file (path or binary file object), loaded with allow_pickle=False.
+
+    Anything that is not a readable .npz of plain arrays (empty, truncated, random bytes, a damaged member, a
+    plain .npy, pickled objects) raises NpzError naming the file; numpy's own errors never escape.
+    """
+    name = _describe_source(source)
+    try:
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb") as f:
+                head = f.read(8)
+        else:
+            pos = source.tell()
+            head = source.read(8)
+            source.seek(pos)
+    except OSError as e:
+        raise NpzError(f"checkpoint {name} cannot be read: {e.strerror or e}") from None
+    if not head:
+        raise NpzError(f"checkpoint {name} is empty: expected the official Flax .npz")
+    if head.startswith(_NPY_MAGIC):
+        raise NpzError(f"checkpoint {name} is a single .npy array, not an .npz archive: expected the official Flax .npz")
+    if not head.startswith(_ZIP_MAGIC):
+        raise NpzError(f"checkpoint {name} is not an .npz archive (no zip signature): expected the official Flax .npz")
+    try:
+        with np.load(source, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise NpzError(f"checkpoint {name} holds pickled Python objects, which are never loaded "
+                           "(allow_pickle=False): expected plain numeric arrays") from None
+        raise NpzError(f"checkpoint {name} has a damaged member: {e}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, TypeError) as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise NpzError(f"checkpoint {name} is a damaged or truncated .npz archive: {detail}") from None
 
 
 def torch_key(npz_key: str) -> str:
@@ -135,6 +176,14 @@ def load_npz(
     config (zero weight, cfg's head bias); the result says so and it is logged.
     """
     arrays = read_npz(source)
+    try:
+        return _load_arrays(arrays, target, num_classes)
+    except ValueError as e:  # the layout or the shapes do not fit: the same error type, naming the file
+        raise NpzError(f"checkpoint {_describe_source(source)}: {e}") from None
+
+
+def _load_arrays(arrays: dict[str, np.ndarray], target: MixerConfig | MlpMixer | None,
+                 num_classes: int | None) -> NpzImport:
     if "head/kernel" not in arrays:
         raise ValueError("checkpoint key 'head/kernel' is missing: expected the official layout with a head")
     ckpt_classes = int(arrays["head/kernel"].shape[1])

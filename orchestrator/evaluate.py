@@ -19,7 +19,7 @@ eval.source_run_id (the run that wrote the checkpoint), with metrics eval/top1, 
 fewshot/<k>shot at the checkpoint's step. --log-to-source-run instead adds the metrics (eval/<split>/top1, ...,
 fewshot/<k>shot) to the run that wrote the checkpoint, at its step, without changing that run's status, so a
 run in progress can be followed in place. --no-tracking logs nothing.
-Exit status: 2 for a bad checkpoint, dataset or tracking store.
+Exit status: 2 for a bad flag, checkpoint, dataset or tracking store (flags are checked before anything loads).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         shots = _parse_shots(args.shots)
         src = load_source(args.source)
         results = run(args, src, shots)
@@ -75,6 +76,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_results(results)
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own bounds, before the checkpoint, the data or the tracking store is touched."""
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size={args.batch_size} is not accepted; expected an integer >= 1")
+    if args.seeds < 1:
+        raise EvalError(f"--seeds={args.seeds} is not accepted; expected an integer >= 1 (few-shot repetitions)")
+    if args.log_to_source_run and args.no_tracking:
+        raise EvalError("--log-to-source-run and --no-tracking exclude each other; drop one of them")
+    if args.device is not None:
+        check_device(args.device)
+
+
+def check_device(name: str) -> None:
+    """--device must name a device torch can use here (cpu, cuda, cuda:N with N < the GPU count, mps)."""
+    import torch
+
+    accepted = "cpu, cuda or cuda:N (N < the number of GPUs), mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvalError(f"--device={name!r} is not accepted; expected {accepted}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise EvalError(f"--device={name!r} is not accepted: this machine has {count} CUDA GPU(s); "
+                            f"expected {accepted}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device={name!r} is not accepted: MPS is not available here; expected {accepted}")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise EvalError(f"--device={name!r} is not accepted; expected {accepted}")
 
 
 def _parse_shots(text: str) -> list[int]:
@@ -201,10 +234,9 @@ def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
     from orchestrator.tracking.store import check_tracking_reachable, resolve_tracking_uri
     from orchestrator.tracking.tracker import RunTracker
 
-    mixer_home().mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(args.tracking_uri, str(mixer_home()))
     try:
-        check_tracking_reachable(uri)
+        check_tracking_reachable(uri)  # creates a sqlite store's directory only when usable
     except Exception as e:
         raise EvalError(f"--tracking-uri {uri!r} cannot be used: {e}") from None
     if args.log_to_source_run:
@@ -262,9 +294,9 @@ def print_results(r: Results) -> None:
         print("few-shot        " + "  ".join(f"{k}-shot {acc:.4f}" for k, acc in r.fewshot.items()))
     if r.run_id:
         print(f"MLflow run id   {r.run_id}")
-        from pipelines.redaction import redact
+        from orchestrator.report.compare import mlflow_ui_hint
 
-        print(f"MLflow UI       mlflow ui --backend-store-uri {redact(r.tracking_uri)}")
+        print(f"MLflow UI       {mlflow_ui_hint(r.tracking_uri)}")
     print(f"took            {r.seconds:.1f}s")
 
 

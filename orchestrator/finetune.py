@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(cfg: Config, source_url: str, *, allow_unreachable: bool = False) -> tuple[Source, int]:
     """Load the source and point cfg.model at the fine-tuning architecture (in place); nothing touches Ray."""
-    from orchestrator.train.launch import resolve_data, storage_options
+    from orchestrator.train.launch import check_storage_target, resolve_data, storage_options
 
+    if not allow_unreachable:  # the adapted weights are written there first
+        check_storage_target(cfg)
     src = load_source(source_url, storage_options(cfg, source_url))
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
     apply_source_architecture(cfg, src)

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
     """(the resolved dataset, the run's plan): everything checked before any Ray resource is requested."""
-    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.launch import check_storage_target, resolve_data
     from orchestrator.train.plan import make_plan
 
+    if not allow_unreachable:  # a dry run writes nothing
+        check_storage_target(cfg)
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
     return data, make_plan(cfg, data.num_classes, data.train_samples, data.batches_per_rank_per_epoch)
 
@@ -88,35 +90,32 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         storage_options=data.storage_options,
         init_weights_url=init_weights_url,
     )
+    # Once the MLflow run is open, every way out ends it: FAILED (or KILLED) with the reason as a tag, and
+    # what never reached MLflow is kept next to the checkpoints for the replay command.
+    relay = None
     try:
         launch.init_ray()
-    except launch.RayAddressError:
-        if run:
-            run.end("FAILED")
-        raise
-    try:
         launch.check_capacity(cfg)
+        # Rank 0 logs through an actor this process owns: what an outage buffers outlives any worker.
+        relay = start_relay(run) if run else None
+        job.tracker_actor = relay.name if relay else None
+        result = launch.build_trainer(cfg, job).fit()
+    except launch.RayAddressError as e:  # a config error: the caller prints it and exits 2
+        end_failed(cfg, run, relay, str(e))
+        raise
     except launch.ClusterTooSmallError as e:
         print(f"error: {e}", file=sys.stderr)
-        if run:
-            run.end("FAILED")
-            keep_unlogged(cfg, run)
+        end_failed(cfg, run, relay, str(e))
         raise SystemExit(3) from None
-
-    # Rank 0 logs through an actor this process owns: what an outage buffers outlives any worker.
-    relay = start_relay(run) if run else None
-    job.tracker_actor = relay.name if relay else None
-    trainer = launch.build_trainer(cfg, job)
-    try:
-        result = trainer.fit()
+    except KeyboardInterrupt:
+        end_failed(cfg, run, relay, "interrupted (KeyboardInterrupt)", status="KILLED")
+        raise
     except Exception as e:
-        print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
-        if run:
-            collect_relay(run, relay)
-            run.end("FAILED")
-            keep_unlogged(cfg, run)
-            if missing := run.unlogged_summary():
-                print(missing, file=sys.stderr)
+        reason = f"training failed: {type(e).__name__}: {e}"
+        print(f"error: {reason}", file=sys.stderr)
+        end_failed(cfg, run, relay, reason)
+        if run and (missing := run.unlogged_summary()):
+            print(missing, file=sys.stderr)
         raise SystemExit(1) from None
 
     metrics = dict(result.metrics or {})
@@ -127,6 +126,21 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         keep_unlogged(cfg, run)
     print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
     return metrics
+
+
+FAILURE_REASON_TAG = "failure.reason"
+
+
+def end_failed(cfg: Config, run, relay, reason: str, status: str = "FAILED") -> None:
+    """End the driver's MLflow run (if any) with `status` and the reason in the failure.reason tag, after
+    taking over what rank 0's relay still holds; what is still unlogged goes to the replay file."""
+    if run:
+        from orchestrator.tracking.relay import collect_relay
+
+        collect_relay(run, relay)
+        run.set_tags({FAILURE_REASON_TAG: reason})
+        run.end(status)
+        keep_unlogged(cfg, run)
 
 
 def keep_unlogged(cfg: Config, run) -> None:
@@ -147,13 +161,10 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     for line in figures_lines(metrics):
         print(line)
     if run:
-        from orchestrator.report.compare import report_command
-        from pipelines.redaction import redact
-
-        tracking_uri = redact(tracking_uri)
+        from orchestrator.report.compare import mlflow_ui_hint, report_command
 
         print(f"MLflow run id   {run.run_id}")
-        print(f"MLflow UI       mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+        print(f"MLflow UI       {mlflow_ui_hint(tracking_uri)}")
         print(f"compare runs    {report_command(cfg.tracking.experiment, tracking_uri=tracking_uri)}")
         missing = run.unlogged_summary()  # exact counts, and the replay file holding them
         if missing:

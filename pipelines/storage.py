@@ -228,3 +228,50 @@ def check_dataset_reachable(
                 f"wanted {redact_url(target)}"
             )
     raise DatasetNotFoundError(f"not found: {redact_url(target)}{where}")
+
+
+def check_writable_target(url: str, storage_options: Mapping[str, Any] | None = None, *, what: str = "target") -> None:
+    """Fail fast (seconds) if ``url`` cannot be written, without writing or creating anything.
+
+    A local path must be a directory or creatable as one (its nearest existing parent a writable directory);
+    an s3:// URL must reach its endpoint and name an existing bucket; any other URL needs an installed fsspec
+    backend. ``what`` names the setting in the message (e.g. ``run.storage_path``). Raises StorageError
+    (DatasetNotFoundError for a missing bucket, StorageUnreachableError for an endpoint that does not answer).
+    """
+    url = os.fspath(url)
+    protocol = protocol_of(url)
+    if protocol in ("file", "local"):
+        path = os.path.abspath(fsspec.core.url_to_fs(url)[1])
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            where = "is a regular file" if existing == path else f"is under the regular file {existing}"
+            raise StorageError(f"{what} {url!r} cannot be used: {where}; expected a directory or a path to create one")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"{what} {url!r} cannot be used: {existing} is not writable by this user")
+        return
+    opts = _quick_options(url, storage_options)
+    endpoint = opts.get("endpoint_url")
+    where = f" (endpoint {redact_url(endpoint)})" if endpoint else ""
+    try:
+        fs, path = get_fs(url, opts, resolved=True)
+    except Exception as exc:  # unknown protocol, backend not installed, bad URL
+        raise StorageError(
+            f"{what} {redact_url(url)} cannot be used: {type(exc).__name__}: {scrub(str(exc), opts)}; "
+            "expected a local path, s3://bucket/prefix or another installed fsspec URL"
+        ) from None
+    if protocol != "s3":
+        return
+    bucket, _, key = path.partition("/")
+    try:
+        # exists() on a bare bucket swallows connection errors (False); on a key they raise
+        fs.exists(f"{bucket}/{key or '.reachability-probe'}")
+        found = fs.exists(bucket)
+    except Exception as exc:
+        cls = StorageUnreachableError if is_transient(exc) else StorageError
+        raise cls(
+            f"{what} {redact_url(url)}: cannot reach storage{where}: {type(exc).__name__}: {scrub(str(exc), opts)}"
+        ) from None
+    if not found:
+        raise DatasetNotFoundError(f"{what} {redact_url(url)}: bucket {bucket!r} does not exist or is not accessible{where}")

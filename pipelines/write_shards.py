@@ -9,7 +9,8 @@ folder tree with one sub-folder per class. If the folder holds ``train/`` and ``
 ImageNet layout) those are the splits; otherwise a seeded stratified split with ``--val-fraction`` is made.
 DEST is any fsspec URL. Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text).
 Unreadable inputs are reported with their paths (stderr and the manifest's ``unreadable`` list) and the
-command exits with status 2 when there were any.
+command exits with status 2 when there were any. Bad arguments (a missing SOURCE, a DEST that cannot be
+written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import numpy as np
 from PIL import Image
 
 from .manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
-from .storage import atomic_write, get_fs, join_url, protocol_of, resolve_storage_options
+from .storage import (
+    StorageError,
+    atomic_write,
+    check_writable_target,
+    get_fs,
+    join_url,
+    protocol_of,
+    resolve_storage_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +108,6 @@ def _folder_source(root: str, val_fraction: float | None, seed: int) -> tuple[li
         return class_names, splits
     tree = _class_tree(root)
     class_names = sorted(tree)
-    if not class_names:
-        raise FileNotFoundError(f"no class sub-folders with images under {root}")
     vf = 0.1 if val_fraction is None else val_fraction
     train, val = [], []
     for ci, c in enumerate(class_names):
@@ -201,8 +208,8 @@ def write_dataset(
     used without train/ and val/ sub-trees). ``maxsize`` (bytes per shard) defaults to 1 GiB.
     """
     fmt = {"jpeg": "jpg"}.get(fmt.lower(), fmt.lower())
-    if fmt not in ("png", "jpg"):
-        raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
+    check_inputs(source, dest, maxcount=maxcount, maxsize=maxsize, val_fraction=val_fraction, fmt=fmt, seed=seed,
+                 storage_options=storage_options)
     if "://" not in str(dest):
         dest = os.path.abspath(dest)
     dest = str(dest).rstrip("/")
@@ -210,8 +217,6 @@ def write_dataset(
         class_names, splits = _digits_source(0.2 if val_fraction is None else val_fraction, seed)
         maxcount = maxcount or 256
     else:
-        if not os.path.isdir(source):
-            raise FileNotFoundError(f"SOURCE {source!r} is neither 'digits' nor a directory of class folders")
         class_names, splits = _folder_source(source, val_fraction, seed)
         maxcount = maxcount or 10000
     maxsize = maxsize or DEFAULT_MAXSIZE
@@ -251,6 +256,36 @@ def write_dataset(
     return manifest
 
 
+class ShardInputError(ValueError):
+    """An argument of write_dataset that cannot be used; the message names it, its value and what is accepted."""
+
+
+def check_inputs(source: str, dest: str, *, maxcount: int | None, maxsize: int | None, val_fraction: float | None,
+                 fmt: str, seed: int, storage_options: Mapping[str, Any] | None) -> None:
+    """Every argument checked before anything is read or written (StorageError for an unusable DEST)."""
+    for flag, value in (("--maxcount", maxcount), ("--maxsize", maxsize)):
+        if value is not None and value < 1:
+            raise ShardInputError(f"{flag}={value} is not accepted; expected an integer >= 1 (or leave it unset)")
+    if seed < 0:
+        raise ShardInputError(f"--seed={seed} is not accepted; expected an integer >= 0")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise ShardInputError(f"--val-fraction={val_fraction} is not accepted; expected a number in [0, 1)")
+    if fmt not in ("png", "jpg"):
+        raise ShardInputError(f"--format={fmt!r} is not accepted; expected 'png' or 'jpg'")
+    if source != "digits":
+        if not os.path.isdir(source):
+            raise ShardInputError(f"SOURCE={source!r} is not accepted: no such directory; expected 'digits' or a "
+                                  "folder with one sub-folder of images per class")
+        roots = [os.path.join(source, s) for s in ("train", "val")]
+        if not all(os.path.isdir(r) for r in roots):
+            roots = [source]
+        for root in roots:
+            if not any(files for files in _class_tree(root).values()):
+                raise ShardInputError(f"SOURCE={source!r} is not accepted: {root} has no class sub-folders with "
+                                      f"images ({', '.join(sorted(IMAGE_EXTS))}); expected one sub-folder per class")
+    check_writable_target(str(dest), storage_options, what="DEST")
+
+
 def _iter_lines(manifest: Manifest) -> Iterator[str]:
     for split, shards in manifest.splits.items():
         yield f"{split}: {len(shards)} shards, {sum(s.num_samples for s in shards)} samples"
@@ -270,10 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
-    m = write_dataset(
-        a.source, a.dest, maxcount=a.maxcount, maxsize=a.maxsize, val_fraction=a.val_fraction, fmt=a.fmt,
-        seed=a.seed, storage_options=opts, progress=not a.no_progress,
-    )
+    try:
+        m = write_dataset(
+            a.source, a.dest, maxcount=a.maxcount, maxsize=a.maxsize, val_fraction=a.val_fraction, fmt=a.fmt,
+            seed=a.seed, storage_options=opts, progress=not a.no_progress,
+        )
+    except (ShardInputError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for line in _iter_lines(m):
         print(line)
     print(f"manifest: {join_url(m.root, 'manifest.json')}")

@@ -266,12 +266,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the annotation; allow int where float is expected."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(hint):
             try:
                 return _coerce(key, value, option)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}={value!r} is not accepted; expected {_describe(hint)}")
     if origin is Literal:
         if value in typing.get_args(hint):
@@ -342,11 +341,13 @@ def validate(cfg: Config) -> None:
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "a positive number or null")
+    require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
     s = cfg.scaling
     require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
     require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
     require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
+    require(s.startup_timeout_s >= 0, "scaling.startup_timeout_s", s.startup_timeout_s, "a number of seconds >= 0")
     check_batch_split(cfg)
     sc = cfg.schedule
     require(sc.epochs > 0, "schedule.epochs", sc.epochs, "a positive number")
@@ -362,6 +363,10 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "an integer >= 0")
     require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
+    require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
+    require(d.num_train_samples is None or d.num_train_samples >= 1, "data.num_train_samples", d.num_train_samples,
+            "null or an integer >= 1")
+    require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "a non-empty name")
     require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
     require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
     require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")

@@ -1,6 +1,6 @@
 """Compare runs on compute spent against accuracy reached: a table and figures from MLflow.
 
-    python -m orchestrator.report                                   # runs of experiment mixer-pretrain
+    python -m orchestrator.report                                   # runs of the default pretrain (mixer-digits)
     python -m orchestrator.report --experiment mixer-tune --parent <search run id>   # trials of one search
     python -m orchestrator.report --filter 'params.`model.name` = "mixer_s16_224"' --out /tmp/s16
     python -m orchestrator.report --log-to-mlflow                   # also keep the report as an MLflow run
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from orchestrator.config.tree import mixer_home
 from orchestrator.report.runs import (
-    DEFAULT_EXPERIMENT,
     REPORT_TAG,
     ReportError,
     RunRow,
     collect_runs,
+    default_experiment,
     metric_curves,
     open_store,
     resolve_experiment,
@@ -70,6 +70,8 @@ def make_report(tracking_uri: str | None = None, experiment: str | None = None, 
     """Read the runs, write table and figures to `out_dir`, optionally log them as a report run."""
     from orchestrator.report import figures as report_figures
 
+    if out_dir is not None:
+        _check_out_dir(out_dir)
     uri = resolve_tracking_uri(tracking_uri, str(mixer_home()))
     client = open_store(uri)
     exp, parent = resolve_experiment(client, experiment, parent_run_id)
@@ -102,6 +104,16 @@ def make_report(tracking_uri: str | None = None, experiment: str | None = None, 
 def _default_out(experiment: str, parent_run_id: str | None) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
     return mixer_home() / "reports" / (safe + (f"-{parent_run_id[:8]}" if parent_run_id else ""))
+
+
+def _check_out_dir(out_dir: str | Path) -> None:
+    """--out must be a directory or creatable as one; checked before the store is read."""
+    from pipelines.storage import StorageError, check_writable_target
+
+    try:
+        check_writable_target(str(out_dir), what="--out")
+    except StorageError as e:
+        raise ReportError(str(e)) from None
 
 
 def _markdown_document(exp_name, uri, parent_run_id, filter_string, rows, front) -> str:
@@ -151,6 +163,15 @@ def report_command(experiment: str, parent_run_id: str | None = None, tracking_u
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """Where to see the runs: an http(s) tracking server's own UI, else the `mlflow ui` command for the store."""
+    import urllib.parse
+
+    if urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https"):
+        return _without_credentials(tracking_uri)
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}   (then open http://127.0.0.1:5000)"
+
+
 def _without_credentials(uri: str) -> str:
     """http://user:pw@host -> http://host (MLflow takes credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)."""
     import urllib.parse
@@ -172,7 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "and figures (PNG) with the Pareto frontier.",
     )
     p.add_argument("--experiment", default=None,
-                   help=f"MLflow experiment name (default: the --parent run's, else {DEFAULT_EXPERIMENT})")
+                   help="MLflow experiment name (default: the --parent run's, else the one a plain "
+                        f"`python -m orchestrator.pretrain` logs to, {default_experiment()})")
     p.add_argument("--parent", default=None, metavar="RUN_ID", help="only the child runs of this run (a Tune search)")
     p.add_argument("--filter", default=None, metavar="FILTER",
                    help="MLflow search filter (dotted names in backticks), e.g. "

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pipelines.redaction import redact
 
-DEFAULT_EXPERIMENT = "mixer-pretrain"
 REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves
 FEWSHOT_PREFIX = "fewshot/"
 
@@ -162,6 +161,14 @@ def _experiment_names(client) -> list[str]:
     return sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
 
 
+def default_experiment() -> str:
+    """The experiment a plain `python -m orchestrator.pretrain` logs to (the default preset's), so that a plain
+    `python -m orchestrator.report` right after it compares those runs."""
+    from orchestrator.config.tree import load_config
+
+    return load_config().tracking.experiment
+
+
 def resolve_experiment(client, experiment: str | None, parent_run_id: str | None):
     """(experiment entity, parent run or None) for the arguments, or a ReportError saying what exists."""
     parent = None
@@ -173,7 +180,7 @@ def resolve_experiment(client, experiment: str | None, parent_run_id: str | None
     if experiment is None:
         if parent is not None:
             return client.get_experiment(parent.info.experiment_id), parent
-        experiment = DEFAULT_EXPERIMENT
+        experiment = default_experiment()
     exp = client.get_experiment_by_name(experiment)
     if exp is None or exp.lifecycle_stage == "deleted":
         names = [n for n in _experiment_names(client) if n != "Default"] or ["(none)"]

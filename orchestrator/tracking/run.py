@@ -48,10 +48,21 @@ def find_run_id(tracking_uri: str, experiment: str, run_name: str) -> str | None
     if exp is None:
         return None
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        [exp.experiment_id], filter_string=tag_like_filter(RUN_NAME_TAG, run_name),
+        order_by=["attributes.start_time DESC"], max_results=100,
     )
-    return runs[0].info.run_id if runs else None
+    return next((r.info.run_id for r in runs if r.data.tags.get(RUN_NAME_TAG) == run_name), None)
+
+
+def tag_like_filter(key: str, value: str) -> str:
+    """An MLflow filter that matches tag `key` == `value` and possibly a few more (the caller keeps exact matches).
+
+    MLflow's filter grammar (checked against MLflow 3.17.2) has no escape inside a quoted string: a quote or a
+    backslash in a run name would end or break the literal. Those characters, and LIKE's own wildcards, become
+    LIKE's one-character wildcard `_`.
+    """
+    pattern = "".join("_" if c in "'\"\\%_" else c for c in value)
+    return f"tags.`{key}` LIKE '{pattern}'"
 
 
 def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:

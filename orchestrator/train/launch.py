@@ -78,13 +78,16 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
             f"model.num_classes={cfg.model.num_classes} but the dataset at {url} has {manifest.num_classes} "
             "classes; leave model.num_classes unset (null) to take it from the dataset"
         )
+    from orchestrator.train.plan import make_plan
     from pipelines.loader import ShardLoader
 
+    train_samples = manifest.num_samples(cfg.data.train_split)
+    make_plan(cfg, manifest.num_classes, train_samples)  # the plan words a batch larger than an epoch
     probe = ShardLoader(
         url, cfg.data.train_split, batch_size=micro_batch_size(cfg), rank=0, world_size=cfg.scaling.num_workers,
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
     )
-    return ResolvedData(url, opts, manifest.num_classes, manifest.num_samples(cfg.data.train_split), len(probe))
+    return ResolvedData(url, opts, manifest.num_classes, train_samples, len(probe))
 
 
 def resolve_tracking(cfg: Config) -> str | None:
@@ -93,8 +96,7 @@ def resolve_tracking(cfg: Config) -> str | None:
     from orchestrator.tracking.store import check_tracking_reachable, resolve_tracking_uri
     from pipelines.redaction import redact
 
-    mixer_home().mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(cfg.tracking.uri, str(mixer_home()))
+    uri = resolve_tracking_uri(cfg.tracking.uri, str(mixer_home()))  # a sqlite dir is made by the check
     try:
         check_tracking_reachable(uri)
     except Exception as e:
@@ -102,11 +104,23 @@ def resolve_tracking(cfg: Config) -> str | None:
     return uri
 
 
+def check_storage_target(cfg: Config) -> None:
+    """run.storage_path must be writable (a local directory creatable, an S3 bucket answering) before any start."""
+    from pipelines.storage import StorageError, check_writable_target
+
+    path = cfg.resolved_storage_path()
+    try:
+        check_writable_target(path, storage_options(cfg, path), what="run.storage_path")
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
 def storage_target(cfg: Config):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig.
 
     pyarrow ignores AWS_ENDPOINT_URL, so an s3:// path on a custom endpoint goes through s3fs.
     """
+    check_storage_target(cfg)  # a clear ConfigError before the local directory is made
     path = cfg.resolved_storage_path()
     if not path.startswith("s3://"):
         Path(path).mkdir(parents=True, exist_ok=True)

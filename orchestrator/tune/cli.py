@@ -72,10 +72,28 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={v} is not accepted; expected an integer >= 1")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures={args.max_failures} is not accepted; expected -1 (forever) or an integer >= 0")
     if args.grace_period < 1:
         raise ConfigError(f"--grace-period={args.grace_period} is not accepted; expected an integer >= 1")
     if args.reduction_factor <= 1:
         raise ConfigError(f"--reduction-factor={args.reduction_factor} is not accepted; expected a number > 1")
+    if args.best_config:  # written at the very end: a path that cannot be written must fail now
+        check_best_config_path(args.best_config)
+
+
+def check_best_config_path(path: str) -> None:
+    import os
+
+    from pipelines.storage import StorageError, check_writable_target
+
+    try:
+        check_writable_target(os.path.dirname(os.path.abspath(path)), what=f"--best-config {path!r}: its folder")
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    if os.path.isdir(path) or not path.endswith((".yaml", ".yml")):
+        raise ConfigError(f"--best-config {path!r} is not accepted; expected a .yaml file path (what "
+                          "`python -m orchestrator.pretrain --config FILE` takes)")
 
 
 if __name__ == "__main__":

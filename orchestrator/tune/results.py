@@ -12,7 +12,6 @@ from orchestrator.tune.mlflow_runs import close_child_runs
 from orchestrator.tune.planning import METRIC, num_reports, trial_plan
 from orchestrator.tune.store import SearchStore
 from orchestrator.tune.trial import trial_run_name
-from pipelines.redaction import redact
 
 EXIT_INTERRUPTED = 130
 UNFINISHED_STATUSES = ("RUNNING", "PENDING", "PAUSED")  # as Tune saved them: what --resume continues
@@ -157,7 +156,7 @@ def _close_parent(parent, rows, best, best_file, n_early, n_err, n_unfinished, b
         parent.log_artifact(str(best_file), "search")
     parent.end("KILLED" if n_unfinished else "FINISHED")
     print(f"MLflow parent  {parent.run_id} (experiment {base.tracking.experiment})")
-    print(f"MLflow UI      mlflow ui --backend-store-uri {redact(setup['tracking_uri'])}   (then open http://127.0.0.1:5000)")
-    from orchestrator.report.compare import report_command
+    from orchestrator.report.compare import mlflow_ui_hint, report_command
 
+    print(f"MLflow UI      {mlflow_ui_hint(setup['tracking_uri'])}")
     print(f"compare trials {report_command(base.tracking.experiment, parent_run_id=parent.run_id, tracking_uri=setup['tracking_uri'])}")

@@ -240,3 +240,28 @@ def test_report_command(tmp_path, monkeypatch):
     cmd = report_command("mixer-tune", parent_run_id="abc123", tracking_uri="http://u:pw@127.0.0.1:5000")
     assert cmd == ("python -m orchestrator.report --experiment mixer-tune --parent abc123 "
                    "--tracking-uri http://127.0.0.1:5000")
+
+
+def test_no_arguments_reports_the_default_pretrain_experiment(store, tmp_path, monkeypatch, capsys):
+    # A plain `python -m orchestrator.pretrain` logs to the default preset's experiment; a plain report reads it.
+    from orchestrator.config.tree import load_config
+
+    experiment = load_config().tracking.experiment
+    assert experiment == "mixer-digits"
+    home = tmp_path / "home"
+    uri = f"sqlite:///{home}/mlflow.db"
+    _log_run(uri, experiment, RUNS[0])
+    monkeypatch.setenv("MIXER_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "s32-bs4k" in out and f"wrote {home.resolve()}/reports/{experiment}/" in out
+
+
+def test_mlflow_ui_hint_names_the_server_for_http_and_the_command_for_a_store(tmp_path):
+    from orchestrator.report.compare import mlflow_ui_hint
+
+    assert mlflow_ui_hint("http://alice:s3cr3t@mlflow.example:5000") == "http://mlflow.example:5000"
+    assert mlflow_ui_hint("https://mlflow.example/") == "https://mlflow.example/"
+    hint = mlflow_ui_hint(f"sqlite:///{tmp_path}/mlflow.db")
+    assert hint.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db")

@@ -1,0 +1,243 @@
+"""Every bad input of every entry point: exit 2, one message naming the key or argument, its value and what is
+accepted, no traceback, and nothing started or written (no Ray, no MLflow store, no run or output directory).
+
+The entry points run in-process (main(argv)); MIXER_HOME, Ray's temp dir and the default MLflow store all point
+under tmp_path and must not exist afterwards. Data-dependent cases read a digits dataset written outside
+MIXER_HOME (the embedded default would otherwise be written into MIXER_HOME on first use, by design).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.loopback import free_port
+from orchestrator import evaluate, finetune, pretrain
+from orchestrator.report import compare as report
+from orchestrator.tune import cli as tune
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A digits dataset and a mixer_digits state dict, both outside any MIXER_HOME."""
+    import torch
+
+    from model import create_model
+    from pipelines.write_shards import write_dataset
+
+    base = tmp_path_factory.mktemp("bad-inputs-assets")
+    data = str(base / "digits")
+    write_dataset("digits", data, progress=False)
+    weights = base / "mixer_digits.pt"
+    torch.save(create_model("mixer_digits", num_classes=10).state_dict(), weights)
+    regular = base / "a_regular_file"
+    regular.write_text("not a directory")
+    return {"data": data, "weights": str(weights), "file": str(regular), "dead": f"http://127.0.0.1:{free_port()}"}
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """MIXER_HOME, Ray's temp dir and the default tracking store under tmp_path, none of them existing yet."""
+    home, ray_tmp = tmp_path / "home", tmp_path / "ray"
+    monkeypatch.setenv("MIXER_HOME", str(home))
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "AWS_ENDPOINT_URL",
+                 "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
+    return {"home": home, "ray": ray_tmp, "tmp": tmp_path}
+
+
+def _check(entry, argv, words, isolated, assets, capsys):
+    import ray
+
+    fill = {**assets, "tmp": str(isolated["tmp"])}
+    argv = [a.format(**fill) for a in argv]
+    try:
+        code = entry(argv)
+    except SystemExit as e:  # argparse's own errors (usage + message) exit 2 too
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit {code}\n{out}\n{err}"
+    message = [line for line in err.splitlines() if "error: " in line]
+    assert len(message) == 1, err
+    for word in words:
+        assert word.format(**fill) in message[0], message[0]
+    assert "Traceback" not in out + err
+    assert "testing-secret-value" not in out + err
+    assert not ray.is_initialized()
+    assert not isolated["home"].exists(), sorted(p.name for p in isolated["home"].rglob("*"))  # no store/runs/data
+    assert not isolated["ray"].exists()  # no Ray session dir
+
+
+DATA = "data.url={data}"
+PRETRAIN = [
+    ("lr-negative", ["optim.lr=-1"], ["optim.lr=-1.0", "a positive number"]),
+    ("unknown-key", ["optim.warmup=5"], ["optim.warmup", "accepted keys"]),
+    ("unknown-section", ["optimizer.lr=1"], ["optimizer", "accepted sections"]),
+    ("not-key-value", ["optim.lr"], ["'optim.lr'", "section.key=value"]),
+    ("wrong-type", ["scaling.num_workers=two"], ["scaling.num_workers='two'", "an integer"]),
+    ("bad-literal", ["reg.loss=hinge"], ["reg.loss='hinge'", "['softmax', 'sigmoid']"]),
+    ("unknown-preset", ["--config", "no_such_preset"], ["no_such_preset", "digits"]),
+    ("momentum-negative", ["optim.momentum=-0.5"], ["optim.momentum=-0.5", "a number >= 0"]),
+    ("shuffle-buffer-0", ["data.shuffle_buffer=0"], ["data.shuffle_buffer=0", "an integer >= 1"]),
+    ("num-train-samples-0", ["data.num_train_samples=0"], ["data.num_train_samples=0", "null or an integer >= 1"]),
+    ("startup-timeout-negative", ["scaling.startup_timeout_s=-1"], ["scaling.startup_timeout_s=-1.0", ">= 0"]),
+    ("experiment-empty", ["tracking.experiment="], ["tracking.experiment=''", "a non-empty name"]),
+    ("batch-not-divisible", ["optim.global_batch_size=100", "scaling.num_workers=3"],
+     ["optim.global_batch_size=100", "a multiple of"]),
+    ("batch-larger-than-epoch", [DATA, "optim.global_batch_size=100000"],
+     ["optim.global_batch_size=100000", "larger than one epoch", "smaller global batch"]),
+    ("model-size", ["model.patch_size=3"], ["patch_size", "3"]),
+    ("missing-data", ["data.url={tmp}/nowhere"], ["data.url=", "nowhere"]),
+    ("missing-split", [DATA, "data.val_split=test"], ["data.val_split='test'", "splits there"]),
+    ("storage-under-a-file", [DATA, "run.storage_path={file}/runs"],
+     ["run.storage_path", "{file}/runs", "regular file", "expected a directory"]),
+    ("storage-is-a-file", [DATA, "run.storage_path={file}"], ["run.storage_path", "is a regular file"]),
+    ("storage-s3-refused", [DATA, "run.storage_path=s3://bucket/runs", "data.endpoint_url={dead}"],
+     ["run.storage_path", "s3://bucket/runs", "cannot reach storage"]),
+    ("storage-unknown-protocol", [DATA, "run.storage_path=nosuch://x/runs"],
+     ["run.storage_path", "nosuch://x/runs", "s3://bucket/prefix"]),
+    ("tracking-unreachable", [DATA, "tracking.uri={dead}"], ["tracking.uri", "{dead}", "unreachable"]),
+]
+
+
+@pytest.mark.parametrize("case_id, argv, words", PRETRAIN, ids=[c[0] for c in PRETRAIN])
+def test_pretrain_bad_input(case_id, argv, words, isolated, assets, capsys):
+    _check(pretrain.main, argv, words, isolated, assets, capsys)
+
+
+FINETUNE = [
+    ("missing-from", ["--from", "{tmp}/absent.npz", DATA], ["{tmp}/absent.npz", "does not exist"]),
+    ("not-a-checkpoint", ["--from", "{file}", DATA], ["{file}"]),
+    ("bad-key", ["--from", "{weights}", "optim.lr=0"], ["optim.lr=0", "a positive number"]),
+    ("storage-under-a-file", ["--from", "{weights}", DATA, "run.storage_path={file}/runs"],
+     ["run.storage_path", "regular file"]),
+    ("resolution-not-a-multiple", ["--from", "{weights}", DATA, "model.img_size=24"],
+     ["model.img_size=24", "integer factor", "[16, 32, 48, 64]"]),
+    ("batch-larger-than-epoch", ["--from", "{weights}", DATA, "optim.global_batch_size=100000"],
+     ["optim.global_batch_size=100000", "larger than one epoch"]),
+]
+
+
+@pytest.mark.parametrize("case_id, argv, words", FINETUNE, ids=[c[0] for c in FINETUNE])
+def test_finetune_bad_input(case_id, argv, words, isolated, assets, capsys):
+    _check(finetune.main, argv, words, isolated, assets, capsys)
+
+
+EVALUATE = [
+    ("batch-size-0", ["--from", "{weights}", "--batch-size", "0"], ["--batch-size=0", "integer >= 1"]),
+    ("seeds-0", ["--from", "{weights}", "--fewshot", "--seeds", "0"], ["--seeds=0", "integer >= 1"]),
+    ("unknown-device", ["--from", "{weights}", "--device", "tpu9"], ["--device='tpu9'", "cpu, cuda"]),
+    ("cuda-index-out-of-range", ["--from", "{weights}", "--device", "cuda:99"], ["--device='cuda:99'", "CUDA GPU"]),
+    ("shots-0", ["--from", "{weights}", "--shots", "0,5"], ["--shots='0,5'", "positive integers"]),
+    ("source-run-without-tracking", ["--from", "{weights}", "--log-to-source-run", "--no-tracking"],
+     ["--log-to-source-run", "--no-tracking"]),
+    ("missing-from", ["--from", "{tmp}/absent.pt", "--data", "{data}"], ["{tmp}/absent.pt", "does not exist"]),
+    ("data-needed", ["--from", "{weights}"], ["--data is needed"]),
+    ("missing-data", ["--from", "{weights}", "--data", "{tmp}/nowhere"], ["--data", "nowhere"]),
+    ("missing-split", ["--from", "{weights}", "--data", "{data}", "--split", "test"], ["'test'", "splits there"]),
+    ("tracking-unreachable", ["--from", "{weights}", "--data", "{data}", "--tracking-uri", "{dead}"],
+     ["--tracking-uri", "{dead}", "unreachable"]),
+    ("transform-choice", ["--from", "{weights}", "--transform", "bogus"], ["--transform", "bogus", "digits"]),
+]
+
+
+@pytest.mark.parametrize("case_id, argv, words", EVALUATE, ids=[c[0] for c in EVALUATE])
+def test_evaluate_bad_input(case_id, argv, words, isolated, assets, capsys):
+    _check(evaluate.main, argv, words, isolated, assets, capsys)
+
+
+TUNE = [
+    ("num-samples-0", ["--num-samples", "0"], ["--num-samples=0", "integer >= 1"]),
+    ("grace-period-0", ["--grace-period", "0"], ["--grace-period=0", "integer >= 1"]),
+    ("max-failures-below-forever", ["--max-failures", "-2"], ["--max-failures=-2", "-1 (forever)"]),
+    ("reduction-factor-1", ["--reduction-factor", "1"], ["--reduction-factor=1.0", "> 1"]),
+    ("unknown-space", ["--space", "no_such_space"], ["no_such_space"]),
+    ("search-choice", ["--search", "bayes"], ["--search", "bayes", "optuna"]),
+    ("bad-override", ["optim.lr=-1"], ["optim.lr=-1.0", "a positive number"]),
+    ("storage-under-a-file", [DATA, "run.storage_path={file}/runs"], ["run.storage_path", "regular file"]),
+    ("best-config-under-a-file", [DATA, "--best-config", "{file}/best.yaml"],
+     ["--best-config", "{file}/best.yaml", "regular file"]),
+]
+
+
+@pytest.mark.parametrize("case_id, argv, words", TUNE, ids=[c[0] for c in TUNE])
+def test_tune_bad_input(case_id, argv, words, isolated, assets, capsys):
+    _check(tune.main, argv, words, isolated, assets, capsys)
+
+
+REPORT = [
+    ("no-store", [], ["no MLflow store", "python -m orchestrator.pretrain"]),
+    ("tracking-unreachable", ["--tracking-uri", "{dead}"], ["{dead}", "unreachable"]),
+    ("out-under-a-file", ["--out", "{file}/report"], ["--out", "{file}/report", "regular file"]),
+]
+
+
+@pytest.mark.parametrize("case_id, argv, words", REPORT, ids=[c[0] for c in REPORT])
+def test_report_bad_input(case_id, argv, words, isolated, assets, capsys):
+    _check(report.main, argv, words, isolated, assets, capsys)
+
+
+def test_tune_best_config_must_be_a_yaml_path(isolated, assets, capsys):
+    _check(tune.main, ["--best-config", "{tmp}/best.txt"], ["--best-config", "best.txt", ".yaml file path"],
+           isolated, assets, capsys)
+
+
+# ------------------------------------------------------------------ after the start: the MLflow run's end
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('bad-inputs-mlflow')}/mlflow.db"
+
+
+def test_resume_lookup_finds_a_run_name_with_quotes(sqlite_uri):
+    from orchestrator.tracking.run import RUN_NAME_TAG, find_run_id
+    from orchestrator.tracking.tracker import RunTracker
+
+    ids = {}
+    # the last two match the first one's LIKE pattern: only the exact name may be returned
+    for name in ("it's a \"quoted\" run \\ 100%", "it_s a _quoted_ run _ 100_", "it's a \"quoted\" run \\ 1000"):
+        tracker = RunTracker(sqlite_uri, "quotes", name, tags={RUN_NAME_TAG: name})
+        ids[name] = tracker.start()
+        tracker.end("FINISHED")
+    for name, run_id in ids.items():
+        assert find_run_id(sqlite_uri, "quotes", name) == run_id
+    assert find_run_id(sqlite_uri, "quotes", "it's") is None
+
+
+@pytest.mark.parametrize("where, code, reason", [
+    ("fit", 1, "training failed: RuntimeError: worker group died: simulated"),
+    ("capacity", 3, "the Ray cluster cannot fit: simulated"),
+])
+def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code, reason, sqlite_uri, isolated,
+                                                                      assets, monkeypatch, capsys):
+    """After the MLflow run is open, a failure ends it FAILED with failure.reason (Ray itself stubbed out)."""
+    from mlflow import MlflowClient
+
+    from orchestrator.config.tree import load_config
+    from orchestrator.train import launch
+
+    class BrokenTrainer:
+        def fit(self):
+            raise RuntimeError("worker group died: simulated")
+
+    def too_small(cfg):
+        if where == "capacity":
+            raise launch.ClusterTooSmallError(reason)
+
+    monkeypatch.setattr(launch, "init_ray", lambda: None)
+    monkeypatch.setattr(launch, "check_capacity", too_small)
+    monkeypatch.setattr(launch, "build_trainer", lambda cfg, job: BrokenTrainer())
+    experiment = f"failures-{where}"
+    cfg = load_config("digits", [f"data.url={assets['data']}", f"tracking.uri={sqlite_uri}", "run.name=fails",
+                                 f"run.storage_path={isolated['tmp']}/runs", f"tracking.experiment={experiment}"])
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.pretrain(cfg)
+    assert exit_info.value.code == code
+    assert f"error: {reason}" in capsys.readouterr().err
+    client = MlflowClient(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[pretrain.FAILURE_REASON_TAG] == reason
