@@ -227,7 +227,10 @@ def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code
         if where == "capacity":
             raise launch.ClusterTooSmallError(reason)
 
+    from orchestrator.tracking import relay
+
     monkeypatch.setattr(launch, "init_ray", lambda: None)
+    monkeypatch.setattr(relay, "start_relay", lambda run: None)  # the tracking relay is a Ray actor
     monkeypatch.setattr(launch, "check_capacity", too_small)
     monkeypatch.setattr(launch, "build_trainer", lambda cfg, job: BrokenTrainer())
     experiment = f"failures-{where}"
