@@ -22,6 +22,9 @@ _SECRET_SUBSTRINGS = ("secret", "password", "passwd", "credential", "apikey", "p
 # Whole words of a key (split on anything not a letter/digit): "aws_access_key_id" has "key", "tokens_mlp_dim"
 # has "tokens" (not a secret).
 _SECRET_WORDS = {"key", "keys", "token", "pwd", "pass", "sas", "auth", "bearer", "cookie"}
+# Names that contain a secret word but hold none: the shell's working directories (PWD=/home/me/project
+# would otherwise mask every path under it).
+_NOT_SECRETS = {"pwd", "oldpwd"}
 _AWS_ACCESS_KEY_RE = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b")
 _AWS_SECRET_RE = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 _URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
@@ -37,6 +40,8 @@ _MIN_OPTION_SECRET, _MIN_ENV_SECRET = 4, 8
 def is_secret_key(name: str) -> bool:
     """True when a key names a secret. `model.tokens_mlp_dim` is not one; `data.s3.key` is."""
     low = str(name).lower()
+    if low in _NOT_SECRETS:
+        return False
     if any(s in low.replace("_", "").replace("-", "") for s in _SECRET_SUBSTRINGS):
         return True
     return any(w in _SECRET_WORDS for w in re.split(r"[^a-z0-9]+", low))

@@ -40,3 +40,14 @@ def test_secret_environment_values(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a short setting, not a secret
     assert scrub("key testing-secret-key, mode token") == "key ****, mode token"
     assert redact({"note": "testing-secret-key"}) == {"note": "****"}
+
+
+def test_working_directory_variables_are_not_secrets(monkeypatch):
+    """PWD names a directory, not a password: paths under it stay readable in messages and MLflow params."""
+    monkeypatch.setenv("PWD", "/tmp/clean-checkout")
+    monkeypatch.setenv("OLDPWD", "/tmp/previous-checkout")
+    monkeypatch.setenv("DB_PWD", "hunter2hunter2")
+    assert not is_secret_key("PWD") and not is_secret_key("OLDPWD") and is_secret_key("DB_PWD")
+    uri = "sqlite:////tmp/clean-checkout_home/mlflow.db and /tmp/previous-checkout/x"
+    assert redact(uri) == uri
+    assert redact("pw hunter2hunter2") == "pw ****"
