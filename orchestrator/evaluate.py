@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from orchestrator.eval.sources import CheckpointError, Source, load_source
+from pipelines.redaction import redact
 
 DEFAULT_EXPERIMENT = "mixer-eval"
 _OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
@@ -215,18 +216,18 @@ def _metrics(results: Results, per_split: bool) -> dict[str, float]:
     return out
 
 
-class _SourceRunLogger:
-    """Logs metrics into an existing run (the checkpoint's) without touching its status."""
+def _source_run_tracker(tracking_uri: str, run_id: str):
+    """A tracker adding to the checkpoint's own run: never started (its status stays as it is), so only the
+    metrics go there, through the same redaction, outage handling and unlogged count as every other run."""
+    from orchestrator.tracking.tracker import RunTracker
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
-        try:
-            self.client.get_run(run_id)
-        except Exception as e:
-            raise EvalError(f"--log-to-source-run: run {run_id} is not in the MLflow store {tracking_uri}: "
-                            f"{type(e).__name__}; pass --tracking-uri of the training run") from None
+    tracker = RunTracker(tracking_uri, "", "", run_id=run_id)
+    try:
+        tracker.client.get_run(run_id)
+    except Exception as e:
+        raise EvalError(f"--log-to-source-run: run {run_id} is not in the MLflow store {redact(tracking_uri)}: "
+                        f"{type(e).__name__}; pass --tracking-uri of the training run") from None
+    return tracker
 
 
 def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
@@ -242,7 +243,7 @@ def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
     if args.log_to_source_run:
         if not src.mlflow_run_id:
             raise EvalError(f"--log-to-source-run: checkpoint {src.url} records no MLflow run id")
-        return _SourceRunLogger(uri, src.mlflow_run_id)
+        return _source_run_tracker(uri, src.mlflow_run_id)
     experiment = args.experiment or (src.config or {}).get("tracking", {}).get("experiment") or DEFAULT_EXPERIMENT
     name = src.resolved.rstrip("/").removesuffix("/state.pt").rsplit("/", 1)[-1]
     tags = {
@@ -268,16 +269,9 @@ def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
 
 def _log(tracker, args: argparse.Namespace, results: Results) -> None:
     step = int(results.source.step or 0)
-    if isinstance(tracker, _SourceRunLogger):
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = _metrics(results, per_split=True)
-        tracker.client.log_batch(tracker.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
-        results.run_id, results.tracking_uri = tracker.run_id, tracker.tracking_uri
-        return
-    tracker.log_metrics(_metrics(results, per_split=False), step)
-    tracker.end("FINISHED")
+    into_source = args.log_to_source_run  # the training run's metrics get the split in their names
+    tracker.log_metrics(_metrics(results, per_split=into_source), step)
+    tracker.end(None if into_source else "FINISHED")
     results.run_id, results.tracking_uri = tracker.run_id, tracker.tracking_uri
     missing = tracker.unlogged_summary()
     if missing:

@@ -152,8 +152,9 @@ class RunTracker(ArtifactLogging):
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Send what is left (one last try, ignoring the backoff), then set the run's final status."""
+    def end(self, status: str | None = "FINISHED") -> None:
+        """Send what is left (one last try, ignoring the backoff), then set the run's final status (None: leave
+        it as it is, for a tracker that adds to another process's run without start())."""
         if self.run_id is None:
             return
         self._status = status
