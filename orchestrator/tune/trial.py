@@ -34,8 +34,9 @@ def run_trial(params: dict, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.pretrain import resolve_run
+    from orchestrator.pretrain import end_failed, keep_unlogged, resolve_run
     from orchestrator.tracking import run as run_tracking
+    from orchestrator.tracking.relay import collect_relay, start_relay
     from orchestrator.train import launch
 
     trial_id = tune.get_context().get_trial_id()
@@ -56,13 +57,16 @@ def run_trial(params: dict, setup: dict) -> None:
         storage_options=data.storage_options,
     )
     already_finished = train_run_finished(cfg, plan.total_steps)
+    # As in pretrain: rank 0 logs through an actor this trial owns, so an outage's backlog outlives workers.
+    relay = start_relay(run) if run else None
+    job.tracker_actor = relay.name if relay else None
     trainer = launch.build_trainer(cfg, job, callbacks=[TuneReportCallback()])
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         if run:
             run.set_tags({STATUS_TAG: "failed"})
-            run.end("FAILED")
+            end_failed(cfg, run, relay, f"trial failed: {type(e).__name__}: {e}")
         raise
     if already_finished:
         # Resumed at its last step, the Train run reported nothing: hand its final metrics to Tune so the
@@ -71,8 +75,10 @@ def run_trial(params: dict, setup: dict) -> None:
         if METRIC in metrics:
             tune.report(metrics)
     if run:
+        collect_relay(run, relay)
         run.set_tags({STATUS_TAG: "completed"})
         run_tracking.finish_run(run, cfg, model_cfg, result)
+        keep_unlogged(cfg, run)
 
 
 def train_run_finished(cfg: Config, total_steps: int) -> bool:
