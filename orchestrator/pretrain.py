@@ -78,6 +78,9 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     tracking_uri = launch.resolve_tracking(cfg)
     print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
 
+    # Ray before the MLflow run: a bad RAY_ADDRESS (a config error, exit 2) or a Ctrl-C/SIGTERM while Ray
+    # starts leaves no run behind.
+    launch.init_ray()
     run = run_tracking.open_run(cfg, tracking_uri, plan.model_cfg, plan) if tracking_uri else None
     if run and run_tags:
         run.set_tags(run_tags)
@@ -94,15 +97,11 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     # what never reached MLflow is kept next to the checkpoints for the replay command.
     relay = None
     try:
-        launch.init_ray()
         launch.check_capacity(cfg)
         # Rank 0 logs through an actor this process owns: what an outage buffers outlives any worker.
         relay = start_relay(run) if run else None
         job.tracker_actor = relay.name if relay else None
         result = launch.build_trainer(cfg, job).fit()
-    except launch.RayAddressError as e:  # a config error: the caller prints it and exits 2
-        end_failed(cfg, run, relay, str(e))
-        raise
     except launch.ClusterTooSmallError as e:
         print(f"error: {e}", file=sys.stderr)
         end_failed(cfg, run, relay, str(e))
