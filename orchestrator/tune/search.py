@@ -41,6 +41,10 @@ def run_search(args: argparse.Namespace) -> int:
         key, value = parse_override(item)
         overrides[key] = value
     base = load_config(args.config or space.config, overrides)
+    checked = None
+    if not args.resume:  # a new search's space is checked before the store is made (it creates a local directory)
+        checked = validate_space(space, base)
+        space.to_tune(args.search)  # grid search over a range fails here, naming the key
     store = store_for(base)
     name = pick_name(store, f"tune-{space.name}", args.resume, args.name)
     saved = store.read_sidecar(name) if args.resume else None
@@ -60,7 +64,8 @@ def run_search(args: argparse.Namespace) -> int:
     else:
         search, scheduler_name = args.search, args.scheduler
 
-    checked = validate_space(space, base)
+    if checked is None:
+        checked = validate_space(space, base)
     param_space = space.to_tune(search)  # grid search over a range fails here, naming the key
     num_samples = (saved or {}).get("num_samples") or args.num_samples or space.num_samples or 1
     print(f"[tune] search {name}: space {space.name} ({len(space.params)} keys, {checked} model/plan combinations "

@@ -135,6 +135,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(space_text, args, names, mi
     for name in names:
         assert name in err, err
     assert not ray.is_initialized()
+    assert not (mixer_home / "runs").exists()  # nothing created before the error
 
 
 def test_resume_without_a_search_is_a_clear_error(mixer_home, capsys):
