@@ -131,7 +131,8 @@ def _markdown_document(exp_name, uri, parent_run_id, filter_string, rows, front)
 
 
 def _log_report_run(uri, experiment, parent_run_id, filter_string, rows, files) -> str:
-    from orchestrator.tracking.tracker import MAX_TAG_VAL_LENGTH, RunTracker
+    from orchestrator.tracking.limits import MAX_TAG_VAL_LENGTH
+    from orchestrator.tracking.tracker import RunTracker
 
     ids = ",".join(r.run_id for r in rows)
     if len(ids) > MAX_TAG_VAL_LENGTH:

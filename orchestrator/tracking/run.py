@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 from orchestrator.config.tree import Config
-from orchestrator.tracking.tracker import RunTracker, stringify
+from orchestrator.tracking.limits import stringify
+from orchestrator.tracking.tracker import RunTracker
 
 RUN_NAME_TAG = "mixer.run_name"
 

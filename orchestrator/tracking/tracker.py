@@ -36,6 +36,14 @@ from typing import Any
 
 from orchestrator.config.tree import mixer_home
 from orchestrator.tracking.artifacts import ArtifactLogging
+from orchestrator.tracking.limits import (
+    MAX_KEY_LENGTH,
+    MAX_TAG_VAL_LENGTH,
+    METRICS_PER_REQUEST,
+    PARAM_VALUE_LIMIT,
+    stringify,
+    truncate,
+)
 from orchestrator.tracking.outage import Outage, Unlogged, short
 from orchestrator.tracking.store import (
     TrackingUnreachableError,
@@ -48,26 +56,8 @@ from pipelines.redaction import filter_secrets, redact
 
 logger = logging.getLogger(__name__)
 
-MAX_TAG_VAL_LENGTH = 8000  # MLflow's limits (mlflow/utils/validation.py); MLflow splits batches itself
-MAX_KEY_LENGTH = 250
-METRICS_PER_REQUEST = 1000
-# Older servers (MLflow < 2) still limit param values to 500 chars: stay below that so every server accepts them.
-PARAM_VALUE_LIMIT = 500
-TRUNCATION_MARK = "...[truncated]"
 MAX_BUFFERED_METRICS = 200_000  # points kept while the store is away (~100 bytes each)
 MAX_BUFFERED_PARAMS_TAGS = 10_000
-
-
-def stringify(v: Any) -> str:
-    if v is None:
-        return "None"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(stringify(x) for x in v) + "]"
-    return str(v)
-
-
-def truncate(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
 class RunTracker(ArtifactLogging):

@@ -12,6 +12,7 @@ import pytest
 from tracking_server import MlflowServer
 
 from cluster.loopback import free_port
+from orchestrator.tracking import limits
 from orchestrator.tracking import tracker as tracking
 from orchestrator.tracking.run import flatten_config
 from orchestrator.tracking.store import (
@@ -99,7 +100,7 @@ def test_run_params_tags_metrics_and_resume(sqlite_uri, monkeypatch, caplog):
     p = run.data.params
     assert p["p149"] == "149" and p["model.tokens_mlp_dim"] == "64" and p["data.url"] == "s3://b/x"
     assert "data.storage.key" not in p
-    assert len(p["long"]) == tracking.PARAM_VALUE_LIMIT and p["long"].endswith(tracking.TRUNCATION_MARK)
+    assert len(p["long"]) == limits.PARAM_VALUE_LIMIT and p["long"].endswith(limits.TRUNCATION_MARK)
     assert FAKE_SECRET not in p["data.endpoint"]
     assert run.data.tags["model_name"] == "mixer_s16_224" and run.data.tags["world_size"] == "2"
     assert "api_token" not in run.data.tags
