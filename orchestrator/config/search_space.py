@@ -381,9 +381,3 @@ def candidate_configs(space: SearchSpace, base: Config, keys) -> list[Config]:
         combos = ({k: space.params[k].candidates()[-1] for k in present} for _ in range(1))
     return [apply(base, combo, space) for combo in combos]
 
-
-def per_trial_resources(cfg: Config) -> dict[str, float]:
-    need = {"CPU": cfg.scaling.num_workers * cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        need["GPU"] = float(cfg.scaling.num_workers)
-    return need

@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
-from orchestrator.train.plan import micro_batch_size, worker_resources
+from orchestrator.train.plan import micro_batch_size, worker_group_resources, worker_resources
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -281,8 +281,7 @@ def check_capacity(cfg: Config) -> None:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    bundle = worker_resources(cfg)
-    need = {k: v * cfg.scaling.num_workers for k, v in bundle.items()}
+    need = worker_group_resources(cfg)
     deadline = time.monotonic() + cfg.scaling.startup_timeout_s
     requested = False
     while True:
@@ -293,7 +292,7 @@ def check_capacity(cfg: Config) -> None:
                 request_resources(bundles=[])  # the worker group now holds what it needs
             return
         if not requested:
-            request_resources(bundles=[bundle] * cfg.scaling.num_workers)
+            request_resources(bundles=[worker_resources(cfg)] * cfg.scaling.num_workers)
             requested = True
         if time.monotonic() >= deadline:
             request_resources(bundles=[])

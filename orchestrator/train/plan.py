@@ -37,6 +37,11 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+def worker_group_resources(cfg: Config) -> dict[str, float]:
+    """What the whole worker group reserves: scaling.num_workers x worker_resources (a tune trial's needs)."""
+    return {k: v * cfg.scaling.num_workers for k, v in worker_resources(cfg).items()}
+
+
 def accelerators(cfg: Config, workers: int) -> int:
     """Accelerators `workers` hold: their GPUs with scaling.use_gpu, else one per (CPU) worker."""
     return workers * int(worker_resources(cfg).get("GPU", 1))

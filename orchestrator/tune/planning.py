@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-from orchestrator.config.search_space import SearchSpace, per_trial_resources
+from orchestrator.config.search_space import SearchSpace
 from orchestrator.config.tree import Config
+from orchestrator.train.plan import worker_group_resources
 
 METRIC, MODE = "val/top1", "max"
 
@@ -37,7 +38,7 @@ def derive_concurrency(trial_cfgs: list[Config]) -> tuple[int | None, dict[str, 
     total = ray.cluster_resources()
     need: dict[str, float] = {}
     for cfg in trial_cfgs:
-        for k, v in per_trial_resources(cfg).items():
+        for k, v in worker_group_resources(cfg).items():
             need[k] = max(need.get(k, 0.0), v)
     fits = [int(total.get(k, 0.0) // v) for k, v in need.items() if v > 0]
     return (min(fits) if fits else None), need

@@ -11,10 +11,10 @@ from orchestrator.config.search_space import (
     candidate_configs,
     load_space,
     parse_space,
-    per_trial_resources,
     validate_space,
 )
 from orchestrator.config.tree import ConfigError, config_from_dict, load_config, parse_override
+from orchestrator.train.plan import worker_group_resources
 from orchestrator.tune.mlflow_runs import log_parent_setup, open_parent_run
 from orchestrator.tune.planning import (
     METRIC,
@@ -86,7 +86,7 @@ def run_search(args: argparse.Namespace) -> int:
     tracking_uri = launch.resolve_tracking(base)
     launch.init_ray()
     resource_cfgs = candidate_configs(space, base, RESOURCE_KEYS)
-    biggest = max(resource_cfgs, key=lambda c: per_trial_resources(c).get("CPU", 0.0))
+    biggest = max(resource_cfgs, key=lambda c: worker_group_resources(c).get("CPU", 0.0))
     launch.check_capacity(biggest)
     fits, need = derive_concurrency(resource_cfgs)
     max_concurrent = args.max_concurrent or (saved or {}).get("max_concurrent") or fits
