@@ -164,7 +164,9 @@ class _ShardSink:
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         self._shard_file = ExitStack()  # the open atomic write: closing it publishes the shard
         file = self._shard_file.enter_context(atomic_write(self._url, self.opts))
-        self._writer = wds.TarWriter(file, mtime=0.0)  # reproducible bytes
+        # mtime a fixed int: reproducible bytes, and no PAX header per member (a float mtime makes Python's tarfile
+        # write one), which would double the header parsing every reader pays per sample
+        self._writer = wds.TarWriter(file, mtime=0)
         self._count = 0
         self._size = 0
 

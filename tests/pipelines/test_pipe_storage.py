@@ -52,6 +52,18 @@ def test_digits_round_trip(digits_root):
     assert np.bincount(labels[digits_split(0.2, 0)["val"]]).min() >= 35  # stratified
 
 
+def test_shards_are_plain_ustar_without_pax_headers(digits_root):
+    """Each member is one 512-byte header + data: no PAX extended header for readers to parse per sample."""
+    import tarfile
+
+    url = load_manifest(digits_root).shards("train")[0].url
+    with tarfile.open(url) as tar:
+        members = tar.getmembers()
+    assert members and all(not m.pax_headers and m.mtime == 0 for m in members)
+    with open(url, "rb") as f:
+        assert b"PaxHeader" not in f.read()
+
+
 def test_manifest_relative_urls_and_move(digits_root, tmp_path):
     doc = json.load(open(os.path.join(digits_root, "manifest.json")))
     assert doc["splits"]["train"][0]["url"] == "train/train-000000.tar"
