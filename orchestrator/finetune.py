@@ -27,7 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides, validate
+from orchestrator.config.checks import validate
+from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides
 from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
 
 DEFAULT_PRESET = "digits_finetune"

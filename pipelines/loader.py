@@ -22,6 +22,13 @@ How an epoch is read (see pipelines/plan.py for the plan itself):
   (``positions``), which lets a resume skip raw bytes without decoding. Without this rank's positions
   (e.g. a checkpoint holding only rank 0's state) the skipped prefix is decoded to tell good from bad.
 
+Per image the worker runs ``decoder`` (bytes -> uint8; RandomResizedCrop fused with a crop-aware decode for the
+training recipe) and ``transform``; per batch the ``batch_stage`` (pipelines/batch_stage.py: big_vision's
+RandAugment with per-image draws, normalisation) runs in the worker (``augment_on='host'``) or, with
+``augment_on='device'``, in this process on ``device`` after an asynchronous copy of the uint8 batch; mixup
+follows wherever the images are. With ``decode_crop_on_device`` the worker ships JPEG bytes and the device
+decodes them (pipelines/device_decode.py).
+
 Resume with different plan inputs (world size, workers, batch size, seed, shuffle buffer, dataset):
 ``on_plan_change='restart_epoch'`` (default) warns and restarts the checkpoint's epoch from its first batch
 (samples already seen in that epoch are seen again; this is said in the warning and in
@@ -47,13 +54,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from . import device_decode
 from .bad_samples import BadSampleTally, DataError, check_shards_present
+from .batch_stage import BatchStage
 from .manifest import ShardInfo, dataset_from_pattern, is_pattern, load_manifest, split_manifest_url
 from .mixup import MixupConfig, mixup_batch
 from .plan import EpochPlan, derive_seed, plan_epoch, worker_position
 from .slot_stream import RankDataset, RankSpec
 from .storage import check_dataset_reachable, resolve_storage_options
-from .transforms import default_transform
+from .transforms import decode_image, default_transform, identity
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,7 @@ STATE_VERSION = 1
 # The shuffle's algorithm is a plan input: a position saved under another one (before webdataset's shuffle
 # was used) cannot be continued exactly, so such a resume restarts the epoch like any other plan change.
 SHUFFLE = "webdataset"
+AUGMENT_ON = ("host", "device")
 
 
 class ResumeMismatchError(ValueError):
@@ -96,11 +106,20 @@ class ShardLoader:
         on_plan_change: str = "restart_epoch",
         prefetch_factor: int = 2,
         verify_shards: bool = True,
+        decoder: Callable[[bytes], torch.Tensor] | None = None,
+        batch_stage: BatchStage | None = None,
+        augment_on: str = "host",
+        device: torch.device | str | None = None,
+        decode_crop_on_device: tuple[int, str] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if on_plan_change not in ("restart_epoch", "error"):
             raise ValueError(f"on_plan_change must be 'restart_epoch' or 'error', got {on_plan_change!r}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
+        if augment_on == "device" and batch_stage is None:
+            raise ValueError("augment_on='device' needs a batch_stage (what to run on the device)")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(f"bad batch_size={batch_size} / num_workers={num_workers} / shuffle_buffer={shuffle_buffer}")
         self.source = str(source)
@@ -115,7 +134,16 @@ class ShardLoader:
         self.return_keys = return_keys
         self.on_plan_change = on_plan_change
         self.prefetch_factor = prefetch_factor
-        self.transform = transform or default_transform()
+        # No batch stage: the per-image transform does everything (float out), as evaluation does.
+        self.transform = transform or (default_transform() if batch_stage is None else identity)
+        self.decoder = decoder or decode_image
+        self.batch_stage = batch_stage
+        self.augment_on = augment_on
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if decode_crop_on_device is not None and augment_on != "device":
+            raise ValueError("decode_crop_on_device needs augment_on='device'")
+        # (crop size, interpolation): the decoder ships JPEG bytes (ShipJpeg) and they are decoded on the device
+        self.decode_crop_on_device = decode_crop_on_device
         if isinstance(mixup, int | float):
             mixup = MixupConfig(alpha=float(mixup))
         self.mixup = mixup
@@ -281,7 +309,9 @@ class ShardLoader:
             urls=[s.url for s in self.shards], slots=plan.rank_slots(self.rank), training=self.training,
             batch_size=self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
             rotation=(k % W) if self.training else 0, starts=starts, shuffle_buffer=self.shuffle_buffer,
-            opts=self._opts, transform=self.transform, num_classes=self.num_classes,
+            opts=self._opts, transform=self.transform, num_classes=self.num_classes, decoder=self.decoder,
+            batch_stage=self.batch_stage, stage_on_host=self.augment_on == "host",
+            device_decode_size=self.decode_crop_on_device[0] if self.decode_crop_on_device else None,
         )
         return self._iterate(plan, spec, k, total)
 
@@ -303,17 +333,45 @@ class ShardLoader:
             self._tally.check(self.epoch, plan.samples_per_rank(self.rank))
             k += 1
             self._consumed = k
-            targets = labels
-            if self.mixup is not None:
-                mix_gen.manual_seed(derive_seed(self.seed, self.epoch, "mixup", self.rank, k - 1))
-                images, targets = mixup_batch(
-                    images, labels, self.num_classes, self.mixup.alpha, mix_gen, self.mixup.label_smoothing
-                )
-                if self.pin_memory and torch.cuda.is_available():  # mixing made new, unpinned tensors
-                    images, targets = images.pin_memory(), targets.pin_memory()
+            images, targets = self._finish(images, labels, meta, k - 1, mix_gen)
             if self.return_keys:
                 yield images, targets, meta["keys"]
             else:
                 yield images, targets
         if self.training and k != total:
             raise DataError(f"internal: rank {self.rank} yielded {k} batches, planned {total}")
+
+    def _finish(self, images, labels: torch.Tensor, meta: dict, index: int, mix_gen: torch.Generator | None):
+        """The rank's batch ``index`` after the worker: the device stage (augment_on='device'), then mixup, which
+        needs the rank's batch index for its seed and runs where the images are."""
+        if self.augment_on == "device":
+            images, labels = self._device_stage(images, labels, meta)
+        if self.mixup is None:
+            return images, labels
+        mix_gen.manual_seed(derive_seed(self.seed, self.epoch, "mixup", self.rank, index))
+        images, targets = mixup_batch(images, labels, self.num_classes, self.mixup.alpha, mix_gen,
+                                      self.mixup.label_smoothing)
+        if self.pin_memory and images.device.type == "cpu" and torch.cuda.is_available():  # new, unpinned tensors
+            images, targets = images.pin_memory(), targets.pin_memory()
+        return images, targets
+
+    def _device_stage(self, images, labels: torch.Tensor, meta: dict):
+        """uint8 crops (pinned when pin_memory) copied asynchronously to the device, then the batch stage there.
+        With a device decode, ``images`` is the batch's encoded JPEGs (pipelines/device_decode.py): decoded here;
+        one the decoder rejects is counted as corrupt and dropped from the batch."""
+        dev = self.device
+        draws = meta.get("draws")
+        if isinstance(images, dict):
+            images, failed = device_decode.decode_on_device(images, dev, self.decode_crop_on_device[1])
+            if failed:
+                keep = [i for i in range(len(labels)) if i not in set(failed)]
+                for i in failed:
+                    self._tally.add([("corrupt_image", meta["urls"][i], 1)], 0)
+                labels, meta["keys"] = labels[keep], [meta["keys"][i] for i in keep]
+                draws = {k: v[keep] for k, v in draws.items()} if draws is not None else None
+                self._tally.check(self.epoch, self.plan().samples_per_rank(self.rank))
+        else:
+            images = images.to(dev, non_blocking=True)
+        if draws is not None:
+            draws = {k: v.to(dev, non_blocking=True) for k, v in draws.items()}
+        return self.batch_stage(images, draws), labels.to(dev, non_blocking=True)

@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
+from . import device_decode
 from .bad_samples import DataError
+from .batch_stage import BatchStage
 from .plan import SlotPlan, derive_seed, epoch_rng
 from .redaction import redact_url
 from .shard_reader import RawSample, iter_piece
@@ -40,6 +42,10 @@ class RankSpec:
     opts: dict[str, Any]
     transform: Callable[[torch.Tensor], torch.Tensor]
     num_classes: int | None
+    decoder: Callable[[bytes], torch.Tensor] = decode_image  # bytes -> uint8 CHW (may crop: RandomResizedCropDecode)
+    batch_stage: BatchStage | None = None  # uint8 batch -> float batch (pipelines/batch_stage.py)
+    stage_on_host: bool = True  # False: the batch leaves uint8 with its draws; the loader runs the stage on the device
+    device_decode_size: int | None = None  # decode_on='device': the decoder ships JPEG bytes (pipelines/device_decode)
 
 
 class RankDataset(IterableDataset):
@@ -110,7 +116,7 @@ class SlotWorker:
 
     def _decode(self, r: RawSample) -> torch.Tensor | None:
         try:
-            return decode_image(r.image)
+            return self.s.decoder(r.image)
         except Exception:
             return None
 
@@ -147,7 +153,7 @@ class SlotWorker:
         last_n = self.plan.num_samples - (target - 1) * bs if not s.training else bs
         while done < target:
             want = bs if (s.training or done < target - 1) else last_n
-            imgs, labels, keys = [], [], []
+            imgs, labels, keys, urls = [], [], [], []
             padded = 0
             seed = derive_seed(s.seed, s.epoch, "aug", s.rank, self.w, done)
             with torch.random.fork_rng(devices=[]):
@@ -162,7 +168,7 @@ class SlotWorker:
                         in_padding = True
                         self.counting = False
                     x = self._decode(r)
-                    if x is not None:
+                    if x is not None and not isinstance(x, device_decode.EncodedJpeg):
                         try:
                             x = s.transform(x)
                         except Exception:
@@ -175,6 +181,7 @@ class SlotWorker:
                     imgs.append(x)
                     labels.append(r.label)
                     keys.append(r.key)
+                    urls.append(r.url)
                     padded += int(in_padding)
             if not imgs:
                 return  # evaluation: nothing left (bad samples)
@@ -186,8 +193,22 @@ class SlotWorker:
                 "padded": padded,
                 "keys": keys,
             }
+            if s.device_decode_size:
+                meta["urls"] = urls
+                images = device_decode.collate(imgs, s.device_decode_size)
+                height = width = s.device_decode_size
+            else:
+                images = torch.stack(imgs)
+                height, width = images.shape[-2:]
+            if s.batch_stage is not None:
+                gen = torch.Generator().manual_seed(derive_seed(s.seed, s.epoch, "batch_stage", s.rank, self.w, done))
+                draws = s.batch_stage.draw(gen, len(imgs), height, width)
+                if s.stage_on_host:
+                    images = s.batch_stage(images, draws)
+                else:
+                    meta["draws"] = draws
             self.bad = Counter()
             done += 1
-            yield torch.stack(imgs), torch.tensor(labels, dtype=torch.int64), meta
+            yield images, torch.tensor(labels, dtype=torch.int64), meta
             if not s.training and len(imgs) < want:
                 return

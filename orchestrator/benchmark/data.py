@@ -89,7 +89,9 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         shards = manifest.shards("train")
         local_urls = [s.url for s in shards]
         raw = [r.image for s in shards for r in iter_piece(s.url, 0, s.num_samples, {}, lambda *a: None)]
-        tf = make_transform(True, input_size=input_size, randaug_magnitude=15)
+        # the per-image recipe as it ran before the device placement (torchvision's RandAugment, which also takes
+        # the float images webdataset's "torchrgb" decoder gives)
+        tf = make_transform(True, input_size=input_size, randaug_magnitude=15, randaug_impl="torchvision")
         bs = batch_size
 
         def decode_only(decode=decode_image):

@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config.tree import Config, ConfigError, config_from_dict, validate
+from orchestrator.config.checks import validate
+from orchestrator.config.tree import Config, ConfigError, config_from_dict
 
 SPACE_DIR = Path(__file__).parent / "spaces"
 DEFAULT_SPACE = "digits"

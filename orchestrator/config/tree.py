@@ -69,6 +69,8 @@ class DataSection:
     profile: str | None = None
     num_train_samples: int | None = None  # only for --dry-run planning when the dataset is not reachable
     trace_keys_dir: str | None = None  # debug: each rank appends the sample keys of its batches here
+    augment_on: Literal["auto", "host", "device"] = "auto"  # batch augmentation; auto: device when use_gpu
+    decode_on: Literal["host", "device"] = "host"  # device: JPEGs decoded on the GPU (nvJPEG); needs augment on device
 
 
 @dataclass
@@ -95,6 +97,7 @@ class ScheduleSection:
 class RegSection:
     randaug_num_ops: int = 2
     randaug_magnitude: int = 15  # 0 disables RandAugment
+    randaug_impl: Literal["big_vision", "torchvision"] = "big_vision"  # big_vision: the paper's 16-op version
     mixup_alpha: float = 0.5  # 0 disables mixup
     label_smoothing: float = 0.0
     dropout: float = 0.0
@@ -203,6 +206,8 @@ def load_config(preset_or_file: str | None = None, overrides: list[str] | dict |
             key, value = parse_override(item)
             _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
+    from orchestrator.config.checks import validate  # the checks import this module's sections
+
     validate(cfg)
     return cfg
 
@@ -327,58 +332,6 @@ def require(ok: bool, key: str, value: Any, accepted: str) -> None:
     """Unless `ok`: ConfigError naming the key, the bad value and what would be accepted."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not accepted; expected {accepted}")
-
-
-def validate(cfg: Config) -> None:
-    """Range checks and cross-field checks; the model's own sizes are checked by model.get_config."""
-    from model import get_config  # the model layer owns its own validation
-    from orchestrator.train.plan import check_batch_split  # the plan owns the batch arithmetic
-
-    r = cfg.run
-    require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
-    o = cfg.optim
-    require(o.lr > 0, "optim.lr", o.lr, "a positive number")
-    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
-    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "a positive number or null")
-    require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
-    require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
-    s = cfg.scaling
-    require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
-    require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
-    require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
-    require(s.startup_timeout_s >= 0, "scaling.startup_timeout_s", s.startup_timeout_s, "a number of seconds >= 0")
-    check_batch_split(cfg)
-    sc = cfg.schedule
-    require(sc.epochs > 0, "schedule.epochs", sc.epochs, "a positive number")
-    require(sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "an integer >= 0")
-    require(0 <= sc.end_lr_factor <= 1, "schedule.end_lr_factor", sc.end_lr_factor, "a number in [0, 1]")
-    g = cfg.reg
-    require(g.randaug_num_ops >= 0, "reg.randaug_num_ops", g.randaug_num_ops, "an integer >= 0")
-    require(0 <= g.randaug_magnitude <= 30, "reg.randaug_magnitude", g.randaug_magnitude, "an integer in [0, 30]")
-    require(g.mixup_alpha >= 0, "reg.mixup_alpha", g.mixup_alpha, "a number >= 0 (0 disables mixup)")
-    for key in ("label_smoothing", "dropout", "head_dropout", "stochastic_depth"):
-        v = getattr(g, key)
-        require(0 <= v < 1, f"reg.{key}", v, "a number in [0, 1)")
-    d = cfg.data
-    require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "an integer >= 0")
-    require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
-    require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
-    require(d.num_train_samples is None or d.num_train_samples >= 1, "data.num_train_samples", d.num_train_samples,
-            "null or an integer >= 1")
-    require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "a non-empty name")
-    require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
-    require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
-    require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
-    require(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps, "an integer >= 1")
-    require(
-        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
-        "train.max_steps", cfg.train.max_steps, "null or an integer >= 1",
-    )
-    try:
-        get_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 10))
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
 
 
 def model_overrides(cfg: Config, num_classes: int) -> dict[str, Any]:

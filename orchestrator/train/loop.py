@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model import create_model, pretrained_data_config
+from orchestrator.config.checks import augment_on
 from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
 from orchestrator.train.checkpoints import load_newest_complete, rng_state, save_checkpoint, set_rng_state
@@ -25,7 +26,7 @@ from orchestrator.train.plan import accelerators, make_plan, micro_batch_size, p
 from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
-from pipelines.transforms import eval_transform, make_transform
+from pipelines.transforms import eval_transform, train_pipeline
 
 
 @dataclass
@@ -57,21 +58,13 @@ def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if (cfg.train.bf16 and device.type == "cuda") else None
 
 
-def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, micro_batch: int):
+def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, micro_batch: int, device=None):
     data_cfg = pretrained_data_config(cfg.model.name)
-    common = dict(
-        input_size=model_cfg.img_size,
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        interpolation=data_cfg["interpolation"],
-        crop_pct=data_cfg["crop_pct"],
-        preset=cfg.data.transform,
-    )
-    train_tf = make_transform(
-        True,
-        randaug_num_ops=cfg.reg.randaug_num_ops,
-        randaug_magnitude=cfg.reg.randaug_magnitude or None,
-        **common,
+    pipeline = train_pipeline(
+        input_size=model_cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
+        interpolation=data_cfg["interpolation"], preset=cfg.data.transform,
+        randaug_num_ops=cfg.reg.randaug_num_ops, randaug_magnitude=cfg.reg.randaug_magnitude or None,
+        randaug_impl=cfg.reg.randaug_impl, decode_on=cfg.data.decode_on,
     )
     eval_tf = eval_transform(data_cfg, input_size=model_cfg.img_size, preset=cfg.data.transform)
     loader_args = dict(
@@ -87,7 +80,9 @@ def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, 
     if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
         mixup = MixupConfig(alpha=cfg.reg.mixup_alpha, label_smoothing=cfg.reg.label_smoothing)
     train = ShardLoader(
-        job.dataset_url, cfg.data.train_split, batch_size=micro_batch, transform=train_tf, training=True,
+        job.dataset_url, cfg.data.train_split, batch_size=micro_batch, training=True,
+        decoder=pipeline.decoder, transform=pipeline.transform, batch_stage=pipeline.batch_stage,
+        augment_on=augment_on(cfg), device=device, decode_crop_on_device=pipeline.decode_crop_on_device,
         shuffle_buffer=cfg.data.shuffle_buffer, mixup=mixup, num_classes=job.num_classes,
         return_keys=bool(cfg.data.trace_keys_dir), **loader_args,
     )
@@ -118,7 +113,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
     model_cfg = model.cfg
-    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, micro_batch_size(cfg))
+    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, micro_batch_size(cfg), device)
     plan = make_plan(cfg, job.num_classes, job.train_samples, len(train_loader))
     accum = plan.grad_accum_steps
 
@@ -174,9 +169,9 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
         with clock.step():
             for _i in range(accum):
                 epoch, batch = next(stream)
-                if trace:
-                    trace.write(step + 1, epoch, batch[2])
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                if trace:
+                    trace.write(step + 1, epoch, batch[2], x)
                 micro_batches.append((x, y))
                 if train_loader.batches_consumed == len(train_loader):
                     # read now: the next batch's set_epoch starts new counts (a collective: all ranks are here)
@@ -309,10 +304,12 @@ class _KeyTrace:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.file = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
 
-    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+    def write(self, step: int, epoch: int, keys: list[str], images: torch.Tensor) -> None:
+        import hashlib
         import json
 
-        self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
+        pixels = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()  # augmented pixels
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys), "pixels": pixels}) + "\n")
 
 
 def _gather(mine: tuple, world: int) -> tuple[list, list]:

@@ -99,6 +99,17 @@ PRETRAIN = [
     ("storage-unknown-protocol", [DATA, "run.storage_path=nosuch://x/runs"],
      ["run.storage_path", "nosuch://x/runs", "s3://bucket/prefix"]),
     ("tracking-unreachable", [DATA, "tracking.uri={dead}"], ["tracking.uri", "{dead}", "unreachable"]),
+    ("augment-on-unknown", ["data.augment_on=gpu"], ["data.augment_on='gpu'", "['auto', 'host', 'device']"]),
+    ("randaug-impl-unknown", ["reg.randaug_impl=timm"], ["reg.randaug_impl='timm'", "['big_vision', 'torchvision']"]),
+    ("decode-on-device-without-cuda", ["data.transform=inception", "data.decode_on=device"],
+     ["data.decode_on='device'", "scaling.use_gpu: true", "needs CUDA"]),
+    ("decode-on-device-host-augment", ["data.transform=inception", "data.decode_on=device", "scaling.use_gpu=true",
+                                       "data.augment_on=host"], ["data.decode_on='device'", "data.augment_on is 'host'"]),
+    ("decode-on-device-digits", ["data.decode_on=device", "scaling.use_gpu=true"],
+     ["data.decode_on='device'", "data.transform 'digits'"]),
+    ("torchvision-randaug-on-device", ["data.transform=inception", "reg.randaug_magnitude=15",
+                                       "reg.randaug_impl=torchvision", "data.augment_on=device"],
+     ["reg.randaug_impl='torchvision'", "'big_vision'", "data.augment_on: host"]),
 ]
 
 

@@ -7,7 +7,14 @@ import torch
 from torchvision.transforms import v2
 
 from pipelines.mixup import mixup_batch, one_hot_smoothed
-from pipelines.transforms import decode_image, decode_image_pil, eval_transform, make_transform
+from pipelines.transforms import (
+    OneImage,
+    decode_image,
+    decode_image_pil,
+    eval_transform,
+    make_transform,
+    train_pipeline,
+)
 
 
 def _img(h=40, w=56):
@@ -15,20 +22,25 @@ def _img(h=40, w=56):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_inception_shapes_and_range(training):
-    tf = make_transform(training, input_size=32, randaug_magnitude=15)
+@pytest.mark.parametrize("impl", ["torchvision", "big_vision"])
+def test_inception_shapes_and_range(training, impl):
+    tf = make_transform(training, input_size=32, randaug_magnitude=15, randaug_impl=impl)
     y = tf(_img())
     assert y.shape == (3, 32, 32) and y.dtype == torch.float32
     assert y.min() >= -1.0 - 1e-6 and y.max() <= 1.0 + 1e-6
     kinds = {type(t) for t in tf.transforms}
     if training:
-        assert {v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandAugment} <= kinds
+        randaug = v2.RandAugment if impl == "torchvision" else OneImage
+        assert {v2.RandomResizedCrop, v2.RandomHorizontalFlip, randaug} <= kinds
+        assert (v2.RandAugment in kinds) == (impl == "torchvision")  # big_vision's is the paper's, not torchvision's
     else:
         assert {v2.Resize, v2.CenterCrop} <= kinds and v2.RandomHorizontalFlip not in kinds
 
 
 def test_randaugment_skipped_without_magnitude():
     assert v2.RandAugment not in {type(t) for t in make_transform(True, input_size=16).transforms}
+    assert OneImage not in {type(t) for t in make_transform(True, input_size=16).transforms}
+    assert train_pipeline(input_size=16).batch_stage.randaug is None
 
 
 def test_eval_deterministic_and_crop_pct():

@@ -1,0 +1,80 @@
+"""Range and cross-field checks of a Config: each names the key, the bad value and what would be accepted."""
+
+from __future__ import annotations
+
+from orchestrator.config.tree import Config, ConfigError, model_overrides, require
+
+
+def validate(cfg: Config) -> None:
+    """Range checks and cross-field checks; the model's own sizes are checked by model.get_config."""
+    from model import get_config  # the model layer owns its own validation
+    from orchestrator.train.plan import check_batch_split  # the plan owns the batch arithmetic
+
+    r = cfg.run
+    require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    o = cfg.optim
+    require(o.lr > 0, "optim.lr", o.lr, "a positive number")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "a positive number or null")
+    require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
+    require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
+    s = cfg.scaling
+    require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
+    require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
+    require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
+    require(s.startup_timeout_s >= 0, "scaling.startup_timeout_s", s.startup_timeout_s, "a number of seconds >= 0")
+    check_batch_split(cfg)
+    sc = cfg.schedule
+    require(sc.epochs > 0, "schedule.epochs", sc.epochs, "a positive number")
+    require(sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "an integer >= 0")
+    require(0 <= sc.end_lr_factor <= 1, "schedule.end_lr_factor", sc.end_lr_factor, "a number in [0, 1]")
+    g = cfg.reg
+    require(g.randaug_num_ops >= 0, "reg.randaug_num_ops", g.randaug_num_ops, "an integer >= 0")
+    require(0 <= g.randaug_magnitude <= 30, "reg.randaug_magnitude", g.randaug_magnitude, "an integer in [0, 30]")
+    require(g.mixup_alpha >= 0, "reg.mixup_alpha", g.mixup_alpha, "a number >= 0 (0 disables mixup)")
+    for key in ("label_smoothing", "dropout", "head_dropout", "stochastic_depth"):
+        v = getattr(g, key)
+        require(0 <= v < 1, f"reg.{key}", v, "a number in [0, 1)")
+    d = cfg.data
+    require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "an integer >= 0")
+    require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
+    require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
+    require(d.num_train_samples is None or d.num_train_samples >= 1, "data.num_train_samples", d.num_train_samples,
+            "null or an integer >= 1")
+    _check_placement(cfg)
+    require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "a non-empty name")
+    require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
+    require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
+    require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
+    require(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps, "an integer >= 1")
+    require(
+        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+        "train.max_steps", cfg.train.max_steps, "null or an integer >= 1",
+    )
+    try:
+        get_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 10))
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def augment_on(cfg: Config) -> str:
+    """Where the batch augmentation runs: 'device' or 'host' ('auto': the device when training on GPUs)."""
+    if cfg.data.augment_on == "auto":
+        return "device" if cfg.scaling.use_gpu else "host"
+    return cfg.data.augment_on
+
+
+def _check_placement(cfg: Config) -> None:
+    d, where = cfg.data, augment_on(cfg)
+    if d.decode_on == "device":
+        require(cfg.scaling.use_gpu, "data.decode_on", d.decode_on,
+                "'host', or 'device' with scaling.use_gpu: true (decoding on the device needs CUDA)")
+        require(d.transform == "inception", "data.decode_on", d.decode_on,
+                "'host' with data.transform 'digits' ('device' decodes the inception recipe's JPEG crops)")
+        require(where == "device", "data.decode_on", d.decode_on,
+                "'host' when data.augment_on is 'host' (a device decode hands its crops to the device stage)")
+    if cfg.reg.randaug_impl == "torchvision" and cfg.reg.randaug_magnitude and d.transform == "inception":
+        require(where == "host", "reg.randaug_impl", "torchvision",
+                "'big_vision' when data.augment_on is 'device' (torchvision's RandAugment draws one op per call, "
+                "so on a batch every image would get the same ops), or data.augment_on: host")
