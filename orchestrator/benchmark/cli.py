@@ -4,6 +4,7 @@
     python -m orchestrator.benchmark model                                   # CPU: digits, S/16, B/16 vs timm
     python -m orchestrator.benchmark model --device cuda --json gpu.json     # bf16, eager + torch.compile, MFU
     python -m orchestrator.benchmark data                                    # img/s/core: decode, local, S3 (moto), wds
+    python -m orchestrator.benchmark feed --device cuda --json feed.json     # B/16 end to end per placement
     python -m orchestrator.benchmark train                                   # Ray Train vs plain loop, checkpoints
     python -m orchestrator.benchmark train --no-submit                       # ... without the job-submit timing
     python -m orchestrator.benchmark all --json all.json
@@ -32,7 +33,7 @@ from typing import Any
 
 from orchestrator.benchmark.common import machine_info, table
 
-PARTS = ("model", "data", "train")
+PARTS = ("model", "data", "train", "feed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n")[1],
     )
     p.add_argument("part", choices=(*PARTS, "all"))
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="model part only (default cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="model part, and the data part's device stage (default cpu)")
     p.add_argument("--json", metavar="FILE", help="write every figure (with samples) to FILE")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per comparison (default 5, quick 3)")
     p.add_argument("--quick", action="store_true", help="small sizes and few rounds (smoke / CI)")
@@ -57,9 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--images", type=int, default=None, help="synthetic JPEGs (default 256, quick 64)")
     g.add_argument("--no-s3", action="store_true", help="skip the loopback S3 (moto) cases")
+    g = p.add_argument_group("feed")
+    g.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2, max 12; CPU: 1)")
     g = p.add_argument_group("train")
     g.add_argument("--no-submit", action="store_true", help="skip `ray job submit` -> first step on a local cluster")
-    g.add_argument("--steps", type=int, default=None, help="training steps per Ray / no-Ray run (default 60, quick 30)")
+    g.add_argument("--steps", type=int, default=None, help="train: steps per Ray / no-Ray run (default 60, quick 30); feed: timed steps per placement")
     a = p.parse_args(argv)
     if a.repeats is not None and a.repeats < 1:
         p.error(f"--repeats={a.repeats}: expected an integer >= 1")
@@ -80,7 +83,7 @@ def _finite(obj: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     repeats = args.repeats or (3 if args.quick else 5)
-    parts = PARTS if args.part == "all" else (args.part,)
+    parts = ("model", "data", "train") if args.part == "all" else (args.part,)
     out: dict[str, Any] = {
         "command": "python -m orchestrator.benchmark " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(args.device),
@@ -102,14 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "data":
             from orchestrator.benchmark import data as bench_data
 
-            res = bench_data.run(repeats, args.quick, args.images, s3=not args.no_s3)
+            res = bench_data.run(repeats, args.quick, args.images, s3=not args.no_s3, device=args.device)
             title = f"data: {res['setup']}, {repeats} interleaved rounds"
+        elif part == "feed":
+            from orchestrator.benchmark import gpu_check as bench_feed
+
+            res = bench_feed.run(device=args.device, quick=args.quick, batch=args.batch, images=args.images,
+                                 model_name=(args.models or [None])[0], steps=args.steps,
+                                 loader_workers=args.loader_workers, repeats=repeats)
+            title = f"feed: training end to end per placement, {res['setup']}"
         else:
             from orchestrator.benchmark import train as bench_train
 
             res = bench_train.run(repeats, args.quick, submit=not args.no_submit, steps=args.steps)
             title = f"train: orchestration overhead, {res['setup']}"
-        module = sys.modules[f"orchestrator.benchmark.{part}"]
+        module = sys.modules[f"orchestrator.benchmark.{'gpu_check' if part == 'feed' else part}"]
         out[part] = res
         text = f"\n== {title}\n" + "\n\n".join(table(h, r) for h, r in module.tables(res))
         for note in res.get("notes", []):

@@ -12,6 +12,8 @@ RandAugment(2, 15), [-1, 1]). Cases, interleaved in rounds over the same images:
 - ``decode+aug in memory``: decode + transform + batch over in-memory bytes (no I/O, no loader);
 - ``ShardLoader local`` / ``ShardLoader s3``: this project's loader from shards on local disk / on a
   loopback S3 server (moto's ThreadedMotoServer on 127.0.0.1, through s3fs as a real bucket);
+- ``feed`` table (orchestrator/benchmark/feed.py): host CPU per image for each placement of the recipe
+  (``augment_on=host``, ``augment_on=device``, ``decode_on=device``) and the device stage's rate;
 - ``wds recommended local`` / ``s3``: the pipeline the webdataset documentation recommends for the same
   work, ``wds.WebDataset(urls, shardshuffle=100).shuffle(1000).decode("torchrgb").to_tuple("jpg", "cls")
   .map_tuple(transform, identity).batched(batch)``; webdataset 1.0.2 has no s3:// handler, so for S3 an
@@ -32,6 +34,7 @@ import torch
 from PIL import Image
 
 from cluster.loopback import create_bucket, moto_s3_server
+from orchestrator.benchmark import feed as bench_feed
 from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
 SHUFFLE = 1000
@@ -68,7 +71,7 @@ def _register_wds_s3(opts: dict[str, Any]) -> None:
 
 
 def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bool = True,
-        batch_size: int = 32, input_size: int = 224) -> dict[str, Any]:
+        batch_size: int = 32, input_size: int = 224, device: str = "cpu") -> dict[str, Any]:
     import webdataset as wds
 
     from pipelines.loader import ShardLoader
@@ -90,7 +93,8 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         local_urls = [s.url for s in shards]
         raw = [r.image for s in shards for r in iter_piece(s.url, 0, s.num_samples, {}, lambda *a: None)]
         # the per-image recipe as it ran before the device placement (torchvision's RandAugment, which also takes
-        # the float images webdataset's "torchrgb" decoder gives)
+        # the float images webdataset's "torchrgb" decoder gives): these cases keep their meaning across
+        # BENCHMARKS.md's history; the feed table below measures the placements
         tf = make_transform(True, input_size=input_size, randaug_magnitude=15, randaug_impl="torchvision")
         bs = batch_size
 
@@ -150,6 +154,7 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
                 except ImportError as e:
                     notes.append(f"S3 cases skipped: {e}")
             rates = interleaved(cases, repeats, warmup=1)
+        feed = bench_feed.run(root, repeats=repeats, batch=bs, input_size=input_size, device=device)
     finally:
         torch.set_num_threads(saved_threads)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,6 +168,7 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         "cases": {name: {"img_per_s_per_core": summary(r)} for name, r in rates.items()},
         "ratios": {},
         "notes": notes,
+        "feed": feed,
     }
     for name in rates:
         if name != "decode only":
@@ -186,4 +192,5 @@ def tables(result: dict[str, Any]):
         vs_wds = result["ratios"].get(f"{name}/wds recommended {where}")
         rows.append([name, spread(c["img_per_s_per_core"]), spread(vs_decode) + "x" if vs_decode else "",
                      spread(vs_wds) + "x" if vs_wds else ""])
-    return [(["case", "img/s/core median [min-max]", "vs decode only", "vs wds recommended"], rows)]
+    return [(["case", "img/s/core median [min-max]", "vs decode only", "vs wds recommended"], rows),
+            bench_feed.table(result["feed"])]

@@ -91,3 +91,28 @@ def test_data_quick_measures_every_case_including_loopback_s3(tmp_path):
     assert _positive(data["ratios"]["decode only (PIL)/decode only"]["median"])
     assert _positive(data["ratios"]["ShardLoader s3/wds recommended s3"]["median"])
     assert "decode only (PIL)" in r.stdout
+    feed = data["feed"]  # host CPU per image for each placement of the recipe, and the device stage's rate
+    assert set(feed["host_img_per_cpu_s"]) == {"before", "host", "device_aug", "device_decode"}
+    for placement, s in feed["host_img_per_cpu_s"].items():
+        assert all(_positive(v) for v in s["samples"]), placement
+        assert feed["host_cores_per_accelerator"][placement] == pytest.approx(6500 / s["median"])
+    assert set(feed["device_stage_img_per_s"]) == {"device_aug", "device_decode"}
+    assert all(_positive(s["median"]) for s in feed["device_stage_img_per_s"].values())
+    # the host does less with the recipe's batch stage on the device, and less again with the decode there
+    assert feed["ratios"]["device_decode/host"]["median"] > 1.0
+    assert "host cores per accelerator" in r.stdout
+
+
+def test_feed_check_runs_on_cpu(tmp_path):
+    """The GPU feed check (BENCHMARKS.md) on CPU: the same code end to end, tiny sizes."""
+    out = tmp_path / "feed.json"
+    cmd = [sys.executable, "-m", "orchestrator.benchmark", "feed", "--quick", "--repeats", "1", "--images", "16",
+           "--batch", "4", "--steps", "1", "--models", "mixer_s32_224", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    feed = json.loads(out.read_text())["feed"]
+    assert set(feed["placements"]) == {"host", "device_aug", "device_decode"}
+    for placement, p in feed["placements"].items():
+        assert _positive(p["img_per_s"]) and 0 <= p["data_wait_fraction"] <= 1, placement
+    assert [c["model"] for c in feed["model_only"]["cases"]] == ["mixer_s32_224"]
+    assert "waiting for data" in r.stdout
