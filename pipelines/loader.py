@@ -1,46 +1,60 @@
-"""ShardLoader: stream WebDataset shards from any fsspec URL, evenly split across ranks, resumable.
+"""ShardLoader: stream WebDataset shards from any fsspec URL per rank, elastic and exactly resumable.
 
-    loader = ShardLoader("s3://bucket/digits", "train", batch_size=64, rank=r, world_size=n,
+    loader = ShardLoader("s3://bucket/digits", "train", batch_size=64, rank=r, world_size=n, slots=8,
                          transform=make_transform(True, input_size=32, preset="digits"))
-    loader.load_state_dict(ckpt["data"])          # optional: continue after the last consumed batch
+    loader.load_state_dict(ckpt["data"])          # optional: continue after the last consumed step
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for images, labels in loader: ...
-            ckpt["data"] = loader.state_dict()
+        for i, (images, labels) in enumerate(loader):   # one optimizer step = loader.slots_owned items
+            ...
+            if (i + 1) % loader.slots_owned == 0:     # a step boundary: all ranks' states, merged
+                ckpt["data"] = ShardLoader.merge_state_dicts(all_gather_object(loader.state_dict()))
 
-How an epoch is read (see pipelines/plan.py for the plan itself):
+How a training epoch is read (see pipelines/plan.py for the plan itself):
 
-- each rank runs a torch DataLoader over one IterableDataset; DataLoader worker ``j`` reads plan slot
-  ``(j + rotation) % W`` (rotation = batches consumed mod W, so a resumed rank continues the round-robin
-  exactly where it stopped). Each worker streams its shard pieces through webdataset's tar stages
-  (tar_file_expander, group_by_keys), checks each sample's structure, passes the raw bytes through
-  webdataset's shuffle buffer (seeded per epoch, rank, worker and pass), then decodes
-  (torchvision.io.decode_image), augments (torch RNG seeded per batch) and collates full batches;
-- every worker yields exactly the batches the plan gives it; bad samples are skipped and counted, and a
-  worker that runs short re-reads its pieces (a new seeded pass) to pad, counted as ``padded``;
-- the position is (epoch, batches consumed) plus, per worker, the number of shuffled raw samples taken
-  (``positions``), which lets a resume skip raw bytes without decoding. Without this rank's positions
-  (e.g. a checkpoint holding only rank 0's state) the skipped prefix is decoded to tell good from bad.
+- the epoch is planned for ``K`` canonical slots (``slots``; default world_size * max(1, num_workers)) with a
+  chunk of ``c = batch_size`` samples per slot per step; the global batch of step t is chunk t of every slot
+  (K*c samples). Rank r of W owns the slots ``k % W == r`` (m = ceil or floor of K/W; any W in 1..K) and
+  yields items = chunks round-robin over them: item i is owned slot ``owned[i % m]``'s chunk ``i // m``, so a
+  training step consumes m items (micro-batches) and ``len(loader)`` = steps_per_epoch * m. An elastic run
+  passes a fixed ``slots``: the default follows world_size, so a resize would change the plan;
+- loader work follows the data share: with ``num_workers > 0`` the rank runs one DataLoader worker process
+  per owned slot (torch's round-robin over workers gives the item order above; the value of num_workers
+  only says "use workers" once ``slots`` is given), with ``num_workers == 0`` its own process streams its
+  slots round-robin. Each slot streams its shard pieces through webdataset's tar stages, checks each
+  sample's structure, passes the raw bytes through webdataset's shuffle buffer, then decodes, augments and
+  collates full chunks;
+- every seeded draw (shuffle buffer, per-chunk augmentation, batch stage, mixup) is a function of (seed,
+  epoch, slot, chunk index): the samples and pixels of step t do not depend on the world size or on how
+  often it changed;
+- every slot yields exactly the chunks the plan gives it; bad samples are skipped and counted, and a slot
+  that runs short re-reads its pieces (a new seeded pass) to pad, counted as ``padded``;
+- the position (pipelines/position.py) is (epoch, steps consumed) plus, per canonical slot, the shuffled
+  raw samples taken (``raw_pos``, so a resume skips raw bytes without decoding) and its bad/padded tallies.
+  A rank's state_dict holds its owned slots (only at a step boundary); merge_state_dicts joins the ranks'.
+  A merged state resumes at any world size; a slot whose raw position is missing is skipped by decoding.
 
-Per image the worker runs ``decoder`` (bytes -> uint8; RandomResizedCrop fused with a crop-aware decode for the
-training recipe) and ``transform``; per batch the ``batch_stage`` (pipelines/batch_stage.py: big_vision's
-RandAugment with per-image draws, normalisation) runs in the worker (``augment_on='host'``) or, with
-``augment_on='device'``, in this process on ``device`` after an asynchronous copy of the uint8 batch; mixup
-follows wherever the images are. With ``decode_crop_on_device`` the worker ships JPEG bytes and the device
+Per image the slot runs ``decoder`` (bytes -> uint8; RandomResizedCrop fused with a crop-aware decode for the
+training recipe) and ``transform``; per chunk the ``batch_stage`` (pipelines/batch_stage.py: big_vision's
+RandAugment with per-image draws, normalisation) runs in the slot's stream (``augment_on='host'``) or, with
+``augment_on='device'``, in this process on ``device`` after an asynchronous copy of the uint8 chunk; mixup
+follows wherever the images are. With ``decode_crop_on_device`` the stream ships JPEG bytes and the device
 decodes them (pipelines/device_decode.py).
 
-Resume with different plan inputs (world size, workers, batch size, seed, shuffle buffer, dataset):
-``on_plan_change='restart_epoch'`` (default) warns and restarts the checkpoint's epoch from its first batch
-(samples already seen in that epoch are seen again; this is said in the warning and in
-``resume_note``); ``on_plan_change='error'`` raises ResumeMismatchError.
+Resume with different plan inputs (slots, chunk size, seed, shuffle buffer, dataset, or a state of the
+previous version): ``on_plan_change='restart_epoch'`` (default) warns and restarts the checkpoint's epoch
+from its first step (samples already seen in that epoch are seen again; this is said in the warning and in
+``resume_note``); ``on_plan_change='error'`` raises ResumeMismatchError. World size and loader workers are
+not plan inputs.
 
 Where each part lives: pipelines/shard_reader.py reads a shard into checked raw samples,
-pipelines/slot_stream.py produces one slot's batches inside a DataLoader worker, pipelines/bad_samples.py
-keeps the bad-sample tally and its budget; this module holds the rank's position and its state_dict.
+pipelines/slot_stream.py produces one slot's chunks, pipelines/bad_samples.py keeps the bad-sample tally and
+its budget, pipelines/position.py the position and the data state; this module holds the rank's iteration.
 
-Evaluation (``training=False``): no shuffling, no dropping, no padding, every sample read exactly once
-across all ranks; the last batch of a worker may be short and ranks may get different batch counts
-(evaluate without per-step collectives, then all-reduce the sums). Evaluation always reads the whole split.
+Evaluation (``training=False``, unchanged by slots): the split is cut over world_size x max(1, num_workers)
+slots; no shuffling, no dropping, no padding, every sample read exactly once across all ranks; the last
+batch of a worker may be short and ranks may get different batch counts (evaluate without per-step
+collectives, then all-reduce the sums). Evaluation always reads the whole split.
 """
 
 from __future__ import annotations
@@ -55,30 +69,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import device_decode
-from .bad_samples import BadSampleTally, DataError, check_shards_present
+from .bad_samples import DataError, check_shards_present
 from .batch_stage import BatchStage
 from .manifest import ShardInfo, dataset_from_pattern, is_pattern, load_manifest, split_manifest_url
 from .mixup import MixupConfig, mixup_batch
-from .plan import EpochPlan, derive_seed, plan_epoch, worker_position
+from .plan import EpochPlan, derive_seed, owned_slots, plan_canonical_epoch, plan_epoch, worker_position
+from .position import SHUFFLE, STATE_VERSION, RankPosition, ResumeMismatchError, plan_changes, restart_note
+from .position import merge_state_dicts as _merge
 from .slot_stream import RankDataset, RankSpec
 from .storage import check_dataset_reachable, resolve_storage_options
 from .transforms import decode_image, default_transform, identity
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-# The shuffle's algorithm is a plan input: a position saved under another one (before webdataset's shuffle
-# was used) cannot be continued exactly, so such a resume restarts the epoch like any other plan change.
-SHUFFLE = "webdataset"
 AUGMENT_ON = ("host", "device")
-
-
-class ResumeMismatchError(ValueError):
-    """A state_dict was made with different plan inputs and on_plan_change='error'."""
+__all__ = ["STATE_VERSION", "ResumeMismatchError", "ShardLoader"]
 
 
 class ShardLoader:
-    """Batches of (float32 NCHW images, int64 labels) for one rank; see the module docstring.
+    """Items (chunks) of (float32 NCHW images, int64 labels) for one rank; see the module docstring.
 
     With ``mixup`` (a MixupConfig or a float alpha) batches are (images, soft float32 targets [N, C]).
     With ``return_keys=True`` a third element, the list of sample keys, is added (for debugging/tests).
@@ -111,9 +120,15 @@ class ShardLoader:
         augment_on: str = "host",
         device: torch.device | str | None = None,
         decode_crop_on_device: tuple[int, str] | None = None,
+        slots: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if slots is not None and not training:
+            raise ValueError("slots is a training-plan input; evaluation is split by world_size and num_workers")
+        K = world_size * max(1, num_workers) if slots is None else int(slots)
+        if not 1 <= world_size <= K:
+            raise ValueError(f"world_size={world_size} must be in [1, slots={K}]: every rank needs a canonical slot")
         if on_plan_change not in ("restart_epoch", "error"):
             raise ValueError(f"on_plan_change must be 'restart_epoch' or 'error', got {on_plan_change!r}")
         if augment_on not in AUGMENT_ON:
@@ -126,6 +141,10 @@ class ShardLoader:
         self.split = split
         self.batch_size = batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.slots = K
+        # the slots this rank streams: canonical ids (training) or its evaluation slots
+        w = max(1, num_workers)
+        self._owned = owned_slots(rank, world_size, K) if training else tuple(range(rank * w, (rank + 1) * w))
         self.seed = seed
         self.training = training
         self.shuffle_buffer = shuffle_buffer
@@ -167,36 +186,58 @@ class ShardLoader:
             check_shards_present(self.shards, split, self._opts, max_bad_fraction)
 
         self.epoch = 0
-        self._consumed = 0
-        self._positions: dict[int, int] = {}
-        self._tally = BadSampleTally(rank, max_bad_fraction)
-        self._just_loaded = False
+        self._pos = RankPosition(rank, self._owned, max_bad_fraction)
         self._plan_cache: tuple[int, EpochPlan] | None = None
         self.resume_note: str | None = None
 
     # ----------------------------------------------------------------------------- plan and position
     def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The epoch's plan: K canonical slots (training) or the evaluation split over ranks x workers."""
         e = self.epoch if epoch is None else epoch
         if self._plan_cache and self._plan_cache[0] == e:
             return self._plan_cache[1]
-        p = plan_epoch(
-            [s.num_samples for s in self.shards], seed=self.seed, epoch=e, world_size=self.world_size,
-            num_workers=self.num_workers, batch_size=self.batch_size, training=self.training,
-        )
+        sizes = [s.num_samples for s in self.shards]
+        if self.training:
+            p = plan_canonical_epoch(sizes, seed=self.seed, epoch=e, slots=self.slots, chunk=self.batch_size)
+        else:
+            p = plan_epoch(sizes, seed=self.seed, epoch=e, world_size=self.world_size,
+                           num_workers=self.num_workers, batch_size=self.batch_size, training=False)
         self._plan_cache = (e, p)
         return p
 
     def __len__(self) -> int:
-        return self.plan().batches_per_rank(self.rank)
+        """Items (chunks) this rank yields in the epoch: steps_per_epoch * slots_owned when training."""
+        plan = self.plan()
+        if self.training:
+            return plan.slots[0].num_batches * len(self._owned)
+        return plan.batches_per_rank(self.rank)
+
+    @property
+    def slots_owned(self) -> int:
+        """m: the slots this rank streams, i.e. the items (micro-batches) it yields per training step."""
+        return len(self._owned)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training steps in an epoch: the chunks of every canonical slot."""
+        if not self.training:
+            raise ValueError("steps_per_epoch is a training notion; evaluation ranks may get different batch counts")
+        return self.plan().slots[0].num_batches
 
     @property
     def dropped_samples(self) -> int:
-        """Samples of the split not used this epoch (over all ranks) so that every rank gets equal batches."""
+        """Samples of the split not used this epoch (over all ranks) so that every slot gets equal chunks."""
         return self.plan().dropped
 
     @property
     def batches_consumed(self) -> int:
-        return self._consumed
+        """Items (chunks) this rank consumed in the epoch."""
+        return self._pos.items
+
+    @property
+    def steps_consumed(self) -> int:
+        """Whole training steps consumed in the epoch (every owned slot's chunks)."""
+        return self._pos.items // len(self._owned)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch. Keeps the position when it is the epoch already set (e.g. after load_state_dict)."""
@@ -205,17 +246,19 @@ class ShardLoader:
             self._reset_position()
 
     def _reset_position(self) -> None:
-        self._consumed = 0
-        self._positions = {}
-        self._tally = BadSampleTally(self.rank, self.max_bad_fraction)
-        self._just_loaded = False
+        self._pos = RankPosition(self.rank, self._owned, self.max_bad_fraction)
+
+    def _planned_samples(self) -> int:
+        plan = self.plan()
+        if self.training:
+            return sum(plan.slots[k].num_samples for k in self._owned)
+        return plan.samples_per_rank(self.rank)
 
     def _plan_inputs(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
-            "world_size": self.world_size,
-            "num_workers": max(1, self.num_workers),
-            "batch_size": self.batch_size,
+            "slots": self.slots,
+            "chunk": self.batch_size,
             "shuffle_buffer": self.shuffle_buffer,
             "shuffle": SHUFFLE,
             "split": self.split,
@@ -223,132 +266,101 @@ class ShardLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch handed out. Plain ints/strs (torch.load(weights_only=True) safe).
+        """Position after the last step handed out. Plain ints/strs (torch.load(weights_only=True) safe).
 
-        Holds this rank's worker positions; merge the states of all ranks with merge_state_dicts() to let
-        every rank skip without decoding on resume (not needed for exactness)."""
-        return {
-            "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "batches_consumed": self._consumed,
-            "plan": self._plan_inputs(),
-            "positions": {str(self.rank): {str(w): p for w, p in self._positions.items()}},
-            "bad_counts": {str(self.rank): self._tally.triples()},
-            "padded": {str(self.rank): self._tally.padded},
-        }
+        Holds this rank's slots; merge the states of all ranks with merge_state_dicts() so that a resume at
+        any world size finds every slot (a slot without its raw position is skipped by decoding)."""
+        m = len(self._owned)
+        if self._pos.items % m:
+            raise ValueError(
+                f"state_dict() mid-step: rank {self.rank} consumed {self._pos.items} items, not a multiple of the "
+                f"{m} it yields per step; take the state after a whole step (its slots are at different chunks)"
+            )
+        return self._pos.state(self.epoch, self._pos.items // m, self._plan_inputs())
 
     @staticmethod
     def merge_state_dicts(states: list[Mapping[str, Any]]) -> dict[str, Any]:
-        """One state holding every rank's positions and counts (e.g. after all_gather_object)."""
-        out = dict(states[0])
-        for key in ("positions", "bad_counts", "padded"):
-            merged = {}
-            for st in states:
-                merged.update(st.get(key, {}))
-            out[key] = merged
-        return out
+        """One state holding every rank's slots and counts (e.g. after all_gather_object)."""
+        return _merge(states)
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        if int(sd.get("version", 0)) != STATE_VERSION:
-            raise ValueError(f"unknown data state version {sd.get('version')!r} (expected {STATE_VERSION})")
-        mine = self._plan_inputs()
-        theirs = dict(sd["plan"])
-        diffs = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        """Continue the saved epoch at its step with this rank's (possibly new) owned slots, at any world size."""
+        diffs = plan_changes(sd, self._plan_inputs())
         self.epoch = int(sd["epoch"])
         self._plan_cache = None
         self._reset_position()
         if diffs:
-            desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
-            if self.on_plan_change == "error":
-                raise ResumeMismatchError(
-                    f"data position was saved with other plan inputs ({desc}); cannot continue the epoch "
-                    f"exactly. Use on_plan_change='restart_epoch' to restart epoch {self.epoch} from its start."
-                )
-            self.resume_note = (
-                f"plan inputs changed ({desc}): restarting epoch {self.epoch} from its first batch; the "
-                f"{int(sd['batches_consumed'])} batches per rank already consumed in this epoch will be seen again"
-            )
+            self.resume_note = restart_note(diffs, sd, self.on_plan_change)
             warnings.warn(self.resume_note, stacklevel=2)
             log.warning(self.resume_note)
             return
-        self._consumed = int(sd["batches_consumed"])
-        pos = sd.get("positions", {}).get(str(self.rank))
-        self._positions = {int(w): int(p) for w, p in pos.items()} if pos is not None else {}
-        self._positions_known = pos is not None
-        self._tally.add(sd.get("bad_counts", {}).get(str(self.rank), []), sd.get("padded", {}).get(str(self.rank), 0))
-        self._just_loaded = True
+        self._pos.load(sd, self._owned, self.steps_per_epoch)
         self.resume_note = None
 
     # ------------------------------------------------------------------------------- bad samples
     def bad_sample_counts(self) -> dict[str, dict[str, int]]:
         """This epoch's bad samples on this rank: kind -> {shard URL: count}; plus 'padded' -> {'': n}."""
-        return self._tally.by_kind()
+        return self._pos.tally.by_kind()
 
     # -------------------------------------------------------------------------------- iteration
     def __iter__(self):
         plan = self.plan()
-        total = plan.batches_per_rank(self.rank)
-        W = plan.num_workers
+        total = len(self)
         if not self.training:
             self._reset_position()
-        k = self._consumed
-        if k >= total and not self._just_loaded:
+        k = self._pos.items
+        if k >= total and not self._pos.just_loaded:
             self._reset_position()  # a new pass over the same epoch
             k = 0
-        known = getattr(self, "_positions_known", True) or not self._just_loaded
-        self._just_loaded = False
-        self._positions_known = True
+        self._pos.just_loaded = False
+        m = len(self._owned)
         starts: dict[int, tuple[int, int | None]] = {}
-        for w in range(W):
-            c = worker_position(k, w, W) if self.training else 0
-            if c == 0:
-                starts[w] = (0, 0)
-            else:
-                starts[w] = (c, self._positions.get(w) if known else None)
+        for q, sid in enumerate(self._owned):
+            c = worker_position(k, q, m) if self.training else 0
+            starts[sid] = (c, self._pos.raw_pos.get(sid) if c else 0)
         spec = RankSpec(
-            urls=[s.url for s in self.shards], slots=plan.rank_slots(self.rank), training=self.training,
-            batch_size=self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
-            rotation=(k % W) if self.training else 0, starts=starts, shuffle_buffer=self.shuffle_buffer,
+            urls=[s.url for s in self.shards], slots=tuple(plan.slots[sid] for sid in self._owned),
+            slot_ids=self._owned, training=self.training, batch_size=self.batch_size, seed=self.seed,
+            epoch=self.epoch, rank=self.rank, rotation=k % m, starts=starts, shuffle_buffer=self.shuffle_buffer,
             opts=self._opts, transform=self.transform, num_classes=self.num_classes, decoder=self.decoder,
             batch_stage=self.batch_stage, stage_on_host=self.augment_on == "host",
             device_decode_size=self.decode_crop_on_device[0] if self.decode_crop_on_device else None,
         )
-        return self._iterate(plan, spec, k, total)
+        return self._iterate(spec, k, total)
 
-    def _iterate(self, plan: EpochPlan, spec: RankSpec, k: int, total: int):
+    def _iterate(self, spec: RankSpec, k: int, total: int):
         if k >= total:
             return
-        W = plan.num_workers
+        m = len(self._owned)
+        workers = m if self.num_workers > 0 else 0  # one DataLoader worker per slot this rank streams
         dl = DataLoader(
-            RankDataset(spec), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            RankDataset(spec), batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
         mix_gen = torch.Generator() if self.mixup is not None else None
+        planned = self._planned_samples()
         for images, labels, meta in dl:
-            w = meta["slot"]
-            if self.training and w != k % W:
-                raise DataError(f"internal: batch {k} came from worker {w}, expected {k % W}")
-            self._tally.add(meta["bad"], meta["padded"])
-            self._positions[w] = meta["raw_pos"]
-            self._tally.check(self.epoch, plan.samples_per_rank(self.rank))
+            if self.training and meta["slot"] != self._owned[k % m]:
+                raise DataError(f"internal: item {k} came from slot {meta['slot']}, expected {self._owned[k % m]}")
+            self._pos.took(meta)
+            self._pos.tally.check(self.epoch, planned)
             k += 1
-            self._consumed = k
-            images, targets = self._finish(images, labels, meta, k - 1, mix_gen)
+            images, targets = self._finish(images, labels, meta, mix_gen)
             if self.return_keys:
                 yield images, targets, meta["keys"]
             else:
                 yield images, targets
         if self.training and k != total:
-            raise DataError(f"internal: rank {self.rank} yielded {k} batches, planned {total}")
+            raise DataError(f"internal: rank {self.rank} yielded {k} items, planned {total}")
 
-    def _finish(self, images, labels: torch.Tensor, meta: dict, index: int, mix_gen: torch.Generator | None):
-        """The rank's batch ``index`` after the worker: the device stage (augment_on='device'), then mixup, which
-        needs the rank's batch index for its seed and runs where the images are."""
+    def _finish(self, images, labels: torch.Tensor, meta: dict, mix_gen: torch.Generator | None):
+        """A chunk after its stream: the device stage (augment_on='device'), then mixup, seeded by the chunk's
+        (slot, index) so that it does not depend on the rank, and run where the images are."""
         if self.augment_on == "device":
             images, labels = self._device_stage(images, labels, meta)
         if self.mixup is None:
             return images, labels
-        mix_gen.manual_seed(derive_seed(self.seed, self.epoch, "mixup", self.rank, index))
+        mix_gen.manual_seed(derive_seed(self.seed, self.epoch, "mixup", meta["slot"], meta["batch"]))
         images, targets = mixup_batch(images, labels, self.num_classes, self.mixup.alpha, mix_gen,
                                       self.mixup.label_smoothing)
         if self.pin_memory and images.device.type == "cpu" and torch.cuda.is_available():  # new, unpinned tensors
@@ -357,19 +369,18 @@ class ShardLoader:
 
     def _device_stage(self, images, labels: torch.Tensor, meta: dict):
         """uint8 crops (pinned when pin_memory) copied asynchronously to the device, then the batch stage there.
-        With a device decode, ``images`` is the batch's encoded JPEGs (pipelines/device_decode.py): decoded here;
-        one the decoder rejects is counted as corrupt and dropped from the batch."""
+        With a device decode, ``images`` is the chunk's encoded JPEGs (pipelines/device_decode.py): decoded here;
+        one the decoder rejects is counted as corrupt (in its slot's tally) and dropped from the chunk."""
         dev = self.device
         draws = meta.get("draws")
         if isinstance(images, dict):
             images, failed = device_decode.decode_on_device(images, dev, self.decode_crop_on_device[1])
             if failed:
                 keep = [i for i in range(len(labels)) if i not in set(failed)]
-                for i in failed:
-                    self._tally.add([("corrupt_image", meta["urls"][i], 1)], 0)
+                self._pos.add_bad(meta["slot"], [("corrupt_image", meta["urls"][i], 1) for i in failed])
                 labels, meta["keys"] = labels[keep], [meta["keys"][i] for i in keep]
                 draws = {k: v[keep] for k, v in draws.items()} if draws is not None else None
-                self._tally.check(self.epoch, self.plan().samples_per_rank(self.rank))
+                self._pos.tally.check(self.epoch, self._planned_samples())
         else:
             images = images.to(dev, non_blocking=True)
         if draws is not None:

@@ -1,9 +1,14 @@
-"""The epoch plan: which samples each rank x loader-worker slot reads, as a pure function.
+"""The epoch plan: which samples each slot reads, as a pure function.
+
+Training reads ``K`` canonical slots (``plan_canonical_epoch``): the plan below with world_size=K, one worker
+and batch_size = the chunk c, so it does not depend on how many ranks read it; rank r of W owns the slots
+``k % W == r`` (``owned_slots``). Evaluation splits the split over ranks x loader workers.
 
 Inputs: shard sample counts (in manifest order), seed, epoch, world size, loader workers per rank
 (``num_workers``; 0 means the rank reads in its own process, i.e. one slot) and per-rank batch size.
 
-Training plan (``training=True``):
+Training plan (``training=True``; the loader uses it through plan_canonical_epoch, ranks = canonical slots
+with one worker each, so every slot gets the same number of batches):
 
 - every rank gets ``B = N // (world_size * batch_size)`` batches; ``N - world_size*B*batch_size`` samples
   are dropped (reported as ``dropped``; fewer than ``world_size * batch_size``);
@@ -84,9 +89,22 @@ def worker_batches(rank_batches: int, num_workers: int) -> list[int]:
 
 
 def worker_position(batches_consumed: int, worker: int, num_workers: int) -> int:
-    """Batches of ``worker`` consumed after the rank consumed ``batches_consumed`` (round-robin)."""
+    """Chunks of a rank's stream ``worker`` (of its ``num_workers`` owned slots) consumed after the rank
+    consumed ``batches_consumed`` items round-robin: where each slot continues, even mid-step."""
     w = max(1, num_workers)
     return max(0, -(-(batches_consumed - worker) // w))
+
+
+def owned_slots(rank: int, world_size: int, slots: int) -> tuple[int, ...]:
+    """The canonical slots rank ``rank`` of ``world_size`` reads: ``k % world_size == rank``."""
+    return tuple(range(rank, slots, world_size))
+
+
+def plan_canonical_epoch(shard_sizes: Sequence[int], *, seed: int, epoch: int, slots: int, chunk: int) -> EpochPlan:
+    """The training plan of ``slots`` canonical slots of ``chunk`` samples per step (slot k = ``plan.slots[k]``).
+
+    Every slot gets the same number of chunks: the epoch's steps."""
+    return plan_epoch(shard_sizes, seed=seed, epoch=epoch, world_size=slots, num_workers=1, batch_size=chunk)
 
 
 def plan_epoch(
@@ -113,7 +131,7 @@ def plan_epoch(
     if B == 0:
         raise ValueError(
             f"dataset too small: {N} samples cannot give one batch of {batch_size} to each of {world_size} "
-            f"ranks; lower the batch size or the number of ranks"
+            f"ranks (training: canonical slots); lower the batch size or the number of slots"
         )
     per_worker = worker_batches(B, W)
     caps = [per_worker[j % W] * batch_size for j in range(S)]

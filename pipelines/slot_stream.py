@@ -1,14 +1,17 @@
-"""One rank x worker slot's batches: its plan pieces read, shuffled, skipped to the position, decoded, padded.
+"""One slot's chunks: its plan pieces read, shuffled, skipped to the position, decoded, padded.
 
-Runs inside a torch DataLoader worker (or the rank's process with ``num_workers=0``). Each batch carries its
-metadata (slot, raw samples taken, bad samples seen since the previous batch, padded samples, keys) so the
-rank's ShardLoader can keep the position and the bad-sample tally (pipelines/loader.py).
+A slot is a canonical training slot (pipelines/plan.py) or an evaluation slot. It streams inside its own
+torch DataLoader worker, or in the rank's process with ``num_workers=0``, which then takes the rank's slots
+round-robin. Every seeded draw (shuffle buffer, augmentation, batch stage) is a function of the slot id and
+the chunk index, never of the rank or the worker, so a chunk is the same whichever rank reads it. Each chunk
+carries its metadata (slot, chunk index, raw samples taken, bad samples seen since the previous chunk, padded
+samples, keys) so the rank's ShardLoader can keep the position and the bad-sample tally (pipelines/loader.py).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,17 +30,18 @@ from .transforms import decode_image
 
 @dataclass
 class RankSpec:
-    """What every worker of one rank needs to produce its slot's batches (picklable: sent to workers)."""
+    """What every stream of one rank needs to produce its slot's chunks (picklable: sent to workers)."""
 
     urls: list[str]
-    slots: tuple[SlotPlan, ...]  # this rank's slots, index = worker
+    slots: tuple[SlotPlan, ...]  # the slots this rank streams, in its round-robin order
+    slot_ids: tuple[int, ...]  # their ids: what every seeded draw depends on
     training: bool
     batch_size: int
     seed: int
     epoch: int
     rank: int
-    rotation: int
-    starts: dict[int, tuple[int, int | None]]  # worker -> (batches consumed, raw position or None)
+    rotation: int  # the stream the rank's next item comes from (its items consumed mod streams)
+    starts: dict[int, tuple[int, int | None]]  # slot id -> (chunks consumed, raw position or None)
     shuffle_buffer: int
     opts: dict[str, Any]
     transform: Callable[[torch.Tensor], torch.Tensor]
@@ -49,28 +53,39 @@ class RankSpec:
 
 
 class RankDataset(IterableDataset):
-    """DataLoader worker ``j`` of a rank produces plan slot ``(j + rotation) % W``."""
+    """DataLoader worker ``j`` of a rank (one per slot) streams slot ``(j + rotation) % m``; without workers
+    the rank's process streams all ``m`` slots round-robin from that one: the same item order either way."""
 
     def __init__(self, spec: RankSpec):
         self.spec = spec
 
     def __iter__(self):
         info = get_worker_info()
-        j = info.id if info is not None else 0
-        W = len(self.spec.slots)
-        w = (j + self.spec.rotation) % W
-        if info is not None:
-            torch.set_num_threads(1)
-        return SlotWorker(self.spec, w).batches()
+        m = len(self.spec.slots)
+        if info is None:
+            return round_robin(SlotWorker(self.spec, (q + self.spec.rotation) % m).batches() for q in range(m))
+        torch.set_num_threads(1)
+        return SlotWorker(self.spec, (info.id + self.spec.rotation) % m).batches()
+
+
+def round_robin(streams: Iterable[Iterator]) -> Iterator:
+    """One item of each stream in turn, dropping exhausted ones (as torch's DataLoader does with workers)."""
+    queue = deque(streams)
+    while queue:
+        it = queue.popleft()
+        for item in it:
+            yield item
+            queue.append(it)
+            break
 
 
 class SlotWorker:
-    """The batches of one rank x worker slot, from its position on: shuffle, skip, decode, augment, pad."""
+    """The chunks of one slot, from its position on: shuffle, skip, decode, augment, pad."""
 
-    def __init__(self, spec: RankSpec, w: int):
+    def __init__(self, spec: RankSpec, q: int):
         self.s = spec
-        self.w = w
-        self.plan = spec.slots[w]
+        self.k = spec.slot_ids[q]
+        self.plan = spec.slots[q]
         self.counting = True
         self.bad: Counter = Counter()
 
@@ -89,7 +104,7 @@ class SlotWorker:
             return raw()
         # webdataset's shuffle buffer, filled before the first sample leaves it. Its state is not saved: a
         # resume replays the pass with the same seeded rng and skips the samples taken (``raw_pos``).
-        rng = epoch_rng(s.seed, s.epoch, "buffer", s.rank, self.w, p)
+        rng = epoch_rng(s.seed, s.epoch, "buffer", self.k, p)
         return shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)(raw())
 
     def _stream(self) -> Iterator[tuple[int, RawSample]]:
@@ -107,7 +122,7 @@ class SlotWorker:
             if n == 0 or (p > 0 and not self._good_in_pass and not self._skipping):
                 shards = sorted({self.s.urls[pc.shard] for pc in self.plan.pieces})
                 raise DataError(
-                    f"rank {self.s.rank} worker {self.w}: no readable sample in its shards "
+                    f"rank {self.s.rank} slot {self.k}: no readable sample in its shards "
                     f"{[redact_url(u) for u in shards]} (bad: {dict(self.bad)}); cannot form the planned "
                     f"{self.plan.num_batches} batches"
                 )
@@ -122,7 +137,7 @@ class SlotWorker:
 
     def batches(self):
         s, bs = self.s, self.s.batch_size
-        done, raw_pos = s.starts.get(self.w, (0, 0))
+        done, raw_pos = s.starts.get(self.k, (0, 0))
         target = self.plan.num_batches
         if done >= target:
             return
@@ -155,7 +170,7 @@ class SlotWorker:
             want = bs if (s.training or done < target - 1) else last_n
             imgs, labels, keys, urls = [], [], [], []
             padded = 0
-            seed = derive_seed(s.seed, s.epoch, "aug", s.rank, self.w, done)
+            seed = derive_seed(s.seed, s.epoch, "aug", self.k, done)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 while len(imgs) < want:
@@ -186,7 +201,7 @@ class SlotWorker:
             if not imgs:
                 return  # evaluation: nothing left (bad samples)
             meta = {
-                "slot": self.w,
+                "slot": self.k,
                 "batch": done,
                 "raw_pos": pos,
                 "bad": [(k, u, n) for (k, u), n in self.bad.items()],
@@ -201,7 +216,7 @@ class SlotWorker:
                 images = torch.stack(imgs)
                 height, width = images.shape[-2:]
             if s.batch_stage is not None:
-                gen = torch.Generator().manual_seed(derive_seed(s.seed, s.epoch, "batch_stage", s.rank, self.w, done))
+                gen = torch.Generator().manual_seed(derive_seed(s.seed, s.epoch, "batch_stage", self.k, done))
                 draws = s.batch_stage.draw(gen, len(imgs), height, width)
                 if s.stage_on_host:
                     images = s.batch_stage(images, draws)

@@ -60,10 +60,10 @@ class _StageTimer:
         inner = loader._finish
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-        def timed(images, labels, meta, index, mix_gen):
+        def timed(images, labels, meta, mix_gen):
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            out = inner(images, labels, meta, index, mix_gen)
+            out = inner(images, labels, meta, mix_gen)
             sync()
             self.wall += time.perf_counter() - t0
             self.cpu += time.process_time() - c0

@@ -143,7 +143,7 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
             set_rng_state(rngs[rank])
         if rank == 0:
             print(f"[resume] from {source.name}: step {step}, data at epoch {start_epoch} batch "
-                  f"{state['data']['batches_consumed']}", flush=True)
+                  f"{train_loader.batches_consumed}", flush=True)
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.loader import ShardLoader
-from pipelines.plan import plan_epoch, worker_position
+from pipelines.plan import owned_slots, plan_canonical_epoch, plan_epoch, worker_position
 
 UNEVEN = [37, 5, 120, 64, 9, 250, 1, 77, 33]
 
@@ -57,6 +57,18 @@ def test_eval_plan_reads_everything_once():
     used = _used(plan)
     assert sorted(used) == sorted((j, i) for j, n in enumerate(UNEVEN) for i in range(n))
     assert plan.dropped == 0
+
+
+def test_canonical_plan_equal_slots_and_ownership():
+    """K slots with equal chunks whatever the world size; ranks partition them (k % W == r)."""
+    plan = plan_canonical_epoch(UNEVEN, seed=1, epoch=0, slots=6, chunk=8)
+    assert plan == plan_epoch(UNEVEN, seed=1, epoch=0, world_size=6, num_workers=1, batch_size=8)
+    assert {s.num_batches for s in plan.slots} == {sum(UNEVEN) // 48}
+    for W in range(1, 7):
+        owned = [owned_slots(r, W, 6) for r in range(W)]
+        assert sorted(k for ks in owned for k in ks) == list(range(6))
+        assert {len(ks) for ks in owned} <= {6 // W, -(-6 // W)}
+    assert [owned_slots(r, 4, 6) for r in range(4)] == [(0, 4), (1, 5), (2,), (3,)]
 
 
 def test_worker_position_round_robin():
