@@ -31,13 +31,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestrator.train.startup import driver_marks
+
+    marks = driver_marks()  # start-up phases (orchestrator/train/startup.py)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             dry_run(cfg)
             return 0
-        pretrain(cfg)
+        pretrain(cfg, marks=marks)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,7 +55,7 @@ def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
     if not allow_unreachable:  # a dry run writes nothing
         check_storage_target(cfg)
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
-    return data, make_plan(cfg, data.num_classes, data.train_samples, data.batches_per_rank_per_epoch)
+    return data, make_plan(cfg, data.num_classes, data.train_samples, data.steps_per_epoch)
 
 
 def dry_run(cfg: Config) -> None:
@@ -64,23 +67,31 @@ def dry_run(cfg: Config) -> None:
     print(plan.describe())
 
 
-def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict | None = None) -> dict:
+def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict | None = None,
+             marks: dict | None = None) -> dict:
     """Run training; exits with 3 when the cluster is too small, 1 when training fails.
 
     Fine-tuning (orchestrator/finetune.py) passes the adapted weights' URL (loaded by every worker when the run
     has no checkpoint yet) and tags recording where they came from.
     """
+    import ray
+
     from orchestrator.tracking import run as run_tracking
     from orchestrator.tracking.relay import collect_relay, start_relay
     from orchestrator.train import launch
+    from orchestrator.train.progress import start_ledger
+    from orchestrator.train.startup import driver_marks, mark
 
+    marks = marks if marks is not None else driver_marks()
     data, plan = resolve_run(cfg)
     tracking_uri = launch.resolve_tracking(cfg)
+    mark(marks, "checks")
     print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
 
     # Ray before the MLflow run: a bad RAY_ADDRESS (a config error, exit 2) or a Ctrl-C/SIGTERM while Ray
     # starts leaves no run behind.
     launch.init_ray()
+    mark(marks, "ray")
     run = run_tracking.open_run(cfg, tracking_uri, plan.model_cfg, plan) if tracking_uri else None
     if run and run_tags:
         run.set_tags(run_tags)
@@ -101,7 +112,12 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         # Rank 0 logs through an actor this process owns: what an outage buffers outlives any worker.
         relay = start_relay(run) if run else None
         job.tracker_actor = relay.name if relay else None
-        result = launch.build_trainer(cfg, job).fit()
+        job.progress_actor, ledger = start_ledger()  # restarts, resizes, steps redone: across worker groups
+        mark(marks, "run_setup")
+        job.startup = marks
+        trainer = launch.build_trainer(cfg, job)
+        mark(marks, "fit")
+        result = trainer.fit()
     except launch.ClusterTooSmallError as e:
         print(f"error: {e}", file=sys.stderr)
         end_failed(cfg, run, relay, str(e))
@@ -118,8 +134,12 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         raise SystemExit(1) from None
 
     metrics = dict(result.metrics or {})
+    restarts = ray.get(ledger.summary.remote())
+    metrics.update(restarts)
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     if run:
+        run.log_metrics({k: v for k, v in restarts.items() if k.startswith("goodput/")}, int(metrics.get("step", 0)))
+        run.set_tags({"world_sizes": restarts["world_sizes"]})
         collect_relay(run, relay)
         run_tracking.finish_run(run, cfg, plan.model_cfg, result)
         keep_unlogged(cfg, run)
@@ -183,6 +203,10 @@ def figures_lines(metrics: dict) -> list[str]:
         lines.append(f"compute         {metrics['compute/accelerator_hours']:.4g} accelerator-hours held, "
                      f"{metrics['compute/productive_hours']:.4g} in training steps "
                      f"(goodput {100 * metrics['compute/goodput']:.1f}%)")
+    if "world_sizes" in metrics:
+        lines.append(f"restarts        {metrics['goodput/restarts']} ({metrics['goodput/resizes']} resizes; world sizes "
+                     f"{metrics['world_sizes']}), {metrics['goodput/steps_redone']} steps redone, "
+                     f"{metrics['goodput/recovery_s']:.1f}s recovering")
     return lines
 
 

@@ -20,7 +20,12 @@ def validate(cfg: Config) -> None:
     require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     require(o.global_batch_size > 0, "optim.global_batch_size", o.global_batch_size, "a positive integer")
     s = cfg.scaling
-    require(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
+    n = s.num_workers
+    require(isinstance(n, int) or len(n) == 2, "scaling.num_workers", n,
+            "an integer >= 1, or [min, max] with 1 <= min <= max (elastic)")
+    require(s.elastic_resize_interval_s > 0, "scaling.elastic_resize_interval_s", s.elastic_resize_interval_s,
+            "a number of seconds > 0")
+    require(s.max_preemptions >= -1, "scaling.max_preemptions", s.max_preemptions, "-1 (always) or an integer >= 0")
     require(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", s.cpus_per_worker, "a number >= 0")
     require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "-1 (forever) or an integer >= 0")
     require(s.startup_timeout_s >= 0, "scaling.startup_timeout_s", s.startup_timeout_s, "a number of seconds >= 0")

@@ -119,7 +119,9 @@ class CheckpointSection:
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 2
+    num_workers: int | list[int] = 2  # N, or [min, max]: elastic (Ray Train starts at min, grows toward max)
+    elastic_resize_interval_s: float = 60.0  # how often an elastic run checks whether it can grow
+    max_preemptions: int = -1  # restarts after a node preemption notice (-1: always); not counted in max_failures
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3  # worker-group restarts from the latest checkpoint

@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
-from orchestrator.train.plan import micro_batch_size, worker_group_resources, worker_resources
+from orchestrator.train.plan import chunk_size, stream_slots, worker_range, worker_resources
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -33,7 +33,7 @@ class ResolvedData:
     storage_options: dict
     num_classes: int
     train_samples: int
-    batches_per_rank_per_epoch: int | None
+    steps_per_epoch: int | None  # the data plan's (the same at every world size)
 
 
 def storage_options(cfg: Config, url: str) -> dict[str, Any]:
@@ -84,10 +84,10 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
     train_samples = manifest.num_samples(cfg.data.train_split)
     make_plan(cfg, manifest.num_classes, train_samples)  # the plan words a batch larger than an epoch
     probe = ShardLoader(
-        url, cfg.data.train_split, batch_size=micro_batch_size(cfg), rank=0, world_size=cfg.scaling.num_workers,
+        url, cfg.data.train_split, batch_size=chunk_size(cfg), slots=stream_slots(cfg), rank=0, world_size=1,
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
     )
-    return ResolvedData(url, opts, manifest.num_classes, train_samples, len(probe))
+    return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch)
 
 
 def resolve_tracking(cfg: Config) -> str | None:
@@ -281,7 +281,8 @@ def check_capacity(cfg: Config) -> None:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    need = worker_group_resources(cfg)
+    low = worker_range(cfg)[0]  # an elastic run starts once its minimum fits
+    need = {k: v * low for k, v in worker_resources(cfg).items()}
     deadline = time.monotonic() + cfg.scaling.startup_timeout_s
     requested = False
     while True:
@@ -292,14 +293,14 @@ def check_capacity(cfg: Config) -> None:
                 request_resources(bundles=[])  # the worker group now holds what it needs
             return
         if not requested:
-            request_resources(bundles=[worker_resources(cfg)] * cfg.scaling.num_workers)
+            request_resources(bundles=[worker_resources(cfg)] * worker_range(cfg)[1])
             requested = True
         if time.monotonic() >= deadline:
             request_resources(bundles=[])
             detail = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
             raise ClusterTooSmallError(
-                f"the Ray cluster cannot fit scaling.num_workers={cfg.scaling.num_workers} workers "
-                f"({detail}); lower scaling.num_workers or scaling.cpus_per_worker, or add nodes "
+                f"the Ray cluster cannot fit scaling.num_workers={cfg.scaling.num_workers} ({low} workers at the "
+                f"least; {detail}); lower scaling.num_workers or scaling.cpus_per_worker, or add nodes "
                 f"(waited scaling.startup_timeout_s={cfg.scaling.startup_timeout_s:g}s for the cluster to grow)"
             )
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
@@ -313,12 +314,15 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
     from orchestrator.train.loop import train_worker
 
     storage_path, filesystem = storage_target(cfg)
+    low, high = worker_range(cfg)
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "job": asdict(job)},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            # (min, max): Ray Train V2's elastic group, started at min, grown toward max every interval
+            num_workers=low if low == high else (low, high), use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=worker_resources(cfg),
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -326,7 +330,9 @@ def build_trainer(cfg: Config, job: Job, callbacks: list | None = None):
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             # A finite controller limit: a worker group that cannot start is an error, not an endless retry.
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=2),
+            # preemptions (a drain with reason PREEMPTION) are counted apart from failures
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=2,
+                                         max_preemption_failures=cfg.scaling.max_preemptions),
             callbacks=callbacks or None,
             # Train's print patch duplicates every worker line on the driver; plain prints are enough, and
             # Train's own per-report INFO lines would drown the progress lines.

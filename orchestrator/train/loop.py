@@ -22,7 +22,15 @@ from orchestrator.train.checkpoints import load_newest_complete, rng_state, save
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.optim import build_optimizer, build_scheduler
-from orchestrator.train.plan import accelerators, make_plan, micro_batch_size, peak_tflops
+from orchestrator.train.plan import (
+    accelerators,
+    chunk_size,
+    make_plan,
+    micro_batch_size,
+    peak_tflops,
+    stream_slots,
+)
+from orchestrator.train.startup import describe, mark, phases
 from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
@@ -44,21 +52,51 @@ class Job:
     init_weights_url: str | None = None
     # The driver's tracking actor (orchestrator/tracking/relay.py) rank 0 sends to; None: rank 0 logs itself.
     tracker_actor: str | None = None
+    # The driver's progress ledger (orchestrator/train/progress.py): restarts, resizes, steps redone.
+    progress_actor: str | None = None
+    # The driver's start-up marks (orchestrator/train/startup.py); rank 0 adds its own and logs the phases.
+    startup: dict | None = None
+
+
+def _begin_ledger(job: Job, rank: int, step: int, world: int):
+    """Rank 0 tells the driver's progress ledger that a worker group starts (orchestrator/train/progress.py)."""
+    if rank != 0 or not job.progress_actor:
+        return None
+    import ray
+
+    from orchestrator.train.progress import ledger_handle
+
+    ledger = ledger_handle(job.progress_actor)
+    ray.get(ledger.begin.remote(step, world))
+    return ledger
+
+
+def _log_restart(ledger, tracker, step: int) -> None:
+    """After a restart's first step: what the restarts cost so far, printed and logged."""
+    import ray
+
+    summary = ray.get(ledger.summary.remote())
+    print(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
+          f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
+          f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after", flush=True)
+    if tracker:
+        tracker.log_metrics(summary, step)
 
 
 def train_worker(payload: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker."""
     from orchestrator.train.session import RaySession
 
+    entered = time.time()
     cfg = config_from_dict(payload["config"])
-    run_training(cfg, RaySession(), Job(**payload["job"]))
+    run_training(cfg, RaySession(), Job(**payload["job"]), entered)
 
 
 def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if (cfg.train.bf16 and device.type == "cuda") else None
 
 
-def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, micro_batch: int, device=None):
+def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, device=None):
     data_cfg = pretrained_data_config(cfg.model.name)
     pipeline = train_pipeline(
         input_size=model_cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
@@ -79,15 +117,17 @@ def build_loaders(cfg: Config, job: Job, model_cfg, rank: int, world_size: int, 
     mixup = None
     if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
         mixup = MixupConfig(alpha=cfg.reg.mixup_alpha, label_smoothing=cfg.reg.label_smoothing)
+    # one chunk per canonical stream slot and step, the slots shared among the ranks there are (pipelines/plan.py)
     train = ShardLoader(
-        job.dataset_url, cfg.data.train_split, batch_size=micro_batch, training=True,
+        job.dataset_url, cfg.data.train_split, batch_size=chunk_size(cfg), slots=stream_slots(cfg), training=True,
         decoder=pipeline.decoder, transform=pipeline.transform, batch_stage=pipeline.batch_stage,
         augment_on=augment_on(cfg), device=device, decode_crop_on_device=pipeline.decode_crop_on_device,
         shuffle_buffer=cfg.data.shuffle_buffer, mixup=mixup, num_classes=job.num_classes,
         return_keys=bool(cfg.data.trace_keys_dir), **loader_args,
     )
     val = ShardLoader(
-        job.dataset_url, cfg.data.val_split, batch_size=max(micro_batch, 64), transform=eval_tf, training=False,
+        job.dataset_url, cfg.data.val_split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf,
+        training=False,
         **loader_args,
     )
     return train, val
@@ -105,7 +145,7 @@ def _stream(loader: ShardLoader, start_epoch: int, resumed: bool) -> Iterator[tu
         epoch += 1
 
 
-def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
+def run_training(cfg: Config, session, job: Job, entered: float | None = None) -> dict[str, Any]:
     rank, world = session.world_rank, session.world_size
     device = session.device
     clock = ComputeClock(accelerators(cfg, world))  # held from here: the worker group's start
@@ -113,9 +153,9 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
     model_cfg = model.cfg
-    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, micro_batch_size(cfg), device)
-    plan = make_plan(cfg, job.num_classes, job.train_samples, len(train_loader))
-    accum = plan.grad_accum_steps
+    train_loader, val_loader = build_loaders(cfg, job, model_cfg, rank, world, device)
+    plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
+    owned = train_loader.slots_owned  # this rank's stream slots: one chunk each per step
 
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -144,10 +184,14 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
         if rank == 0:
             print(f"[resume] from {source.name}: step {step}, data at epoch {start_epoch} batch "
                   f"{train_loader.batches_consumed}", flush=True)
+    ledger = _begin_ledger(job, rank, step, world)
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
+    # a restarted group's phases start at its own entry: the driver's marks describe the first group only
+    marks = {**(job.startup or {} if restored is None else {}), "worker": entered or time.time()}
+    mark(marks, "ready")
     autocast = _autocast_dtype(cfg, device)
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
@@ -162,26 +206,41 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
     best_top1 = 0.0
 
     first_step = step
+    saved_for_notice = False
 
     while step < plan.total_steps:
-        micro_batches = []
         ended: list[tuple[int, DataCounts]] = []  # epochs whose last batch this step took, with their counts
         with clock.step():
-            for _i in range(accum):
+            chunks = []
+            for _i in range(owned):
                 epoch, batch = next(stream)
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                if trace:
-                    trace.write(step + 1, epoch, batch[2], x)
-                micro_batches.append((x, y))
+                chunks.append(batch)
                 if train_loader.batches_consumed == len(train_loader):
                     # read now: the next batch's set_epoch starts new counts (a collective: all ranks are here)
                     ended.append((epoch, epoch_counts(train_loader, device)))
+            if step == first_step:
+                mark(marks, "first_batch")
+            x = torch.cat([c[0] for c in chunks]).to(device, non_blocking=True)
+            y = torch.cat([c[1] for c in chunks]).to(device, non_blocking=True)
+            if trace:
+                trace.write(step + 1, epoch, [k for c in chunks for k in c[2]], x)
+            micro_batches = list(zip(x.split(plan.micro_batch_size), y.split(plan.micro_batch_size), strict=True))
             result = train_step(
                 train_model, micro_batches, optimizer, scheduler,
                 loss_kind=cfg.reg.loss, clip_norm=cfg.optim.clip_norm, autocast_dtype=autocast,
+                # ranks may hold unequal shares: weights make the update the global batch's mean (step.py)
+                weights=[len(mb[1]) / plan.global_batch_size * world for mb in micro_batches],
             )
         step += 1
-        window_images += result.images * world
+        if ledger is not None:
+            ledger.step_done.remote(step)
+        if step == first_step + 1 and rank == 0:
+            mark(marks, "first_step")
+            startup = phases(marks)
+            print(describe(startup), flush=True)
+            if tracker:
+                tracker.log_metrics(startup, step)
+        window_images += plan.global_batch_size
         for ended_epoch, counts in ended:
             run_counts += counts
             if tracker:
@@ -219,8 +278,17 @@ def run_training(cfg: Config, session, job: Job) -> dict[str, Any]:
                     tracker.log_metrics(metrics, step)
             window_t, window_images = time.perf_counter(), 0
 
+        if ledger is not None and step == first_step + 1 and restored is not None:
+            _log_restart(ledger, tracker, step)
+        # a node of this group is being reclaimed (a drain with reason PREEMPTION): checkpoint now, so at most
+        # this step is redone. A barrier: every rank asks, every step.
+        notice = session.preemption_notice()
+        preempted = notice is not None and not saved_for_notice
+        if preempted and rank == 0:
+            print(f"[preemption] {notice}: checkpoint at step {step}", flush=True)
+        saved_for_notice = saved_for_notice or preempted
         eval_due = step % plan.eval_every_steps == 0 or step == plan.total_steps
-        ckpt_due = step % plan.checkpoint_every_steps == 0 or step == plan.total_steps
+        ckpt_due = step % plan.checkpoint_every_steps == 0 or step == plan.total_steps or preempted
         if eval_due or ckpt_due:
             # the run's figures so far (data counts summed over ranks and epochs): the driver's end summary
             report: dict[str, Any] = {

@@ -24,9 +24,26 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def worker_range(cfg: Config) -> tuple[int, int]:
+    """(min, max) workers: scaling.num_workers N is (N, N); [min, max] is an elastic range."""
+    n = cfg.scaling.num_workers
+    return (n, n) if isinstance(n, int) else (int(n[0]), int(n[-1]))
+
+
+def stream_slots(cfg: Config) -> int:
+    """The data's canonical stream slots: max workers x loader workers per rank (pipelines/plan.py). The samples
+    of a step are a function of (seed, epoch, step) over these slots, whatever the world size."""
+    return worker_range(cfg)[1] * max(1, cfg.data.loader_workers)
+
+
+def chunk_size(cfg: Config) -> int:
+    """Samples each stream slot gives every step: the global batch over the slots."""
+    return cfg.optim.global_batch_size // stream_slots(cfg)
+
+
 def micro_batch_size(cfg: Config) -> int:
-    """Samples per worker per forward/backward: optim.micro_batch_size, else the global batch over the workers."""
-    return cfg.optim.micro_batch_size or cfg.optim.global_batch_size // cfg.scaling.num_workers
+    """Samples per worker per forward/backward: optim.micro_batch_size, else the global batch over max workers."""
+    return cfg.optim.micro_batch_size or cfg.optim.global_batch_size // worker_range(cfg)[1]
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -38,8 +55,8 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 
 def worker_group_resources(cfg: Config) -> dict[str, float]:
-    """What the whole worker group reserves: scaling.num_workers x worker_resources (a tune trial's needs)."""
-    return {k: v * cfg.scaling.num_workers for k, v in worker_resources(cfg).items()}
+    """What the whole worker group reserves at its largest: max workers x worker_resources (a tune trial's needs)."""
+    return {k: v * worker_range(cfg)[1] for k, v in worker_resources(cfg).items()}
 
 
 def accelerators(cfg: Config, workers: int) -> int:
@@ -48,30 +65,37 @@ def accelerators(cfg: Config, workers: int) -> int:
 
 
 def check_batch_split(cfg: Config) -> None:
-    """The global batch must split into workers x micro batch x accumulation steps exactly (ConfigError)."""
-    o, workers = cfg.optim, cfg.scaling.num_workers
-    micro = micro_batch_size(cfg)
-    require(micro > 0, "optim.micro_batch_size", o.micro_batch_size, "a positive integer")
-    per_step = micro * workers
+    """The global batch must split evenly over the stream slots (max workers x loader workers), so that every
+    world size in the range trains on exactly the configured global batch (ConfigError)."""
+    o = cfg.optim
+    low, high = worker_range(cfg)
+    require(1 <= low <= high, "scaling.num_workers", cfg.scaling.num_workers,
+            "an integer >= 1, or [min, max] with 1 <= min <= max")
+    require(o.global_batch_size >= high, "optim.global_batch_size", o.global_batch_size,
+            f"at least the largest worker count ({high}): every worker needs a sample per step")
+    require(o.micro_batch_size is None or o.micro_batch_size > 0, "optim.micro_batch_size", o.micro_batch_size,
+            "a positive integer or null")
+    slots = stream_slots(cfg)
     require(
-        o.global_batch_size % per_step == 0,
+        o.global_batch_size % slots == 0,
         "optim.global_batch_size",
         o.global_batch_size,
-        f"a multiple of scaling.num_workers x micro batch = {workers} x {micro} = {per_step} "
-        "(gradient accumulation keeps the global batch fixed, so it must divide evenly)",
+        f"a multiple of the data's stream slots = max workers x data.loader_workers = {slots} (each slot gives "
+        "the same number of samples to every step, so the global batch is the same at every world size)",
     )
 
 
 @dataclass
 class RunPlan:
     model_cfg: MixerConfig  # the architecture, with the dataset's class count
-    num_workers: int
-    micro_batch_size: int  # per worker per forward/backward
-    grad_accum_steps: int
+    min_workers: int
+    max_workers: int  # == min_workers unless the run is elastic
+    stream_slots: int  # the data's canonical slots (pipelines/plan.py); each gives chunk_size samples a step
+    chunk_size: int
+    micro_batch_size: int  # the most samples one forward/backward takes
     global_batch_size: int
     train_samples: int
-    batches_per_rank_per_epoch: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # the same at every world size
     total_steps: int
     epochs: float
     eval_every_steps: int
@@ -82,11 +106,39 @@ class RunPlan:
     train_flops_per_step: float
     train_flops_total: float
 
+    @property
+    def num_workers(self) -> int:
+        return self.max_workers
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches of the busiest rank at the largest world size."""
+        return self.micro_batches(self.max_workers, 0)
+
+    def rank_samples(self, world_size: int, rank: int) -> int:
+        return len(range(rank, self.stream_slots, world_size)) * self.chunk_size
+
+    def micro_batches(self, world_size: int, rank: int) -> int:
+        return -(-self.rank_samples(world_size, rank) // self.micro_batch_size)
+
+    def world_sizes(self) -> str:
+        """One line per world size of the range: what each rank trains on per step."""
+        lines = []
+        for w in range(self.min_workers, self.max_workers + 1):
+            shares = sorted({(self.rank_samples(w, r), self.micro_batches(w, r)) for r in range(w)}, reverse=True)
+            per_rank = " or ".join(f"{n} samples in {k} micro-batch{'es' if k > 1 else ''}" for n, k in shares)
+            lines.append(f"  {w} worker{'s' if w > 1 else ' '}: {per_rank} per rank" +
+                         (" (unequal shares, weighted so the update is the global-batch mean)" if len(shares) > 1 else ""))
+        return "\n".join(lines)
+
     def describe(self) -> str:
+        workers = (f"{self.max_workers}" if self.min_workers == self.max_workers
+                   else f"{self.min_workers}-{self.max_workers} (elastic)")
         lines = [
-            f"workers              {self.num_workers}",
-            f"batch                {self.micro_batch_size} per worker x {self.num_workers} workers x "
-            f"{self.grad_accum_steps} accumulation = {self.global_batch_size} global",
+            f"workers              {workers}",
+            f"batch                {self.global_batch_size} global = {self.stream_slots} stream slots x "
+            f"{self.chunk_size}; micro-batches of at most {self.micro_batch_size}",
+            self.world_sizes(),
             f"train samples        {self.train_samples:,}",
             f"steps                {self.total_steps:,} ({self.steps_per_epoch:,} per epoch x {self.epochs:g} epochs)",
             f"eval / checkpoint    every {self.eval_every_steps:,} / {self.checkpoint_every_steps:,} steps",
@@ -98,21 +150,17 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def make_plan(
-    cfg: Config, num_classes: int, train_samples: int, batches_per_rank_per_epoch: int | None = None
-) -> RunPlan:
-    """`batches_per_rank_per_epoch` is the data plan's exact figure; without it, an even split is assumed."""
+def make_plan(cfg: Config, num_classes: int, train_samples: int, steps_per_epoch: int | None = None) -> RunPlan:
+    """`steps_per_epoch` is the data plan's exact figure (ShardLoader.steps_per_epoch); without it, the even split
+    of the samples over the global batch is assumed."""
     model_cfg = get_config(cfg.model.name, **model_overrides(cfg, num_classes))
-    workers = cfg.scaling.num_workers
-    micro = micro_batch_size(cfg)
-    accum = cfg.optim.global_batch_size // (micro * workers)
-    if batches_per_rank_per_epoch is None:
-        batches_per_rank_per_epoch = train_samples // (micro * workers)
-    steps_per_epoch = batches_per_rank_per_epoch // accum
+    low, high = worker_range(cfg)
+    if steps_per_epoch is None:
+        steps_per_epoch = train_samples // cfg.optim.global_batch_size
     if steps_per_epoch < 1:
         raise ConfigError(
             f"optim.global_batch_size={cfg.optim.global_batch_size} is larger than one epoch of the training "
-            f"split ({train_samples} samples over {workers} workers); use a smaller global batch"
+            f"split ({train_samples} samples); use a smaller global batch"
         )
     total = math.ceil(steps_per_epoch * cfg.schedule.epochs)
     if cfg.train.max_steps is not None:
@@ -122,12 +170,13 @@ def make_plan(
     per_image = train_flops_per_image(model_cfg)
     return RunPlan(
         model_cfg=model_cfg,
-        num_workers=workers,
-        micro_batch_size=micro,
-        grad_accum_steps=accum,
+        min_workers=low,
+        max_workers=high,
+        stream_slots=stream_slots(cfg),
+        chunk_size=chunk_size(cfg),
+        micro_batch_size=micro_batch_size(cfg),
         global_batch_size=cfg.optim.global_batch_size,
         train_samples=train_samples,
-        batches_per_rank_per_epoch=batches_per_rank_per_epoch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         epochs=cfg.schedule.epochs,

@@ -41,6 +41,9 @@ class LocalSession:
     def staging_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="ckpt_"))
 
+    def preemption_notice(self) -> str | None:
+        return None  # one process, no cluster: nothing tells it about preemption
+
 
 class RaySession:
     """A Ray Train V2 worker: DDP via prepare_model, checkpoints persisted by ray.train.report."""
@@ -86,12 +89,20 @@ class RaySession:
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
-        # The staged directory is a temp copy: once persisted to storage it goes (SYNC mode keeps it otherwise,
-        # and a B/16 checkpoint with its optimizer state is ~0.7 GB per save).
+        # The staged directory is a temp copy: once persisted to storage it goes (a B/16 checkpoint with its
+        # optimizer state is ~0.7 GB per save).
+        # SYNC upload. Ray 2.60's ASYNC mode was tried: a worker group restarted after a worker was killed 2 steps
+        # after a checkpoint got no checkpoint at all (two were in storage) and trained again from step 0.
         self._train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=checkpoint is not None)
 
     def staging_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="ckpt_"))
+
+    def preemption_notice(self) -> str | None:
+        """Ray's notice that a node of this worker group is about to be reclaimed, or None. A barrier: every rank
+        calls it equally often. Ray's PreemptionInfo names the nodes, ranks and deadline."""
+        info = self._train.get_preemption_info()
+        return None if info is None else str(info)
 
 
 def quiet_per_report_logs() -> None:

@@ -3,6 +3,11 @@
 Plain PyTorch with no Ray in it: the same function runs in a Ray Train worker, in a single process, and in
 the benchmark. `model` may be wrapped in DistributedDataParallel; gradients are then all-reduced on the
 last micro-batch only (no_sync on the others), so the global batch stays fixed whatever the worker count.
+
+Ranks may hold unequal shares of the global batch (an elastic run at a world size that does not divide the
+data's stream slots). Each micro-batch's mean loss is then weighted by ``weights[i]`` = its samples / global
+batch x world size: DDP averages the ranks' gradients, so the update is the mean over the whole global batch,
+exactly what one process would compute on all of it (tests/orchestrator/test_train_step.py).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import nn
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean loss over the micro-batches (a tensor: no host sync unless it is read)
+    loss: torch.Tensor  # this rank's weighted mean loss over its micro-batches (a tensor: no host sync until read)
     grad_norm: torch.Tensor  # global gradient norm before clipping
     lr: float
     images: int  # images this worker processed in the step
@@ -47,9 +52,14 @@ def train_step(
     loss_kind: str = "softmax",
     clip_norm: float | None = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    weights: Sequence[float] | None = None,
 ) -> StepResult:
+    """``weights``: each micro-batch's loss weight (default 1/n each: equal micro-batches, equal shares)."""
     model.train()
     n = len(micro_batches)
+    weights = list(weights) if weights is not None else [1.0 / n] * n
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} micro-batches")
     total_loss = torch.zeros((), device=micro_batches[0][0].device)
     images = 0
     for i, (x, y) in enumerate(micro_batches):
@@ -59,8 +69,8 @@ def train_step(
             with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(x)
             loss = classification_loss(logits, y, loss_kind)
-            (loss / n).backward()
-        total_loss += loss.detach()
+            (loss * weights[i]).backward()
+        total_loss += loss.detach() * weights[i]
         images += x.shape[0]
     if clip_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
@@ -70,4 +80,4 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(loss=total_loss / n, grad_norm=grad_norm, lr=lr, images=images)
+    return StepResult(loss=total_loss / sum(weights), grad_norm=grad_norm, lr=lr, images=images)

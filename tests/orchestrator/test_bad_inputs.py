@@ -99,6 +99,14 @@ PRETRAIN = [
     ("storage-unknown-protocol", [DATA, "run.storage_path=nosuch://x/runs"],
      ["run.storage_path", "nosuch://x/runs", "s3://bucket/prefix"]),
     ("tracking-unreachable", [DATA, "tracking.uri={dead}"], ["tracking.uri", "{dead}", "unreachable"]),
+    ("elastic-min-0", ["scaling.num_workers=[0,3]"], ["scaling.num_workers=[0, 3]", "1 <= min <= max"]),
+    ("elastic-min-above-max", ["scaling.num_workers=[3,1]"], ["scaling.num_workers=[3, 1]", "1 <= min <= max"]),
+    ("elastic-not-a-pair", ["scaling.num_workers=[1,2,3]"], ["scaling.num_workers=[1, 2, 3]", "[min, max]"]),
+    ("elastic-batch-below-max", ["scaling.num_workers=[1,3]", "optim.global_batch_size=2"],
+     ["optim.global_batch_size=2", "at least the largest worker count (3)"]),
+    ("elastic-batch-not-divisible", ["scaling.num_workers=[1,3]", "optim.global_batch_size=100"],
+     ["optim.global_batch_size=100", "stream slots", "= 3"]),
+    ("resize-interval-0", ["scaling.elastic_resize_interval_s=0"], ["scaling.elastic_resize_interval_s=0.0", "> 0"]),
     ("augment-on-unknown", ["data.augment_on=gpu"], ["data.augment_on='gpu'", "['auto', 'host', 'device']"]),
     ("randaug-impl-unknown", ["reg.randaug_impl=timm"], ["reg.randaug_impl='timm'", "['big_vision', 'torchvision']"]),
     ("decode-on-device-without-cuda", ["data.transform=inception", "data.decode_on=device"],
@@ -242,6 +250,9 @@ def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code
 
     monkeypatch.setattr(launch, "init_ray", lambda: None)
     monkeypatch.setattr(relay, "start_relay", lambda run: None)  # the tracking relay is a Ray actor
+    from orchestrator.train import progress
+
+    monkeypatch.setattr(progress, "start_ledger", lambda: (None, None))  # so is the progress ledger
     monkeypatch.setattr(launch, "check_capacity", too_small)
     monkeypatch.setattr(launch, "build_trainer", lambda cfg, job: BrokenTrainer())
     experiment = f"failures-{where}"

@@ -33,8 +33,9 @@ def test_dry_run_prints_resolved_config_and_plan(mixer_home):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "# resolved config" in text and "mixer_digits" in text
-    # 128 global = 32 per worker x 2 workers x 2 accumulation steps
-    assert "32 per worker x 2 workers x 2 accumulation = 128 global" in text
+    # 128 global = 2 workers x 64 samples each, in 2 micro-batches of 32 (gradient accumulation)
+    assert "128 global = 2 stream slots x 64; micro-batches of at most 32" in text
+    assert "2 workers: 64 samples in 2 micro-batches per rank" in text
     assert "FLOPs for the run" in text
     assert (mixer_home / "data" / "digits" / "manifest.json").exists()  # the embedded dataset was written
     import ray
@@ -90,3 +91,18 @@ def test_unreachable_tracking_server_is_a_clear_error(mixer_home, capsys):
     assert pretrain.main([f"tracking.uri=http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert "tracking.uri" in err and str(port) in err
+
+
+def test_dry_run_prints_the_plan_of_every_world_size_of_an_elastic_range(mixer_home):
+    env = {**os.environ, "MIXER_HOME": str(mixer_home)}
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.pretrain", "--dry-run", "scaling.num_workers=[1,3]",
+         "optim.global_batch_size=120", "optim.micro_batch_size=32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "1-3 (elastic)" in text and "120 global = 3 stream slots x 40" in text
+    assert "1 worker : 120 samples in 4 micro-batches per rank" in text
+    assert "2 workers: 80 samples in 3 micro-batches or 40 samples in 2 micro-batches per rank (unequal" in text
+    assert "3 workers: 40 samples in 2 micro-batches per rank" in text

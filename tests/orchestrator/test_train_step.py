@@ -76,3 +76,45 @@ def test_losses_accept_soft_targets():
         assert torch.allclose(classification_loss(logits, y, kind), classification_loss(logits, onehot, kind))
     # sigmoid cross-entropy sums over classes (big_vision), so it exceeds the mean-over-classes form
     assert classification_loss(logits, y, "sigmoid") > nn.functional.binary_cross_entropy_with_logits(logits, onehot)
+
+
+def _unequal_share_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a gloo group: its share of a 12-sample global batch over 3 stream slots of 4 (slots k with
+    k % world == rank), in micro-batches of at most 4, weighted by samples / global batch x world."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = _global_batch()
+    mine = [k for k in range(3) if k % world == rank]
+    micro = [(x[4 * k: 4 * k + 4], y[4 * k: 4 * k + 4]) for k in mine]
+    model = DistributedDataParallel(_tiny())
+    opt, sched = _opt(model)
+    train_step(model, micro, opt, sched, clip_norm=1.0, weights=[len(mb[1]) / 12 * world for mb in micro])
+    if rank == 0:
+        torch.save(model.module.state_dict(), out)
+    dist.destroy_process_group()
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(12, 3, 2, 2, generator=g), torch.randint(0, 5, (12,), generator=g)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_unequal_shares_update_equals_one_process_on_the_global_batch(world, tmp_path):
+    """2 ranks hold 8 and 4 of the 12 samples (unequal), 3 ranks 4 each: after one DDP step with the loop's
+    weights the parameters equal one process's step on all 12 samples (clipping included)."""
+    import torch.multiprocessing as mp
+
+    from cluster.loopback import free_port
+
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_unequal_share_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    x, y = _global_batch()
+    single = _tiny()
+    opt, sched = _opt(single)
+    train_step(single, [(x, y)], opt, sched, clip_norm=1.0)
+    got = torch.load(out, weights_only=True)
+    for name, p in single.state_dict().items():
+        assert torch.allclose(got[name], p, atol=1e-6), name

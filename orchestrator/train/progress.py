@@ -1,0 +1,80 @@
+"""The run's progress ledger: a Ray actor owned by the driver that outlives every worker group.
+
+Rank 0 tells it when a worker group starts (the step it restored, its world size) and when each step completes.
+From that it counts what elastic, preemptible training costs, which no single worker group can see:
+
+- restarts (a new worker group after a failure, a preemption or a resize) and resizes (the world size changed),
+  with the world sizes in order;
+- steps redone: the steps completed before a restart that the new group trains again from its checkpoint;
+- recovery time: from the last step completed before a restart to the first step completed after it.
+
+Productive step time over held time (goodput) is the ComputeClock's (orchestrator/train/compute.py); these
+counts complete it. The driver reads the summary for the end summary and MLflow; rank 0 logs it after each
+restart's first step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+NAMESPACE = "mixer-progress"
+
+
+@dataclass
+class Ledger:
+    """The ledger's state (plain Python: the actor is this class; tests drive it directly)."""
+
+    last_step: int | None = None
+    last_step_time: float | None = None
+    world_sizes: list[int] = field(default_factory=list)
+    restarts: int = 0
+    resizes: int = 0
+    steps_redone: int = 0
+    recovery_s: float = 0.0
+    _recovering_since: float | None = None
+
+    def begin(self, restored_step: int, world_size: int) -> None:
+        """A worker group starts from ``restored_step`` (0: from scratch) with ``world_size`` workers."""
+        if self.world_sizes:  # not the run's first group
+            self.restarts += 1
+            self.resizes += int(world_size != self.world_sizes[-1])
+            if self.last_step is not None:
+                self.steps_redone += max(0, self.last_step - restored_step)
+                self._recovering_since = self.last_step_time
+        self.world_sizes.append(int(world_size))
+
+    def step_done(self, step: int, when: float | None = None) -> None:
+        now = time.time() if when is None else when
+        if self._recovering_since is not None:
+            self.recovery_s += now - self._recovering_since
+            self._recovering_since = None
+        self.last_step, self.last_step_time = int(step), now
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "goodput/restarts": self.restarts,
+            "goodput/resizes": self.resizes,
+            "goodput/steps_redone": self.steps_redone,
+            "goodput/recovery_s": round(self.recovery_s, 3),
+            "goodput/world_size": self.world_sizes[-1] if self.world_sizes else 0,
+            "world_sizes": " -> ".join(map(str, self.world_sizes)),
+        }
+
+
+def start_ledger():
+    """(name, handle) of a new ledger actor; hold the handle for as long as the run goes."""
+    import ray
+
+    name = f"progress-{uuid.uuid4().hex[:12]}"
+    # num_cpus=0: the workers get every CPU; max_restarts=0: a restarted ledger would have forgotten the run
+    handle = ray.remote(Ledger).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0).remote()
+    return name, handle
+
+
+def ledger_handle(name: str):
+    import ray
+
+    return ray.get_actor(name, namespace=NAMESPACE)
