@@ -37,11 +37,22 @@ def start_relay(tracker: RunTracker) -> Relay:
 
     name = f"tracker-{tracker.run_id}-{uuid.uuid4().hex[:8]}"
     # num_cpus=0: the workers get every CPU; max_restarts=0: a restarted actor would have lost its buffer.
-    actor = ray.remote(RunTracker).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0).remote(
+    # on the driver's node: a lost worker node must not take what the relay buffers with it
+    actor = ray.remote(RunTracker).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                                           scheduling_strategy=on_this_node()).remote(
         tracker.tracking_uri, tracker.experiment, tracker.run_name, run_id=tracker.run_id,
         retry_seconds=tracker.retry_seconds)
     ray.get(actor.start.remote())
     return Relay(name, actor)
+
+
+def on_this_node():
+    """A scheduling strategy that keeps an actor on the calling process's node (the driver's): driver-owned
+    actors (this relay, the progress ledger) must not go down with a lost worker node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def collect_relay(tracker: RunTracker, relay: Relay | None) -> None:

@@ -66,8 +66,12 @@ def _begin_ledger(job: Job, rank: int, step: int, world: int):
 
     from orchestrator.train.progress import ledger_handle
 
-    ledger = ledger_handle(job.progress_actor)
-    ray.get(ledger.begin.remote(step, world))
+    try:
+        ledger = ledger_handle(job.progress_actor)
+        ray.get(ledger.begin.remote(step, world))
+    except Exception as e:  # the ledger counts restarts; losing it must not stop the training
+        print(f"[restart] the progress ledger is gone ({type(e).__name__}); restarts are not counted", flush=True)
+        return None
     return ledger
 
 
@@ -75,7 +79,10 @@ def _log_restart(ledger, tracker, step: int) -> None:
     """After a restart's first step: what the restarts cost so far, printed and logged."""
     import ray
 
-    summary = ray.get(ledger.summary.remote())
+    try:
+        summary = ray.get(ledger.summary.remote())
+    except Exception:
+        return
     print(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
           f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
           f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after", flush=True)
@@ -200,7 +207,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
         accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
     stream = _stream(train_loader, start_epoch, resumed)
-    trace = _KeyTrace(cfg.data.trace_keys_dir, rank) if cfg.data.trace_keys_dir else None
+    trace = _KeyTrace(cfg.data.trace_keys_dir, rank, world) if cfg.data.trace_keys_dir else None
     final: dict[str, Any] = {}
     window_t, window_images, run_t0 = time.perf_counter(), 0, time.perf_counter()
     best_top1 = 0.0
@@ -328,6 +335,10 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                         "config": cfg.to_dict(),
                     })
             session.report(report, ckpt_dir)
+            if preempted:
+                # a second report waits until Ray's controller has taken the first (its queue holds one), so
+                # the preemption checkpoint is registered before the node can go
+                session.report(report, None)
             final.update(report)
 
     final["best_top1"] = best_top1
@@ -366,10 +377,11 @@ def _load_init_weights(url: str, storage_options: dict) -> dict:
 class _KeyTrace:
     """Debug aid (data.trace_keys_dir): each rank appends the sample keys of every batch it trains on."""
 
-    def __init__(self, directory: str, rank: int):
+    def __init__(self, directory: str, rank: int, world: int):
         from pathlib import Path
 
         Path(directory).mkdir(parents=True, exist_ok=True)
+        self.world = world
         self.file = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
 
     def write(self, step: int, epoch: int, keys: list[str], images: torch.Tensor) -> None:
@@ -377,7 +389,8 @@ class _KeyTrace:
         import json
 
         pixels = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()  # augmented pixels
-        self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys), "pixels": pixels}) + "\n")
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys), "pixels": pixels,
+                                    "world": self.world, "time": time.time()}) + "\n")
 
 
 def _gather(mine: tuple, world: int) -> tuple[list, list]:

@@ -68,9 +68,13 @@ def start_ledger():
     """(name, handle) of a new ledger actor; hold the handle for as long as the run goes."""
     import ray
 
+    from orchestrator.tracking.relay import on_this_node
+
     name = f"progress-{uuid.uuid4().hex[:12]}"
-    # num_cpus=0: the workers get every CPU; max_restarts=0: a restarted ledger would have forgotten the run
-    handle = ray.remote(Ledger).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0).remote()
+    # num_cpus=0: the workers get every CPU; max_restarts=0: a restarted ledger would have forgotten the run;
+    # on the driver's node: a lost worker node must not take the ledger with it
+    handle = ray.remote(Ledger).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                                        scheduling_strategy=on_this_node()).remote()
     return name, handle
 
 

@@ -78,13 +78,14 @@ def test_losses_accept_soft_targets():
     assert classification_loss(logits, y, "sigmoid") > nn.functional.binary_cross_entropy_with_logits(logits, onehot)
 
 
-def _unequal_share_worker(rank: int, world: int, port: int, out: str) -> None:
+def _unequal_share_worker(rank: int, world: int, store: str, out: str) -> None:
     """One rank of a gloo group: its share of a 12-sample global batch over 3 stream slots of 4 (slots k with
     k % world == rank), in micro-batches of at most 4, weighted by samples / global batch x world."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no port to race for on a shared machine
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x, y = _global_batch()
     mine = [k for k in range(3) if k % world == rank]
     micro = [(x[4 * k: 4 * k + 4], y[4 * k: 4 * k + 4]) for k in mine]
@@ -93,6 +94,7 @@ def _unequal_share_worker(rank: int, world: int, port: int, out: str) -> None:
     train_step(model, micro, opt, sched, clip_norm=1.0, weights=[len(mb[1]) / 12 * world for mb in micro])
     if rank == 0:
         torch.save(model.module.state_dict(), out)
+    dist.barrier()  # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 
@@ -107,10 +109,8 @@ def test_unequal_shares_update_equals_one_process_on_the_global_batch(world, tmp
     weights the parameters equal one process's step on all 12 samples (clipping included)."""
     import torch.multiprocessing as mp
 
-    from cluster.loopback import free_port
-
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_unequal_share_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    mp.spawn(_unequal_share_worker, args=(world, str(tmp_path / "store"), out), nprocs=world, join=True)
     x, y = _global_batch()
     single = _tiny()
     opt, sched = _opt(single)
