@@ -30,6 +30,7 @@ from orchestrator.train.plan import (
     peak_tflops,
     stream_slots,
 )
+from orchestrator.train.progress import begin_group, log_restart
 from orchestrator.train.startup import describe, mark, phases
 from orchestrator.train.step import train_step
 from pipelines.loader import ShardLoader
@@ -56,38 +57,6 @@ class Job:
     progress_actor: str | None = None
     # The driver's start-up marks (orchestrator/train/startup.py); rank 0 adds its own and logs the phases.
     startup: dict | None = None
-
-
-def _begin_ledger(job: Job, rank: int, step: int, world: int):
-    """Rank 0 tells the driver's progress ledger that a worker group starts (orchestrator/train/progress.py)."""
-    if rank != 0 or not job.progress_actor:
-        return None
-    import ray
-
-    from orchestrator.train.progress import ledger_handle
-
-    try:
-        ledger = ledger_handle(job.progress_actor)
-        ray.get(ledger.begin.remote(step, world))
-    except Exception as e:  # the ledger counts restarts; losing it must not stop the training
-        print(f"[restart] the progress ledger is gone ({type(e).__name__}); restarts are not counted", flush=True)
-        return None
-    return ledger
-
-
-def _log_restart(ledger, tracker, step: int) -> None:
-    """After a restart's first step: what the restarts cost so far, printed and logged."""
-    import ray
-
-    try:
-        summary = ray.get(ledger.summary.remote())
-    except Exception:
-        return
-    print(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
-          f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
-          f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after", flush=True)
-    if tracker:
-        tracker.log_metrics(summary, step)
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -191,7 +160,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
         if rank == 0:
             print(f"[resume] from {source.name}: step {step}, data at epoch {start_epoch} batch "
                   f"{train_loader.batches_consumed}", flush=True)
-    ledger = _begin_ledger(job, rank, step, world)
+    ledger = begin_group(job.progress_actor, step, world) if rank == 0 else None
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:
@@ -286,7 +255,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
             window_t, window_images = time.perf_counter(), 0
 
         if ledger is not None and step == first_step + 1 and restored is not None:
-            _log_restart(ledger, tracker, step)
+            log_restart(ledger, tracker, step)
         # a node of this group is being reclaimed (a drain with reason PREEMPTION): checkpoint now, so at most
         # this step is redone. A barrier: every rank asks, every step.
         notice = session.preemption_notice()

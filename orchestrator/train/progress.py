@@ -82,3 +82,34 @@ def ledger_handle(name: str):
     import ray
 
     return ray.get_actor(name, namespace=NAMESPACE)
+
+
+def begin_group(name: str | None, restored_step: int, world_size: int):
+    """Rank 0: tell the ledger ``name`` that a worker group starts; its handle, or None (no ledger, or it is gone:
+    the ledger counts restarts, and losing it must not stop the training)."""
+    if not name:
+        return None
+    import ray
+
+    try:
+        ledger = ledger_handle(name)
+        ray.get(ledger.begin.remote(restored_step, world_size))
+    except Exception as e:
+        print(f"[restart] the progress ledger is gone ({type(e).__name__}); restarts are not counted", flush=True)
+        return None
+    return ledger
+
+
+def log_restart(ledger, tracker, step: int) -> None:
+    """Rank 0, after a restart's first step: what the restarts cost so far, printed and logged."""
+    import ray
+
+    try:
+        summary = ray.get(ledger.summary.remote())
+    except Exception:
+        return
+    print(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
+          f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
+          f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after", flush=True)
+    if tracker:
+        tracker.log_metrics(summary, step)

@@ -131,10 +131,10 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
                 killed = sorted(set(nodes.values()))[-1]
                 cluster.kill_node(killed)
                 phase = 1
-        elif phase == 1 and "[restart] world sizes 3 -> 2:" in line:
+        elif phase == 1 and re.search(r"\[restart\] world sizes 3 -> 2\b", line):
             cluster.restart_node(killed)  # back in the cluster: the next resize check grows the run
             phase = 2
-        elif phase == 2 and "[restart] world sizes 3 -> 2 -> 3:" in line:
+        elif phase == 2 and re.search(r"\[restart\] world sizes 3 -> 2( -> \d)* -> 3:", line):
             drained = sorted(set(_train_worker_nodes(cluster).values()))[0]
             _drain(cluster, drained, deadline_s=60)
             phase = 3
@@ -155,7 +155,8 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     assert resumes[-1] == notice_step, (resumes, notice_step)
     summary = re.search(r"restarts\s+(\d+) \((\d+) resizes; world sizes ([0-9 >-]+)\), (\d+) steps redone", text)
     assert summary, text[-3000:]
-    assert summary.group(3).startswith("3 -> 2 -> 3")
+    # shrunk to 2, grown back to 3 (Ray may restart a group more than once on the way), 2 after the reclaim
+    assert re.match(r"3 -> 2( -> \d)* -> 3( -> \d)* -> 2$", summary.group(3).strip()), summary.group(3)
     assert int(summary.group(1)) >= 3 and int(summary.group(2)) >= 2
     planned = int(re.search(r"step \d+/(\d+)", text).group(1))
     assert re.search(rf"after step {planned}\b", text)
@@ -186,7 +187,7 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     m = runs[0].data.metrics
     assert m["goodput/restarts"] >= 3 and m["goodput/resizes"] >= 2 and m["goodput/recovery_s"] > 0
     assert 0 < m["compute/goodput"] < 1
-    assert runs[0].data.tags["world_sizes"].startswith("3 -> 2 -> 3")
+    assert runs[0].data.tags["world_sizes"] == summary.group(3).strip()
     import s3fs
 
     assert [p for p in s3fs.S3FileSystem(endpoint_url=s3_server).ls(f"{s3_bucket}/runs/elastic") if "checkpoint_" in p]
