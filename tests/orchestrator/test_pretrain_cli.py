@@ -23,15 +23,17 @@ def mixer_home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_dry_run_prints_resolved_config_and_plan(mixer_home):
+def _dry_run(mixer_home, *overrides: str) -> str:
+    """`python -m orchestrator.pretrain --dry-run OVERRIDES` in a fresh process; its stdout (exit 0 asserted)."""
     env = {**os.environ, "MIXER_HOME": str(mixer_home)}
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.pretrain", "--dry-run", "scaling.num_workers=2",
-         "optim.global_batch_size=128", "optim.micro_batch_size=32"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
+    out = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "--dry-run", *overrides],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    text = out.stdout
+    return out.stdout
+
+
+def test_dry_run_prints_resolved_config_and_plan(mixer_home):
+    text = _dry_run(mixer_home, "scaling.num_workers=2", "optim.global_batch_size=128", "optim.micro_batch_size=32")
     assert "# resolved config" in text and "mixer_digits" in text
     # 128 global = 2 workers x 64 samples each, in 2 micro-batches of 32 (gradient accumulation)
     assert "128 global = 2 stream slots x 64; micro-batches of at most 32" in text
@@ -94,14 +96,8 @@ def test_unreachable_tracking_server_is_a_clear_error(mixer_home, capsys):
 
 
 def test_dry_run_prints_the_plan_of_every_world_size_of_an_elastic_range(mixer_home):
-    env = {**os.environ, "MIXER_HOME": str(mixer_home)}
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.pretrain", "--dry-run", "scaling.num_workers=[1,3]",
-         "optim.global_batch_size=120", "optim.micro_batch_size=32"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+    text = _dry_run(mixer_home, "scaling.num_workers=[1,3]", "optim.global_batch_size=120",
+                    "optim.micro_batch_size=32")
     assert "1-3 (elastic)" in text and "120 global = 3 stream slots x 40" in text
     assert "1 worker : 120 samples in 4 micro-batches per rank" in text
     assert "2 workers: 80 samples in 3 micro-batches or 40 samples in 2 micro-batches per rank (unequal" in text
