@@ -101,7 +101,14 @@ class RaySession:
     def preemption_notice(self) -> str | None:
         """Ray's notice that a node of this worker group is about to be reclaimed, or None. A barrier: every rank
         calls it equally often. Ray's PreemptionInfo names the nodes, ranks and deadline."""
-        info = self._train.get_preemption_info()
+        from ray.exceptions import ActorDiedError
+
+        try:
+            info = self._train.get_preemption_info()
+        except ActorDiedError:
+            # the controller's synchronisation actor is gone: the group is being torn down (a failure elsewhere,
+            # or Tune's scheduler stopping the trial); the worker goes with it, not as a failed training step
+            return None
         return None if info is None else str(info)
 
 
