@@ -73,7 +73,8 @@ def decode_on_device(batch: dict, device: torch.device, interpolation: str = "bi
     if batch["jpeg"]:
         crops = [tuple(c) for c in batch["crops"].tolist()]
         decoded, bad = decode_resized_crop_on_device(batch["jpeg"], crops, size, device, interpolation)
-        good = [j for j in range(len(batch["jpeg"])) if j not in set(bad)]
+        rejected = set(bad)
+        good = [j for j in range(len(batch["jpeg"])) if j not in rejected]
         flips = batch["flips"][good].to(device)
         decoded = torch.where(flips.view(-1, 1, 1, 1), decoded.flip(-1), decoded)
         index = batch["jpeg_index"]

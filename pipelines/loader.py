@@ -376,7 +376,8 @@ class ShardLoader:
         if isinstance(images, dict):
             images, failed = device_decode.decode_on_device(images, dev, self.decode_crop_on_device[1])
             if failed:
-                keep = [i for i in range(len(labels)) if i not in set(failed)]
+                rejected = set(failed)
+                keep = [i for i in range(len(labels)) if i not in rejected]
                 self._pos.add_bad(meta["slot"], [("corrupt_image", meta["urls"][i], 1) for i in failed])
                 labels, meta["keys"] = labels[keep], [meta["keys"][i] for i in keep]
                 draws = {k: v[keep] for k, v in draws.items()} if draws is not None else None

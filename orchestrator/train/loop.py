@@ -166,7 +166,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     # a restarted group's phases start at its own entry: the driver's marks describe the first group only
-    marks = {**(job.startup or {} if restored is None else {}), "worker": entered or time.time()}
+    marks = {**((job.startup or {}) if restored is None else {}), "worker": entered or time.time()}
     mark(marks, "ready")
     autocast = _autocast_dtype(cfg, device)
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
