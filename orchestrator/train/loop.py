@@ -305,9 +305,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                     })
             session.report(report, ckpt_dir)
             if preempted:
-                # a second report waits until Ray's controller has taken the first (its queue holds one), so
-                # the preemption checkpoint is registered before the node can go
-                session.report(report, None)
+                session.wait_for_checkpoints()  # uploaded and registered before the node can go
             final.update(report)
 
     final["best_top1"] = best_top1

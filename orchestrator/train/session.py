@@ -38,6 +38,9 @@ class LocalSession:
             self.store.commit(checkpoint_dir, metrics["step"])
         self.reports.append(metrics)
 
+    def wait_for_checkpoints(self) -> None:
+        pass  # report() commits before it returns
+
     def staging_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="ckpt_"))
 
@@ -58,6 +61,7 @@ class RaySession:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self._train = ray.train
+        self._unconfirmed = False  # a checkpoint reported, its upload not yet known to be committed
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -85,15 +89,34 @@ class RaySession:
         ]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        # A barrier: every rank calls it the same number of times; only rank 0 hands over a checkpoint.
+        """A barrier: every rank calls it the same number of times; only rank 0 hands over a checkpoint.
+
+        Rank 0 reports with ASYNC upload: Ray Train uploads the staged checkpoint in a background thread and
+        hands it to the controller in report order, so the step after a checkpoint does not wait for storage.
+        At most one upload is in flight: before the next checkpoint goes out the previous one is committed
+        (registered by the controller). In Ray 2.60 a report the controller has not yet taken is dropped when
+        the worker group restarts; with two in flight a failure could leave the run with no checkpoint at all.
+        """
+        from ray.train import CheckpointUploadMode
+
         checkpoint = None
         if checkpoint_dir is not None:
+            self.wait_for_checkpoints()
             checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
-        # The staged directory is a temp copy: once persisted to storage it goes (a B/16 checkpoint with its
-        # optimizer state is ~0.7 GB per save).
-        # SYNC upload. Ray 2.60's ASYNC mode was tried: a worker group restarted after a worker was killed 2 steps
-        # after a checkpoint got no checkpoint at all (two were in storage) and trained again from step 0.
-        self._train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=checkpoint is not None)
+            self._unconfirmed = True
+        # The staged directory is a temp copy: it goes once persisted (a B/16 checkpoint with its optimizer
+        # state is ~0.7 GB per save).
+        self._train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                           delete_local_checkpoint_after_upload=checkpoint is not None)
+
+    def wait_for_checkpoints(self) -> None:
+        """Return once the last checkpoint this rank reported is uploaded and registered by the controller
+        (a restart from then on resumes from it). Not a barrier: ranks without a checkpoint return at once."""
+        if self._unconfirmed:
+            from ray.train import CheckpointConsistencyMode
+
+            self._train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+            self._unconfirmed = False
 
     def staging_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="ckpt_"))

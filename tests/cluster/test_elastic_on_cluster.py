@@ -5,8 +5,10 @@ a 5 s resize check; the sample keys of every step traced. In one run:
 
 1. a worker node is SIGKILLed: the run goes on with 2 workers at once (no replacement is waited for);
 2. the node is started again: at the next resize check the run grows back to 3 workers;
-3. a worker node is drained with reason PREEMPTION and a deadline, then killed after the next step: the run
-   checkpoints at the step boundary after the notice, and the restart redoes at most one step.
+3. a worker node is drained with reason PREEMPTION and a deadline, then killed once the next step is seen: the
+   run checkpoints at the step boundary after the notice, Ray Train has registered that checkpoint before the
+   node goes, and the restart resumes from it (or from a periodic checkpoint the run reached after it while the
+   test read the line and killed: with uploads off the training path the run does not wait for the kill).
 
 Then: every step's samples (as a multiset of keys) equal those the data plan gives that step at any world size
 (the same plan read in-process with 1 rank), no sample of an epoch is used twice or missed beyond the planned
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import s3fs
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -117,7 +120,8 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
         "train.log_every_steps=1", f"run.seed={SEED}",
     ]
     entry = ["python", "-m", "orchestrator.pretrain", "run.name=elastic", *common, "scaling.num_workers=[1,3]",
-             "scaling.elastic_resize_interval_s=5", "checkpoint.every_steps=4", f"data.trace_keys_dir={trace}"]
+             "scaling.elastic_resize_interval_s=5", "checkpoint.every_steps=4", "checkpoint.num_to_keep=100",
+             f"data.trace_keys_dir={trace}"]
     job = cluster.submit(entry, working_dir=REPO, wait=False)
     lines, phase, killed, drained, notice_step = [], 0, None, None, None
     deadline = time.monotonic() + 900
@@ -152,10 +156,17 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     assert job.returncode == 0, text[-6000:]
     assert phase == 5, f"stopped at phase {phase}\n" + text[-6000:]
 
-    # 3: the restart after the reclaim resumed from the notice's checkpoint: one step redone
+    # 3: the notice's checkpoint was taken at that step boundary and registered by Ray Train before the node
+    # went; the restart after the reclaim resumed from it, or from a periodic one after it (with the upload off
+    # the training path the run gets a few steps further in the time the test takes to see a line and kill)
+    from orchestrator.train.checkpoints import _registered_steps
+
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
+    assert notice_step in _registered_steps(s3, f"{s3_bucket}/runs/elastic").values()
     after_notice = text[text.index("[preemption]"):]
     resumes = [int(s) for s in re.findall(r"\[resume\] from checkpoint_\S+: step (\d+),", after_notice)]
-    assert resumes and resumes[0] == notice_step, (resumes, notice_step)
+    assert resumes and resumes[0] >= notice_step, (resumes, notice_step)
+    assert resumes[0] == notice_step or resumes[0] % 4 == 0, (resumes, notice_step)
     summary = re.search(r"restarts\s+(\d+) \((\d+) resizes; world sizes ([0-9 >-]+)\), (\d+) steps redone", text)
     assert summary, text[-3000:]
     # shrunk to 2, grown back to 3 (Ray may restart a group more than once on the way), 2 after the reclaim
@@ -191,9 +202,7 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     assert m["goodput/restarts"] >= 3 and m["goodput/resizes"] >= 2 and m["goodput/recovery_s"] > 0
     assert 0 < m["compute/goodput"] < 1
     assert runs[0].data.tags["world_sizes"] == summary.group(3).strip()
-    import s3fs
-
-    assert [p for p in s3fs.S3FileSystem(endpoint_url=s3_server).ls(f"{s3_bucket}/runs/elastic") if "checkpoint_" in p]
+    assert [p for p in s3.ls(f"{s3_bucket}/runs/elastic") if "checkpoint_" in p]
 
     # Too big for the (now two-node) cluster, even at its minimum: a clear error in bounded time, not a hang.
     t0 = time.monotonic()

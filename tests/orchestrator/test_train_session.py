@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from orchestrator.train.session import quiet_per_report_logs
 
 
@@ -24,3 +26,70 @@ def test_ray_train_per_report_logger_is_still_where_quiet_per_report_logs_looks(
         assert context.logger.isEnabledFor(logging.WARNING)
     finally:
         context.logger.setLevel(previous)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_session_uploads_checkpoints_in_the_background_one_at_a_time(tmp_path):
+    """RaySession.report against a real Train V2 run: rank 0's reports are ASYNC (the step after a checkpoint
+    does not wait for storage), the previous checkpoint is committed before the next is handed over (a restart
+    never finds none registered), wait_for_checkpoints() returns once the last one is registered, the staged
+    directory goes once uploaded, and the last checkpoint, still uploading when the function returns, is the
+    run's."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_fn():  # nested: pickled by value for the worker
+        import ray.train
+
+        from orchestrator.train.session import RaySession
+
+        session = RaySession()
+        calls = []
+
+        class Recording:  # ray.train, with the calls RaySession makes recorded in order
+            def __getattr__(self, name):
+                return getattr(ray.train, name)
+
+            def report(self, metrics, **kw):
+                calls.append(("report", metrics["step"], kw["checkpoint_upload_mode"].value, kw["checkpoint"] is not None))
+                return ray.train.report(metrics, **kw)
+
+            def get_all_reported_checkpoints(self, **kw):
+                calls.append(("commit", kw["consistency_mode"].value))
+                return ray.train.get_all_reported_checkpoints(**kw)
+
+        session._train = Recording()
+        staged = []
+        for step in (1, 2, 3):
+            d = session.staging_dir()
+            (d / "state.pt").write_bytes(b"x" * 1000)
+            staged.append(d)
+            session.report({"step": step}, d)
+            session.report({"step": step}, None)  # a metrics-only report in between
+        session.wait_for_checkpoints()
+        committed = [c.metrics["step"] for c in ray.train.get_all_reported_checkpoints()]
+        session.report({"step": 4}, session.staging_dir())  # the last: the function returns while it uploads
+        return {"calls": calls, "committed": committed, "staged_left": [d.exists() for d in staged]}
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        result = TorchTrainer(train_fn, scaling_config=ScalingConfig(num_workers=1),
+                              run_config=RunConfig(name="r", storage_path=str(tmp_path / "runs"))).fit()
+    finally:
+        ray.shutdown()
+    out = result.return_value
+    assert result.checkpoint is not None and result.metrics["step"] == 4  # registered after the return
+    reports = [c for c in out["calls"] if c[0] == "report"]
+    assert {c[2] for c in reports} == {"ASYNC"} and len(reports) == 7
+    # before each checkpoint after the first, the one before it is committed; never two in flight
+    assert out["calls"] == [
+        ("report", 1, "ASYNC", True), ("report", 1, "ASYNC", False),
+        ("commit", "COMMITTED"), ("report", 2, "ASYNC", True), ("report", 2, "ASYNC", False),
+        ("commit", "COMMITTED"), ("report", 3, "ASYNC", True), ("report", 3, "ASYNC", False),
+        ("commit", "COMMITTED"),  # wait_for_checkpoints()
+        ("report", 4, "ASYNC", True),  # nothing in flight: no commit needed before it
+    ]
+    assert out["committed"] == [1, 2, 3]
+    assert out["staged_left"] == [False, False, False]
