@@ -6,7 +6,8 @@ plain Python values, so it loads with ``torch.load(weights_only=True)`` and neve
 It never holds secrets: the resolved config carries no credentials (they come from the environment).
 
 A restart resumes from the newest checkpoint of the run that loads (load_newest_complete over the run's
-checkpoints as run_checkpoints lists them): a damaged newest one costs the steps since the previous one.
+checkpoints as run_checkpoints lists them): a damaged newest one costs the steps since the previous one. Rank 0
+chooses it and every other rank of the group restores the same one (load_agreed).
 """
 
 from __future__ import annotations
@@ -204,3 +205,29 @@ def load_newest_complete(candidates: Iterable[RestoreCandidate], map_location: s
             + ". Remove the damaged checkpoint directories to start the run afresh, or use another run.name"
         )
     return None
+
+
+def load_agreed(candidates_of: Callable[[], list[RestoreCandidate]], rank: int, world: int,
+                warn: Callable[[str], None] = print) -> tuple[dict[str, Any], RestoreCandidate] | None:
+    """The checkpoint every rank of a group restores: rank 0 takes the newest that loads (load_newest_complete),
+    the others load the one it named.
+
+    Each rank choosing for itself could restore different steps: ranks list the run's storage at different
+    moments, and an upload of the group that just went down may land in between (seen in the elastic test: one
+    rank at step 44, the others at 48). The others list the storage after rank 0 chose, so its choice is there.
+    """
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return load_newest_complete(candidates_of(), warn=warn)
+    restored = load_newest_complete(candidates_of(), warn=warn) if rank == 0 else None
+    chosen = [restored[1].name if restored else None]
+    dist.broadcast_object_list(chosen, src=0)
+    if rank == 0 or chosen[0] is None:
+        return restored
+    for candidate in candidates_of():
+        if candidate.name == chosen[0]:
+            with candidate.open() as directory:
+                return load_checkpoint(directory), candidate
+    raise DamagedCheckpointError(f"rank {rank}: the checkpoint rank 0 restored, {chosen[0]}, is not in the run's "
+                                 "storage as this rank lists it")

@@ -18,7 +18,7 @@ from model import create_model, pretrained_data_config
 from orchestrator.config.checks import augment_on
 from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
-from orchestrator.train.checkpoints import load_newest_complete, rng_state, save_checkpoint, set_rng_state
+from orchestrator.train.checkpoints import load_agreed, rng_state, save_checkpoint, set_rng_state
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.optim import build_optimizer, build_scheduler
@@ -140,7 +140,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
     step, start_epoch, resumed, run_id = 0, 0, False, job.mlflow_run_id
     run_counts = DataCounts()  # bad/padded/dropped samples of the finished epochs, all ranks (checkpointed)
     last_epoch_counts = DataCounts()  # the unfinished epoch at the run's end: reported, not checkpointed
-    restored = load_newest_complete(session.restore_candidates(), warn=_print_on_rank0(rank))
+    restored = load_agreed(session.restore_candidates, rank, world, warn=_print_on_rank0(rank))  # one for all ranks
     if restored is None and job.init_weights_url:
         model.load_state_dict(_load_init_weights(job.init_weights_url, job.storage_options))
     if restored is not None:

@@ -69,8 +69,13 @@ class RaySession:
         return ray.train.torch.prepare_model(model)
 
     def restore_candidates(self) -> list[RestoreCandidate]:
-        """The latest checkpoint (what Ray Train hands over), then its earlier siblings in the run's storage
-        directory, newest first: the loop falls back to them when the latest does not load."""
+        """Newest first: checkpoints in the run's storage directory newer than the latest Ray Train hands over,
+        then that latest, then its earlier siblings. The loop takes the first that loads.
+
+        Newer ones exist when the group went down between a checkpoint's upload and the controller taking the
+        report (Ray 2.60 drops reports it has not yet taken when it restarts a group): the upload is complete,
+        or, if it was cut off, the checkpoint does not load and the next one is tried.
+        """
         from fsspec.implementations.arrow import ArrowFSWrapper
 
         latest = self._train.get_checkpoint()
@@ -83,9 +88,13 @@ class RaySession:
             found = []
         latest_name = latest.path.rstrip("/").rsplit("/", 1)[-1]
         steps = dict(found)
-        return [RestoreCandidate(latest_name, steps.get(latest_name), latest.as_directory)] + [
-            RestoreCandidate(name, step, self._train.Checkpoint(f"{run_dir}/{name}", latest.filesystem).as_directory)
-            for name, step in found if name != latest_name
+        by_age = sorted(steps, reverse=True)  # checkpoint names sort by age (see run_checkpoints)
+        order = [n for n in by_age if n > latest_name] + [latest_name] + [n for n in by_age if n < latest_name]
+        return [
+            RestoreCandidate(latest_name, steps.get(latest_name), latest.as_directory) if name == latest_name
+            else RestoreCandidate(name, steps[name],
+                                  self._train.Checkpoint(f"{run_dir}/{name}", latest.filesystem).as_directory)
+            for name in order
         ]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:

@@ -1,7 +1,8 @@
 """A run whose newest checkpoint is damaged resumes from the newest complete earlier one.
 
 - unit: the load error says "damaged or truncated" for a truncated state.pt and "cannot be loaded safely" only for
-  pickled code; run_checkpoints lists a LocalSession run newest first with the steps from the names;
+  pickled code; run_checkpoints lists a LocalSession run newest first with the steps from the names; a Ray
+  Train worker tries checkpoints newer than the one Ray hands over first (their reports dropped by a restart);
 - the loop (LocalSession, no Ray): a truncated newest checkpoint is named with what failed, the run resumes from
   the earlier one with a warning giving the steps done again, and finishes; with every checkpoint damaged it
   fails with that message;
@@ -97,6 +98,38 @@ def test_none_loads_fails_naming_each(tmp_path):
     assert load_newest_complete(LocalCheckpointStore(tmp_path / "empty", 2).candidates()) is None
 
 
+def test_ray_session_tries_checkpoints_newer_than_the_one_ray_hands_over_first(tmp_path):
+    """A group that went down after a checkpoint's upload but before Ray Train's controller took the report
+    (Ray 2.60 drops it) leaves a complete checkpoint newer than the registered latest: the resume tries it first,
+    then the latest, then the older ones; one cut off mid-upload does not load and the next is taken."""
+    import ray.train
+
+    from orchestrator.train.session import RaySession
+
+    run = tmp_path / "run"
+    names = {1: "checkpoint_2026-12-03_10-00-01.000000", 2: "checkpoint_2026-12-03_10-00-02.000000",
+             3: "checkpoint_2026-12-03_10-00-03.000000", 4: "checkpoint_2026-12-03_10-00-04.000000"}
+    for step, name in names.items():
+        save_checkpoint(run / name, {"step": step})
+
+    class HandsOverStep2:  # ray.train as a worker of a restarted group sees it: step 2 registered
+        Checkpoint = ray.train.Checkpoint
+
+        @staticmethod
+        def get_checkpoint():
+            return ray.train.Checkpoint(str(run / names[2]))
+
+    session = RaySession.__new__(RaySession)  # no Train worker here: only restore_candidates is used
+    session._train = HandsOverStep2()
+    assert [c.name for c in session.restore_candidates()] == [names[4], names[3], names[2], names[1]]
+    state, source = load_newest_complete(session.restore_candidates(), warn=lambda m: None)
+    assert source.name == names[4] and state["step"] == 4
+    _truncate(run / names[4])  # its upload was cut off by the failure
+    warnings: list[str] = []
+    state, source = load_newest_complete(session.restore_candidates(), warn=warnings.append)
+    assert source.name == names[3] and state["step"] == 3 and names[4] in warnings[0]
+
+
 def test_loop_resumes_from_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
     """The training loop itself (LocalSession): a truncated newest checkpoint costs only the steps after the
     earlier one, and the run still ends at its planned step."""
@@ -158,3 +191,49 @@ def test_pretrain_resumes_past_a_truncated_newest_checkpoint(tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(run_id).info.status == "FINISHED"
+
+
+def _agreeing_rank(rank: int, world: int, store: str, run: str, out: str) -> None:
+    """One rank of a gloo group restoring through load_agreed. The step-8 checkpoint (the upload of the group
+    that went down) lands in the run's storage while rank 0 lists it, a second after the ranks started: a rank
+    listing for itself at its start would not see it."""
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    from orchestrator.train.checkpoints import load_agreed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    runs = LocalCheckpointStore(run, 10)
+
+    def candidates():
+        if rank == 0 and not (Path(run) / "checkpoint_00000008").exists():
+            time.sleep(1.0)
+            runs.commit(Path(run).parent / "staged_8", 8)  # the late upload lands
+        return runs.candidates()
+
+    restored = load_agreed(candidates, rank, world, warn=lambda m: None)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(None if restored is None else [restored[1].name, restored[0]["step"]], f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("damaged_newest", [False, True], ids=["newest", "newest-damaged"])
+def test_every_rank_restores_the_checkpoint_rank_0_chose(tmp_path, damaged_newest):
+    """Ranks that would list the run's storage at different moments still restore one checkpoint: rank 0's
+    choice (the newest that loads), which a rank listing at its own start would not have seen."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    run = tmp_path / "run"
+    _store_with_steps(run, [4])
+    save_checkpoint(tmp_path / "staged_8", {"step": 8, "model": {"w": torch.full((2,), 8.0)}})
+    if damaged_newest:
+        _truncate(tmp_path / "staged_8")
+    out = str(tmp_path / "restored")
+    mp.spawn(_agreeing_rank, args=(2, str(tmp_path / "store"), str(run), out), nprocs=2, join=True)
+    want = ["checkpoint_00000004", 4] if damaged_newest else ["checkpoint_00000008", 8]
+    assert [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)] == [want, want]
