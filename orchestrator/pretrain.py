@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.train.startup import driver_marks
+    from orchestrator.train.startup import driver_marks, keep_progress_lines_whole
 
+    keep_progress_lines_whole()  # before anything imports Ray (driver_marks may)
     marks = driver_marks()  # start-up phases (orchestrator/train/startup.py)
     args = parse_args(argv)
     try:

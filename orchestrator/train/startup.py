@@ -17,6 +17,9 @@ its own marks and, after the first step of a worker group, prints the phases and
 A restarted group has no driver marks: its phases start at worker_group_start's end. ``ray job submit``'s own
 part (working-dir upload, driver start) happens before this process exists: the job's submission time, when
 Ray gives it, is the first mark ("submitted").
+
+Also here, as it must run at process start before anything imports Ray: keep_progress_lines_whole, which exempts
+the run's progress lines from Ray's log deduplication.
 """
 
 from __future__ import annotations
@@ -29,6 +32,22 @@ ORDER = ("submitted", "process", "main", "checks", "ray", "run_setup", "fit", "w
 PHASES = {"process": "job_start", "main": "driver_imports", "checks": "checks", "ray": "ray_connect",
           "run_setup": "run_setup", "fit": "trainer_build", "worker": "worker_group_start", "ready": "worker_setup",
           "first_batch": "first_batch", "first_step": "first_step"}
+
+
+# Lines the run prints that Ray's log deduplication must pass through whole: progress, evaluation, and the
+# bracketed reports ([resume], [restart], [preemption], [startup], [data], ...).
+PROGRESS_LINES = r"^(step \d+/\d+ |eval step \d+: |\[[a-z-]+\] )"
+
+
+def keep_progress_lines_whole() -> None:
+    """Exempt the run's own lines from Ray's log deduplication; call before Ray is imported in the driver.
+
+    Ray folds lines that differ only in numbers once two processes printed them within 5 s, then keeps folding
+    them for as long as they come: after a worker group restart (the old rank 0's last lines arrive late) every
+    progress line became "step 60/88 ... [repeated 16x across cluster]" every 5 s. Ray's own noise is still
+    folded. An explicit RAY_DEDUP_LOGS_ALLOW_REGEX (or RAY_DEDUP_LOGS=0) is left as it is.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)
 
 
 def process_start() -> float:

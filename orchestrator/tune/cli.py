@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestrator.train.startup import keep_progress_lines_whole
+
+    keep_progress_lines_whole()  # before anything imports Ray
     args = parse_args(argv)
     try:
         check_args(args)

@@ -4,6 +4,7 @@
   `ray start` head killed hard) names: no hang on a dead address;
 - a RAY_ADDRESS (or ``auto`` reading that file) that nothing answers fails within seconds, naming it;
 - SIGTERM during the start ends the process within seconds and leaves no Ray process behind;
+- the run's progress lines reach the driver whole (Ray's log deduplication would fold them);
 - where Ray 2.60 keeps that file (the one thing we read of Ray's own layout) is pinned.
 """
 
@@ -82,7 +83,8 @@ def test_a_dead_ray_address_fails_within_seconds(monkeypatch, ray_tmp):
 
 
 def _start_ray(ray_tmp: Path, code: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") and not k.startswith("RAY_DEDUP_LOGS")}
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), RAY_AUTH_MODE="token",
                HOME=str(ray_tmp))  # a fresh ~/.ray: the token a local ray.init writes stays here
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -126,3 +128,48 @@ def test_sigterm_during_start_up_ends_the_process_within_seconds(ray_tmp):
     assert proc.returncode != 0 and took < 15, f"exit {proc.returncode} after {took:.1f}s\n{output[-3000:]}"
     time.sleep(2)
     assert _kill_ray_processes_under(ray_tmp) == [], "Ray processes of the interrupted start were left running"
+
+
+_TWO_PRINTERS = """
+import time
+{setup}
+import ray
+from orchestrator.train.launch import init_ray
+init_ray()
+
+@ray.remote(num_cpus=0)
+class Printer:
+    def run(self, lines):
+        for i in range(lines):
+            print(f"step {{i + 1}}/{{lines}} epoch 0 loss 0.{{i}} lr 1e-03 100 img/s ETA 1s", flush=True)
+            print(f"Found credentials in environment variables {{i}}", flush=True)
+            time.sleep(0.2)
+
+# two processes printing alike lines, as the old and the new rank 0 of a restarted group do for a moment
+ray.get([p.run.remote(6) for p in (Printer.remote(), Printer.remote())])
+time.sleep(7)  # past Ray's 5 s fold window: what it folded is printed as "[repeated Nx ...]"
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-whole", "ray-default"])
+def test_progress_lines_reach_the_driver_whole(ray_tmp, kept):
+    """With keep_progress_lines_whole() (what the entry points call first) every progress line of every worker
+    reaches the driver's output; with Ray's default some are folded into "[repeated Nx across cluster]" (the
+    control: shows the folding this guards against happens here). Ray's own noise is folded either way."""
+    setup = ("from orchestrator.train.startup import keep_progress_lines_whole\nkeep_progress_lines_whole()"
+             if kept else "")
+    proc = _start_ray(ray_tmp, _TWO_PRINTERS.format(setup=setup))
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    step_lines = [line for line in out.splitlines() if "Printer pid=" in line and " step " in line]
+    folded = [line for line in step_lines if "repeated" in line]
+    if kept:
+        assert len(step_lines) == 12 and not folded, "\n".join(step_lines)
+    else:
+        assert folded and len(step_lines) < 12, "\n".join(step_lines)
+    assert any("repeated" in line for line in out.splitlines() if "Found credentials" in line), out[-3000:]
