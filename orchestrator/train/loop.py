@@ -160,13 +160,15 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
         if rank == 0:
             print(f"[resume] from {source.name}: step {step}, data at epoch {start_epoch} batch "
                   f"{train_loader.batches_consumed}", flush=True)
-    ledger = begin_group(job.progress_actor, step, world) if rank == 0 else None
+    # a restart, with or without a checkpoint to restore (the ledger knows; without one, a restored checkpoint)
+    ledger, restarted = (begin_group(job.progress_actor, step, world, restored is not None) if rank == 0
+                         else (None, restored is not None))
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     # a restarted group's phases start at its own entry: the driver's marks describe the first group only
-    marks = {**((job.startup or {}) if restored is None else {}), "worker": entered or time.time()}
+    marks = {**((job.startup or {}) if not restarted else {}), "worker": entered or time.time()}
     mark(marks, "ready")
     autocast = _autocast_dtype(cfg, device)
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -254,7 +256,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                     tracker.log_metrics(metrics, step)
             window_t, window_images = time.perf_counter(), 0
 
-        if ledger is not None and step == first_step + 1 and restored is not None:
+        if ledger is not None and step == first_step + 1 and restarted:
             log_restart(ledger, tracker, step)
         # a node of this group is being reclaimed (a drain with reason PREEMPTION): checkpoint now, so at most
         # this step is redone. A barrier: every rank asks, every step.

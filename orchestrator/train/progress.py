@@ -36,15 +36,18 @@ class Ledger:
     recovery_s: float = 0.0
     _recovering_since: float | None = None
 
-    def begin(self, restored_step: int, world_size: int) -> None:
-        """A worker group starts from ``restored_step`` (0: from scratch) with ``world_size`` workers."""
-        if self.world_sizes:  # not the run's first group
+    def begin(self, restored_step: int, world_size: int) -> bool:
+        """A worker group starts from ``restored_step`` (0: from scratch) with ``world_size`` workers; whether it
+        is a restart (not the run's first group), with or without a checkpoint to restore."""
+        restart = bool(self.world_sizes)
+        if restart:
             self.restarts += 1
             self.resizes += int(world_size != self.world_sizes[-1])
             if self.last_step is not None:
                 self.steps_redone += max(0, self.last_step - restored_step)
                 self._recovering_since = self.last_step_time
         self.world_sizes.append(int(world_size))
+        return restart
 
     def step_done(self, step: int, when: float | None = None) -> None:
         now = time.time() if when is None else when
@@ -84,20 +87,21 @@ def ledger_handle(name: str):
     return ray.get_actor(name, namespace=NAMESPACE)
 
 
-def begin_group(name: str | None, restored_step: int, world_size: int):
-    """Rank 0: tell the ledger ``name`` that a worker group starts; its handle, or None (no ledger, or it is gone:
-    the ledger counts restarts, and losing it must not stop the training)."""
+def begin_group(name: str | None, restored_step: int, world_size: int, restored: bool):
+    """Rank 0: tell the ledger ``name`` that a worker group starts. (its handle, whether this group is a restart);
+    the handle is None when there is no ledger or it is gone (the ledger counts restarts, and losing it must not
+    stop the training): a restart is then known only by a restored checkpoint."""
     if not name:
-        return None
+        return None, restored
     import ray
 
     try:
         ledger = ledger_handle(name)
-        ray.get(ledger.begin.remote(restored_step, world_size))
+        restart = ray.get(ledger.begin.remote(restored_step, world_size))
     except Exception as e:
         print(f"[restart] the progress ledger is gone ({type(e).__name__}); restarts are not counted", flush=True)
-        return None
-    return ledger
+        return None, restored
+    return ledger, restart
 
 
 def log_restart(ledger, tracker, step: int) -> None:

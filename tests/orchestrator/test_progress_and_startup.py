@@ -9,11 +9,11 @@ from orchestrator.train.startup import describe, phases
 
 def test_ledger_counts_restarts_resizes_redone_steps_and_recovery():
     ledger = Ledger()
-    ledger.begin(0, 3)
+    assert ledger.begin(0, 3) is False  # the run's first group
     for step in range(1, 13):
         ledger.step_done(step, when=100.0 + step)
     assert ledger.summary()["goodput/restarts"] == 0
-    ledger.begin(10, 2)  # a node lost after step 12; the checkpoint of step 10 restored on 2 workers
+    assert ledger.begin(10, 2) is True  # a node lost after step 12; the checkpoint of step 10 restored on 2 workers
     ledger.step_done(11, when=140.0)
     ledger.begin(11, 2)  # a plain failure: same world size, nothing redone
     ledger.step_done(12, when=150.0)
@@ -39,3 +39,15 @@ def test_startup_phases_follow_the_marks_present():
     assert set(restarted) == {"startup/worker_setup_s", "startup/first_batch_s", "startup/first_step_s",
                               "startup/total_s"}
     assert describe(p).startswith("[startup] 24.5s to the first step: driver_imports 1.5s")
+
+
+def test_a_restart_before_the_first_checkpoint_is_a_restart():
+    """A group lost before any checkpoint restarts from scratch: still a restart (printed, its steps redone)."""
+    ledger = Ledger()
+    ledger.begin(0, 3)
+    for step in range(1, 7):
+        ledger.step_done(step, when=float(step))
+    assert ledger.begin(0, 2) is True
+    ledger.step_done(1, when=20.0)
+    s = ledger.summary()
+    assert s["goodput/restarts"] == 1 and s["goodput/steps_redone"] == 6 and s["goodput/recovery_s"] == 14.0
