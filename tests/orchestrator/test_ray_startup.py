@@ -116,7 +116,11 @@ def test_sigterm_during_start_up_ends_the_process_within_seconds(ray_tmp):
             lines.append(line)
             if line.startswith("[ray] starting a local Ray instance"):
                 break
-        time.sleep(3)  # inside ray.init: GCS and raylet being started
+        # inside ray.init: signal once its first process (the GCS) is up, not after a fixed delay (on a quick
+        # moment Ray's whole start took under 3 s and the signal came after it)
+        up_by = time.monotonic() + 60
+        while not node_processes({"temp_dir": str(ray_tmp / "ray"), "pids": []}) and time.monotonic() < up_by:
+            time.sleep(0.05)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
