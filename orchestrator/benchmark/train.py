@@ -9,6 +9,8 @@
 - submit -> first step: ``ray job submit --working-dir . -- python -m orchestrator.pretrain ...`` against a
   local cluster (cluster.local.LocalCluster: head with 0 CPUs + 1 worker node), wall time from launching the
   client to the job's first progress line (working-dir upload, driver start, worker group, data, step 1).
+- the step around a checkpoint under Ray Train with the storage on loopback S3 (orchestrator/benchmark/
+  checkpoint_upload.py; not with --quick);
 - checkpoints: orchestrator.train.checkpoints.save_checkpoint of the state the loop saves (model, AdamW,
   schedule, RNG, data position) + LocalCheckpointStore.commit, load_checkpoint + load_state_dict, and the
   time of the step that saves a checkpoint and of the step after it, against plain steps (interleaved).
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from cluster.local import LocalCluster
+from orchestrator.benchmark import checkpoint_upload
 from orchestrator.benchmark.common import interleaved, ratios, spread, summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -233,6 +236,12 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
         if cluster is not None:
             cluster.down(grace_s=2)
 
+    if not quick:
+        print("[train] the step around a checkpoint under Ray Train, storage on loopback S3 ...", flush=True)
+        try:
+            result["upload"] = checkpoint_upload.run(tmp, data_url)
+        except Exception as e:  # the other figures stand without it
+            notes.append(f"checkpoint upload run failed: {str(e)[-500:]}")
     print("[train] checkpoint save / restore ...", flush=True)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -262,6 +271,8 @@ def tables(result: dict[str, Any]):
                      spread(c["slowdown_step_with_save"]) + "x", spread(c["slowdown_step_after_save"]) + "x"])
     out.append((["checkpoint", "MB", "save s", "restore s", "plain step s", "step+save vs plain",
                  "next step vs plain"], rows))
+    if "upload" in result:
+        out.append(checkpoint_upload.table(result["upload"]))
     return out
 
 

@@ -116,3 +116,23 @@ def test_feed_check_runs_on_cpu(tmp_path):
         assert _positive(p["img_per_s"]) and 0 <= p["data_wait_fraction"] <= 1, placement
     assert [c["model"] for c in feed["model_only"]["cases"]] == ["mixer_s32_224"]
     assert "waiting for data" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_checkpoint_upload_measures_the_step_after_each_checkpoint(tmp_path):
+    """The train benchmark's checkpoint-to-S3 case, for real but small (the digits Mixer as it is, 2 epochs): a
+    Ray Train run with its storage on the loopback S3 server; the checkpoints are there and the figures are the
+    run's own steps (the step after each checkpoint of the 22 against the others)."""
+    from orchestrator.benchmark import checkpoint_upload
+    from orchestrator.benchmark.common import table
+    from pipelines.digits import ensure_digits_dataset
+
+    res = checkpoint_upload.run(tmp_path, ensure_digits_dataset(str(tmp_path / "digits")), epochs=2, wide=False)
+    assert res["checkpoints_in_storage"] >= 2  # steps 10, 20, 22 reported; num_to_keep=2 keeps the last two
+    assert res["step_after_checkpoint_s"]["n"] == 2 and res["plain_step_s"]["n"] == 10  # steps 11, 21 vs 12-20, 22
+    assert _positive(res["plain_step_s"]["median"]) and _positive(res["step_after_checkpoint_s"]["median"])
+    assert res["after_vs_plain"]["median"] == pytest.approx(
+        res["step_after_checkpoint_s"]["median"] / res["plain_step_s"]["median"], rel=1e-6)
+    assert 0 < res["checkpoint_mb"] < 10
+    assert "after a checkpoint" in table(*checkpoint_upload.table(res))
