@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.loopback import create_bucket, moto_s3_server
-from orchestrator.benchmark.common import spread, summary
+from orchestrator.benchmark.common import STEP_LINE, spread, summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"step (\d+)/\d+ epoch \S+ loss \S+ lr \S+ (\d+) img/s")
 GLOBAL_BATCH = 128
 EVERY = 10
 WIDE_DIGITS = ["model.hidden_dim=256", "model.channels_mlp_dim=2048", "model.tokens_mlp_dim=256", "model.depth=8"]
@@ -49,7 +48,7 @@ def run(tmp: Path, data_url: str, epochs: int = 4, wide: bool = True) -> dict[st
         checkpoints = len([p for p in runs.ls(f"{bucket}/runs/bench-upload") if "/checkpoint_" in p]) \
             if out.returncode == 0 else 0
     text = out.stdout + out.stderr
-    step_s = {int(m.group(1)): GLOBAL_BATCH / max(int(m.group(2)), 1) for m in STEP_LINE.finditer(text)}
+    step_s = {int(m.group(1)): GLOBAL_BATCH / max(int(m.group(3)), 1) for m in STEP_LINE.finditer(text)}
     after = [s for step, s in step_s.items() if step > EVERY and step % EVERY == 1]
     plain = [s for step, s in step_s.items() if step > EVERY and step % EVERY != 1]
     if out.returncode != 0 or not after or not plain:

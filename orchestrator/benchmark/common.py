@@ -11,10 +11,14 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+# A training run's progress line (orchestrator/train/loop.py): step, planned steps, img/s of its logging window.
+STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch \S+ loss \S+ lr \S+ (\d+) img/s")
 
 
 def summary(samples: list[float]) -> dict[str, Any]:

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -35,10 +34,9 @@ import torch
 
 from cluster.local import LocalCluster
 from orchestrator.benchmark import checkpoint_upload
-from orchestrator.benchmark.common import interleaved, ratios, spread, summary
+from orchestrator.benchmark.common import STEP_LINE, interleaved, ratios, spread, summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch \S+ loss \S+ lr \S+ (\d+) img/s")
 GLOBAL_BATCH = 128
 LOG_EVERY = 10
 
