@@ -1,0 +1,141 @@
+"""What the loop trains on: the loaders, and each step's batch gathered from this rank's stream slots.
+
+One optimizer step takes one chunk from every canonical stream slot this rank owns (pipelines/plan.py), so
+the global batch is exact at any world size. `BatchFetcher.next` reads those chunks across epoch
+boundaries, notes the epochs whose last batch it took (their bad-sample counts are read right then: the next
+`set_epoch` starts new counts), and moves the batch to the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import pretrained_data_config
+from orchestrator.config.checks import augment_on
+from orchestrator.config.tree import Config
+from orchestrator.train.data_counts import DataCounts, epoch_counts
+from orchestrator.train.plan import chunk_size, micro_batch_size, stream_slots
+from pipelines.loader import ShardLoader
+from pipelines.mixup import MixupConfig
+from pipelines.transforms import eval_transform, train_pipeline
+
+
+def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, device=None):
+    data_cfg = pretrained_data_config(cfg.model.name)
+    pipeline = train_pipeline(
+        input_size=model_cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
+        interpolation=data_cfg["interpolation"], preset=cfg.data.transform,
+        randaug_num_ops=cfg.reg.randaug_num_ops, randaug_magnitude=cfg.reg.randaug_magnitude or None,
+        randaug_impl=cfg.reg.randaug_impl, decode_on=cfg.data.decode_on,
+    )
+    eval_tf = eval_transform(data_cfg, input_size=model_cfg.img_size, preset=cfg.data.transform)
+    loader_args = dict(
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.run.seed,
+        storage_options=job.storage_options,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        pin_memory=cfg.scaling.use_gpu,
+    )
+    mixup = None
+    if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
+        mixup = MixupConfig(alpha=cfg.reg.mixup_alpha, label_smoothing=cfg.reg.label_smoothing)
+    # one chunk per canonical stream slot and step, the slots shared among the ranks there are (pipelines/plan.py)
+    train = ShardLoader(
+        job.dataset_url, cfg.data.train_split, batch_size=chunk_size(cfg), slots=stream_slots(cfg), training=True,
+        decoder=pipeline.decoder, transform=pipeline.transform, batch_stage=pipeline.batch_stage,
+        augment_on=augment_on(cfg), device=device, decode_crop_on_device=pipeline.decode_crop_on_device,
+        shuffle_buffer=cfg.data.shuffle_buffer, mixup=mixup, num_classes=job.num_classes,
+        return_keys=bool(cfg.data.trace_keys_dir), **loader_args,
+    )
+    val = ShardLoader(
+        job.dataset_url, cfg.data.val_split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf,
+        training=False,
+        **loader_args,
+    )
+    return train, val
+
+
+@dataclass
+class StepBatch:
+    """One step's share of the global batch on this rank, on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    epoch: int  # the epoch of the last chunk taken
+    # epochs whose last batch this step took, with their counts summed over all ranks
+    ended: list[tuple[int, DataCounts]] = field(default_factory=list)
+
+    def micro_batches(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.x.split(size), self.y.split(size), strict=True))
+
+
+class BatchFetcher:
+    """This rank's chunks of each step, read across epoch boundaries; a resumed run continues its first epoch
+    from the loaded position."""
+
+    def __init__(self, loader: ShardLoader, device: torch.device, start_epoch: int, resumed: bool,
+                 trace: KeyTrace | None = None):
+        self.loader = loader
+        self.device = device
+        self.trace = trace
+        self._stream = self._batches(start_epoch, resumed)
+
+    def _batches(self, epoch: int, resumed: bool) -> Iterator[tuple[int, Any]]:
+        while True:
+            if not resumed:
+                self.loader.set_epoch(epoch)
+            resumed = False
+            for batch in self.loader:
+                yield epoch, batch
+            epoch += 1
+
+    def next(self, step: int) -> StepBatch:
+        """The chunks of optimizer step `step` (1-based). Collective at an epoch's end: every rank is here."""
+        chunks, ended = [], []
+        for _ in range(self.loader.slots_owned):
+            epoch, chunk = next(self._stream)
+            chunks.append(chunk)
+            if self.loader.batches_consumed == len(self.loader):
+                ended.append((epoch, epoch_counts(self.loader, self.device)))
+        x = torch.cat([c[0] for c in chunks]).to(self.device, non_blocking=True)
+        y = torch.cat([c[1] for c in chunks]).to(self.device, non_blocking=True)
+        if self.trace:
+            self.trace.write(step, epoch, [k for c in chunks for k in c[2]], x)
+        return StepBatch(x, y, epoch, ended)
+
+    def unfinished_epoch_counts(self) -> DataCounts | None:
+        """The current epoch's counts (all ranks) when it is part-way through, else None. Collective."""
+        if 0 < self.loader.batches_consumed < len(self.loader):
+            return epoch_counts(self.loader, self.device)
+        return None
+
+    def close(self) -> None:
+        if self.trace:
+            self.trace.close()
+
+
+class KeyTrace:
+    """Debug aid (data.trace_keys_dir): each rank appends the sample keys of every batch it trains on."""
+
+    def __init__(self, directory: str, rank: int, world: int):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.world = world
+        self.file = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115 (closed by close())
+
+    def write(self, step: int, epoch: int, keys: list[str], images: torch.Tensor) -> None:
+        pixels = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()  # augmented pixels
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys), "pixels": pixels,
+                                    "world": self.world, "time": time.time()}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,73 @@
+"""The loop's periodic moments: evaluation and checkpoints, each deciding when it is due.
+
+`Evaluator.maybe_run` measures the held-out split on every rank (counts summed across ranks), prints and logs
+on rank 0, and keeps the best top-1. `Checkpointer.maybe_save` writes the training state (train/state.py)
+on schedule, at the end, or at once when a node of the group is being reclaimed, then hands it to the session
+(Ray Train's report, a barrier on every rank); a preemption checkpoint is waited for until it is committed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from orchestrator.eval.metrics import evaluate
+from orchestrator.train.state import TrainingState
+
+
+class Evaluator:
+    def __init__(self, model: torch.nn.Module, loader, device: torch.device, autocast: torch.dtype | None,
+                 every: int, total_steps: int, rank: int, tracker, compute: Callable[[int], dict[str, float]]):
+        self.compute = compute  # the run's compute at a step, logged beside the evaluation
+        self.model, self.loader, self.device, self.autocast = model, loader, device, autocast
+        self.every, self.total_steps, self.rank, self.tracker = every, total_steps, rank, tracker
+        self.best_top1 = 0.0
+        self.seconds = 0.0  # the last evaluation's wall time (not training throughput)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def maybe_run(self, step: int) -> dict[str, float]:
+        """`val/*` when due (a collective), else {}."""
+        self.seconds = 0.0
+        if not self.due(step):
+            return {}
+        t0 = time.perf_counter()
+        val = evaluate(self.model, self.loader, self.device, self.autocast)
+        self.seconds = time.perf_counter() - t0
+        self.best_top1 = max(self.best_top1, val["top1"])
+        out = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"]}
+        if self.rank == 0:
+            print(f"eval step {step}: top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} "
+                  f"loss {val['loss']:.4f} ({val['count']} images)", flush=True)
+            if self.tracker:
+                self.tracker.log_metrics({**out, **self.compute(step)}, step)
+        return out
+
+
+class Checkpointer:
+    def __init__(self, session, state: TrainingState, every: int, total_steps: int, rank: int, world: int,
+                 config: dict[str, Any]):
+        self.session, self.state = session, state
+        self.every, self.total_steps, self.rank, self.world = every, total_steps, rank, world
+        self.config = config
+
+    def due(self, step: int, preempted: bool) -> bool:
+        return step % self.every == 0 or step == self.total_steps or preempted
+
+    def maybe_save(self, step: int, preempted: bool) -> str | None:
+        """The checkpoint's staging directory on rank 0 when one was written this step (a collective), else None."""
+        if not self.due(step, preempted):
+            return None
+        directory = self.session.staging_dir() if self.rank == 0 else None
+        self.state.save(directory, self.world, self.rank, self.config)
+        return directory
+
+    def report(self, report: dict[str, Any], directory, preempted: bool) -> None:
+        """Hand the step's figures (and checkpoint) to the session: every rank, the same number of times."""
+        self.session.report(report, directory)
+        if preempted:
+            self.session.wait_for_checkpoints()  # uploaded and registered before the node can go

@@ -1,0 +1,111 @@
+"""Everything a worker builds before its first step: model, data, optimizer, restored state, components.
+
+`build_run` returns a `Run` holding the loop's components (train/loop.py reads as the loop over them):
+the training state (train/state.py), the batch fetcher (train/batches.py), the step logger
+(train/step_log.py), the evaluator and checkpointer (train/periodic.py), the group's events
+(train/group_events.py) and rank 0's tracker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model import create_model
+from orchestrator.config.tree import Config, model_overrides
+from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders
+from orchestrator.train.compute import ComputeClock
+from orchestrator.train.group_events import GroupEvents
+from orchestrator.train.optim import build_optimizer, build_scheduler
+from orchestrator.train.periodic import Checkpointer, Evaluator
+from orchestrator.train.plan import RunPlan, accelerators, make_plan, peak_tflops
+from orchestrator.train.state import TrainingState
+from orchestrator.train.step_log import StepLogger
+
+
+@dataclass
+class Run:
+    cfg: Config
+    plan: RunPlan
+    state: TrainingState
+    train_model: torch.nn.Module  # the model as trained: DDP-wrapped, compiled (state.model is the plain one)
+    batches: BatchFetcher
+    log: StepLogger
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    group: GroupEvents
+    tracker: Any  # rank 0's RunTracker / RelayedTracker, else None
+    autocast: torch.dtype | None
+    world: int
+
+    def step_kwargs(self, micro_batches) -> dict[str, Any]:
+        """train_step's settings; ranks may hold unequal shares: weights make the update the global batch's mean."""
+        return dict(loss_kind=self.cfg.reg.loss, clip_norm=self.cfg.optim.clip_norm, autocast_dtype=self.autocast,
+                    weights=[len(mb[1]) / self.plan.global_batch_size * self.world for mb in micro_batches])
+
+
+def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
+    rank, world = session.world_rank, session.world_size
+    device = session.device
+    clock = ComputeClock(accelerators(cfg, world))  # held from here: the worker group's start
+    torch.manual_seed(cfg.run.seed * 1000 + rank)
+
+    model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
+    train_loader, val_loader = build_loaders(cfg, job, model.cfg, rank, world, device)
+    plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    state = TrainingState(model, optimizer, build_scheduler(optimizer, plan.total_steps, cfg.schedule),
+                          train_loader, clock, job.mlflow_run_id)
+    restored = state.restore(session, rank, world, log=_print_on_rank0(rank))  # one checkpoint for all ranks
+    if not restored and job.init_weights_url:
+        state.load_init_weights(job.init_weights_url, job.storage_options)
+    group = GroupEvents(session, job, rank, world, state.step, restored, entered)
+
+    train_model = session.prepare_model(model)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    group.ready()
+    autocast = torch.bfloat16 if (cfg.train.bf16 and device.type == "cuda") else None
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+    tracker = start_tracker(cfg, job, state.run_id) if rank == 0 else None
+    if tracker:
+        accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
+    trace = KeyTrace(cfg.data.trace_keys_dir, rank, world) if cfg.data.trace_keys_dir else None
+    return Run(
+        cfg=cfg, plan=plan, state=state, train_model=train_model,
+        batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace),
+        log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak),
+        evaluator=Evaluator(model, val_loader, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
+                            tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
+                                                           **clock.metrics()}),
+        checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,
+                                  cfg.to_dict()),
+        group=group, tracker=tracker, autocast=autocast, world=world,
+    )
+
+
+def _print_on_rank0(rank: int):
+    return (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
+
+
+def start_tracker(cfg: Config, job, run_id: str | None):
+    """Rank 0 logs metrics into the run the driver created (or the one the checkpoint names): through the
+    driver's actor when there is one, so what an outage buffers outlives this worker."""
+    if not cfg.tracking.enabled or run_id is None:
+        return None
+    if job.tracker_actor:
+        from orchestrator.tracking.relay import RelayedTracker
+
+        return RelayedTracker(job.tracker_actor)
+    from orchestrator.tracking.tracker import RunTracker
+
+    tracker = RunTracker(job.tracking_uri, cfg.tracking.experiment, cfg.run.name, run_id=run_id)
+    tracker.start()
+    return tracker
+
+
