@@ -57,6 +57,7 @@ def validate(cfg: Config) -> None:
         cfg.train.max_steps is None or cfg.train.max_steps >= 1,
         "train.max_steps", cfg.train.max_steps, "null or an integer >= 1",
     )
+    _check_observe(cfg)
     try:
         get_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 10))
     except ValueError as e:
@@ -83,3 +84,23 @@ def _check_placement(cfg: Config) -> None:
         require(where == "host", "reg.randaug_impl", "torchvision",
                 "'big_vision' when data.augment_on is 'device' (torchvision's RandAugment draws one op per call, "
                 "so on a batch every image would get the same ops), or data.augment_on: host")
+
+
+PROFILE_WINDOW = "null, or [start, stop] with 0 <= start < stop: the steps start+1 .. stop are profiled"
+
+
+def _check_observe(cfg: Config) -> None:
+    ob = cfg.observe
+    require(ob.system_metrics_interval_s > 0, "observe.system_metrics_interval_s", ob.system_metrics_interval_s,
+            "a number of seconds > 0")
+    require(ob.data_delay_s >= 0, "observe.data_delay_s", ob.data_delay_s, "a number of seconds >= 0 (0: off)")
+    p = ob.profile_steps
+    require(p is None or (len(p) == 2 and 0 <= p[0] < p[1]), "observe.profile_steps", p, PROFILE_WINDOW)
+
+
+def check_profile_steps(cfg: Config, total_steps: int) -> None:
+    """The profiler window must end inside the run (the plan knows its steps: orchestrator/train/plan.py)."""
+    p = cfg.observe.profile_steps
+    require(p is None or p[1] <= total_steps, "observe.profile_steps", p,
+            f"a window that ends at or before the run's last step, {total_steps} (the planned steps: "
+            "schedule.epochs x steps per epoch, capped by train.max_steps)")

@@ -145,6 +145,17 @@ class TrackingSection:
 
 
 @dataclass
+class ObserveSection:
+    """Where a run's time goes (orchestrator/observe/, README "Where a run's time goes")."""
+
+    system_metrics: bool = True  # CPU, memory, disk, network and GPU metrics of every node, as system/node{N}/...
+    system_metrics_interval_s: float = 10.0  # seconds between two samples of a node
+    step_breakdown: bool = True  # perf/*: data wait, forward+backward, optimizer, ... per logging window
+    profile_steps: list[int] | None = None  # [start, stop]: torch.profiler on rank 0 for steps start+1..stop
+    data_delay_s: float = 0.0  # diagnostic: every rank sleeps this long before each batch (counts as data wait)
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -157,6 +168,7 @@ class Config:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     train: TrainSection = field(default_factory=TrainSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    observe: ObserveSection = field(default_factory=ObserveSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

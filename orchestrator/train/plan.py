@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from model import MixerConfig, count_params, forward_flops, get_config, train_flops_per_image
+from orchestrator.config.checks import check_profile_steps
 from orchestrator.config.tree import Config, ConfigError, model_overrides, require
 
 # Dense bf16 peak per accelerator (TFLOP/s), for MFU. 1,979 is H100's sparse figure, not used.
@@ -165,6 +166,7 @@ def make_plan(cfg: Config, num_classes: int, train_samples: int, steps_per_epoch
     total = math.ceil(steps_per_epoch * cfg.schedule.epochs)
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
+    check_profile_steps(cfg, total)
     eval_every = cfg.eval.every_steps or steps_per_epoch
     ckpt_every = cfg.checkpoint.every_steps or steps_per_epoch
     per_image = train_flops_per_image(model_cfg)

@@ -8,6 +8,10 @@ Ranks may hold unequal shares of the global batch (an elastic run at a world siz
 data's stream slots). Each micro-batch's mean loss is then weighted by ``weights[i]`` = its samples / global
 batch x world size: DDP averages the ranks' gradients, so the update is the mean over the whole global batch,
 exactly what one process would compute on all of it (tests/orchestrator/test_train_step.py).
+
+With a ``timer`` (orchestrator/observe/step_timer.py StepTimer, or anything with ``phase(name)`` returning a
+context manager), the micro-batches' forward+backward run in its "forward_backward" phase (DDP's gradient
+all-reduce overlaps the backward and is inside it) and clipping, the optimizer and the schedule in "optimizer".
 """
 
 from __future__ import annotations
@@ -53,8 +57,11 @@ def train_step(
     clip_norm: float | None = 1.0,
     autocast_dtype: torch.dtype | None = None,
     weights: Sequence[float] | None = None,
+    timer=None,
 ) -> StepResult:
-    """``weights``: each micro-batch's loss weight (default 1/n each: equal micro-batches, equal shares)."""
+    """``weights``: each micro-batch's loss weight (default 1/n each: equal micro-batches, equal shares).
+    ``timer``: times the step's phases (module doc); None: untimed."""
+    phase = timer.phase if timer is not None else _untimed
     model.train()
     n = len(micro_batches)
     weights = list(weights) if weights is not None else [1.0 / n] * n
@@ -62,22 +69,28 @@ def train_step(
         raise ValueError(f"{len(weights)} weights for {n} micro-batches")
     total_loss = torch.zeros((), device=micro_batches[0][0].device)
     images = 0
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == n - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(x)
-            loss = classification_loss(logits, y, loss_kind)
-            (loss * weights[i]).backward()
-        total_loss += loss.detach() * weights[i]
-        images += x.shape[0]
-    if clip_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    with phase("forward_backward"):
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == n - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(x)
+                loss = classification_loss(logits, y, loss_kind)
+                (loss * weights[i]).backward()
+            total_loss += loss.detach() * weights[i]
+            images += x.shape[0]
+    with phase("optimizer"):
+        if clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
     return StepResult(loss=total_loss / sum(weights), grad_norm=grad_norm, lr=lr, images=images)
+
+
+def _untimed(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
