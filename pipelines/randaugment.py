@@ -44,9 +44,9 @@ def level_to_arg(op: str, magnitude: float) -> float | int | None:
     if op in ("Color", "Contrast", "Brightness", "Sharpness"):
         return r * 1.8 + 0.1
     if op == "Posterize":
-        return int(r * 4)
+        return int(r * 4)  # can be 0 or > 8: the op reproduces TF's uint8 shift there
     if op == "Solarize":
-        return int(r * 256)
+        return int(r * 256)  # can be >= 256: the op wraps it modulo 256 as TF's uint8 conversion does
     if op == "SolarizeAdd":
         return int(r * 110)
     if op == "Cutout":
@@ -175,14 +175,21 @@ def invert(images, args=None, centers=None):
 
 
 def posterize(images, args, centers=None):
-    # (x >> s) << s with s = 8 - bits == x & mask; bits 0 -> all zero, bits >= 8 -> unchanged.
-    shift = (8 - args.round().long()).clamp(0, 8)
+    # big_vision: (x >> s) << s on uint8 with s = 8 - bits, i.e. x & mask. TF converts s to uint8 (modulo
+    # 256) and clamps a uint8 shift to [0, 7], so 0 bits (s = 8) and more than 8 bits (s < 0, i.e. >= 248)
+    # both shift by 7: only the top bit survives, x & 128. Only 1..8 bits posterize as the name says.
+    shift = ((8 - args.round().long()) % 256).clamp(0, 7)
     mask = torch.bitwise_left_shift(torch.full_like(shift, 255), shift) & 255
     return images & _col(mask.to(torch.uint8))
 
 
 def solarize(images, args, centers=None):
-    return torch.where(images.float() < _col(args.float()), images, 255 - images)
+    # big_vision compares the uint8 image with int(m / 10 * 256), which TF converts to uint8: the threshold
+    # wraps modulo 256 (big_vision issue #110). m = 10 or 20 give 0, so no pixel is below it and all invert;
+    # m = 15 gives 384 -> 128. That is what the paper's runs did, not "a threshold >= 256 changes nothing".
+    threshold = (args.round().long() % 256).to(torch.uint8)
+    # 255 - x == x ^ 255 on uint8: XOR with 255 where x >= threshold (branch-free; ~6x torch.where on CPU)
+    return images ^ (images >= _col(threshold)).to(torch.uint8).mul_(255)
 
 
 def solarize_add(images, args, centers=None):
@@ -208,7 +215,13 @@ def brightness(images, args, centers=None):
 
 def sharpness(images, args, centers=None):
     # Smoothing kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 over the interior (VALID), truncated; the
-    # 1-px border keeps the original. Integer sums // 13 give the exact value of TF's float conv.
+    # 1-px border keeps the original. This takes the exact quotient (integer sum // 13). TF's float32 conv
+    # (weights rounded to float32, FMA taps in row-major order) lands just below k on some pixels whose sum
+    # is 13k, so its smoothed image is one level lower there: 0.3-0.5% of pixels on the photo-like and noise
+    # images tried against TF 2.21's CPU kernel (1.6% on a smooth gradient); after the blend ~0.3% of output
+    # values differ, by up to |factor - 1| levels.
+    # Not matched: emulating it (float64 per tap) made this op ~6x slower on the host, and the rounding
+    # depends on TF's build (without FMA it differs again). tests/pipelines/bigvision_reference.py emulates it.
     h, w = images.shape[-2:]
     x = images.int()
     s = 4 * x[:, :, 1:-1, 1:-1]

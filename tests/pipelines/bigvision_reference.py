@@ -12,6 +12,22 @@ F32 = np.float32
 FILL = 128
 
 
+MAX_LEVEL = 10.0
+
+
+def level_to_arg(name, level):
+    """big_vision's level_to_arg(hparams) with its randaugment hparams (cutout 40, translate 100); unsigned.
+    Written from the TF code, so tests need not take the arguments from pipelines.randaugment."""
+    r = level / MAX_LEVEL
+    table = {
+        "Rotate": r * 30.0, "ShearX": r * 0.3, "ShearY": r * 0.3, "TranslateX": r * 100.0,
+        "TranslateY": r * 100.0, "Color": r * 1.8 + 0.1, "Contrast": r * 1.8 + 0.1,
+        "Brightness": r * 1.8 + 0.1, "Sharpness": r * 1.8 + 0.1, "Posterize": int(r * 4),
+        "Solarize": int(r * 256), "SolarizeAdd": int(r * 110), "Cutout": int(r * 40),
+    }  # fmt: skip
+    return table.get(name)  # AutoContrast, Equalize, Invert: no argument
+
+
 def blend(image1, image2, factor):
     if factor == 0.0:
         return image1.copy()
@@ -62,17 +78,22 @@ def invert(image, _arg=None, _center=None):
     return 255 - image
 
 
+def _tf_uint8(value):
+    """A Python int converted to a uint8 tensor the way TF does it: wrapped modulo 256 (big_vision #110;
+    Solarize and Posterize at m = 0..30 checked against TF 2.21, eager and tf.function, outside this suite)."""
+    return np.array(int(value), np.int64).astype(np.uint8)
+
+
 def posterize(image, bits, _center=None):
-    shift = 8 - int(bits)
-    if shift >= 8:
-        return np.zeros_like(image)
-    if shift <= 0:
-        return image.copy()
-    return ((image >> shift) << shift).astype(np.uint8)
+    # tf.bitwise.right_shift / left_shift(image, 8 - bits): the shift becomes uint8, and TF's shift kernels
+    # clamp it to [0, bit width - 1] = [0, 7] (no undefined C shifts).
+    shift = int(min(max(int(_tf_uint8(8 - int(bits))), 0), 7))
+    return ((image >> np.uint8(shift)) << np.uint8(shift)).astype(np.uint8)
 
 
 def solarize(image, threshold, _center=None):
-    return np.where(image < threshold, image, 255 - image).astype(np.uint8)
+    # tf.where(image < threshold, image, 255 - image) with the threshold as a uint8 tensor.
+    return np.where(image < _tf_uint8(threshold), image, 255 - image).astype(np.uint8)
 
 
 def solarize_add(image, addition, _center=None, threshold=128):
@@ -105,8 +126,26 @@ def sharpness(image, factor, _center=None):
         for dx in range(3):
             total += kernel[dy, dx] * x[dy : dy + h - 2, dx : dx + w - 2]
     result = image.copy()  # border: the original pixels
-    result[1:-1, 1:-1] = np.clip(total // 13, 0, 255).astype(np.uint8)  # exact value of the /13 conv
+    # The exact quotient, as pipelines.randaugment takes it; TF's float32 conv (tf_float32_smooth) is one
+    # level lower on some pixels whose sum is a multiple of 13.
+    result[1:-1, 1:-1] = np.clip(total // 13, 0, 255).astype(np.uint8)
     return blend(result, image, factor)
+
+
+def tf_float32_smooth(image):
+    """The interior of big_vision's Sharpness degenerate as TF computes it: float32 weights 1/13 and 5/13,
+    taps accumulated in row-major order with a fused multiply-add, truncated to uint8. Bit for bit what
+    TF 2.21's CPU depthwise_conv2d gave on x86 (checked outside this suite); a build without FMA rounds
+    differently. float64 holds acc + x * w exactly (< 40 significant bits), so one rounding to float32 = FMA."""
+    h, w = image.shape[:2]
+    kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], F32) / F32(13.0)
+    x = image.astype(np.float64)
+    acc = np.zeros((h - 2, w - 2, 3), F32)
+    for dy in range(3):
+        for dx in range(3):
+            tap = x[dy : dy + h - 2, dx : dx + w - 2] * np.float64(kernel[dy, dx])
+            acc = (acc.astype(np.float64) + tap).astype(F32)
+    return np.clip(acc, 0.0, 255.0).astype(np.uint8)
 
 
 def _round_half_away(v):

@@ -1,17 +1,18 @@
 """pipelines.randaugment: big_vision's RandAugment, batched with per-image draws, against a per-image
-numpy transliteration of the TF code (bigvision_reference.py)."""
+numpy transliteration of the TF code (bigvision_reference.py), arguments included."""
 
 from __future__ import annotations
 
 import math
 import pickle
 
+import bigvision_reference as bv
 import numpy as np
 import pytest
 import torch
-from bigvision_reference import apply_one
 
 from pipelines import randaugment as ra
+from pipelines.batch_stage import BatchStage
 from pipelines.randaugment import (
     OPS,
     SIGNED,
@@ -54,16 +55,17 @@ def forced_draws(ops_per_layer, signs_per_layer, n, seed=1, h=H, w=W):
 
 
 def reference(images, draws, magnitude):
+    """The numpy reference, image by image, with its own level_to_arg (not the module's)."""
     out = []
     for i, img in enumerate(images):
         steps = []
         for layer in range(draws.ops.shape[1]):
             name = OPS[int(draws.ops[i, layer])]
-            arg = level_to_arg(name, magnitude)
+            arg = bv.level_to_arg(name, magnitude)
             if name in SIGNED:
                 arg = float(draws.signs[i, layer]) * arg
             steps.append((name, arg, draws.centers[i, layer].tolist()))
-        out.append(apply_one(img.permute(1, 2, 0).numpy().copy(), steps))
+        out.append(bv.apply_one(img.permute(1, 2, 0).numpy().copy(), steps))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
@@ -158,10 +160,7 @@ def test_each_op_matches_reference(op, magnitude):
     draws = forced_draws([[op] * n], [[(-1.0) ** i for i in range(n)]], n)
     got = apply(images, draws, magnitude)
     want = reference(images, draws, magnitude)
-    if op == "Solarize":  # threshold 384 / 256 > 255: the official op is a no-op here
-        assert torch.equal(want, images)
-    else:
-        assert not torch.equal(want, images), "the op should change the batch at this magnitude"
+    assert not torch.equal(want, images), "the op should change the batch at this magnitude"
     _compare(got, want, op in GEOMETRIC)
     assert torch.equal(images, photo_batch()), "apply must not modify its input"
 
@@ -181,6 +180,88 @@ def test_random_draws_match_reference():
     draws = draw(torch.Generator().manual_seed(7), 24, 3, H, W)
     got, want = apply(images, draws, 9), reference(images, draws, 9)
     assert (got != want).any(1).float().mean().item() <= 0.01
+
+
+# ---- 2b. every op at the magnitudes in use, 0..30 (the config allows up to 30) ----
+
+SWEEP = (0, 2, 5, 10, 15, 20, 25, 30)
+# By hand from big_vision's level_to_arg and TF's uint8 rules (neither implementation is consulted):
+# Solarize compares with int(m / 10 * 256) converted to uint8, i.e. modulo 256; Posterize shifts by
+# 8 - int(m / 10 * 4) converted to uint8, and TF clamps a uint8 shift to 7, so 0 or > 8 bits keep x & 128.
+SOLARIZE_THRESHOLD = {0: 0, 2: 51, 5: 128, 10: 0, 15: 128, 20: 0, 25: 128, 30: 0}
+POSTERIZE_MASK = {0: 0x80, 2: 0x80, 5: 0xC0, 10: 0xF0, 15: 0xFC, 20: 0xFF, 25: 0x80, 30: 0x80}
+
+
+@pytest.mark.parametrize("m", SWEEP)
+def test_solarize_and_posterize_as_tf_uint8_arithmetic(m):
+    images = photo_batch(seed=11)
+    x = images.numpy()
+    solarized = np.where(x < SOLARIZE_THRESHOLD[m], x, 255 - x)
+    assert torch.equal(_only("Solarize", images, m), torch.from_numpy(solarized))
+    assert torch.equal(_only("Posterize", images, m), torch.from_numpy(x & np.uint8(POSTERIZE_MASK[m])))
+    if m in (10, 20):  # the paper's i21k magnitudes: every pixel inverted
+        assert torch.equal(_only("Solarize", images, m), 255 - images)
+    if m == 15:  # the paper's i1k magnitude: a solarize at 128, neither a no-op nor a full inversion
+        out = _only("Solarize", images, m)
+        assert not torch.equal(out, images) and not torch.equal(out, 255 - images)
+
+
+@pytest.mark.parametrize("m", SWEEP)
+def test_every_op_at_every_magnitude_matches_reference(m):
+    """The batched path (what the batch stage runs, host or device placement) and one image at a time
+    (OneImage's path) against the numpy reference, every op, arguments from the reference's own level_to_arg."""
+    images = photo_batch(16, seed=10)
+    n = len(images)
+    for op in OPS:
+        draws = forced_draws([[op] * n], [[(-1.0) ** i for i in range(n)]], n)
+        got = apply(images, draws, m)
+        _compare(got, reference(images, draws, m), op in GEOMETRIC)
+        for i in (0, 1, 5):
+            assert torch.equal(apply(images[i : i + 1], draws.select(i), m), got[i : i + 1]), (op, i)
+    # The batch stage itself on a mixed batch: RandAugment, then [-1, 1].
+    draws = forced_draws([[OPS[i] for i in range(n)]], [[(-1.0) ** i for i in range(n)]], n)
+    got = BatchStage(randaug=BigVisionRandAugment(1, m))(images, draws.as_dict())
+    expected = reference(images, draws, m).float() / 255.0 * 2.0 - 1.0
+    rows = [i for i in range(n) if OPS[i] not in GEOMETRIC]
+    torch.testing.assert_close(got[rows], expected[rows], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", SWEEP)
+def test_every_op_at_every_magnitude_cuda_matches_cpu(m):
+    """The device path: integer-only ops bit for bit; float ops within test_cuda_matches_cpu's tolerance."""
+    images = photo_batch(16, seed=10)
+    n = len(images)
+    for op in OPS:
+        draws = forced_draws([[op] * n], [[(-1.0) ** i for i in range(n)]], n)
+        cpu, gpu = apply(images, draws, m), apply(images.cuda(), draws, m)
+        assert gpu.device.type == "cuda"
+        if op in ("Invert", "Posterize", "Solarize", "SolarizeAdd", "Cutout"):
+            assert torch.equal(gpu.cpu(), cpu), (op, m)
+        else:
+            diff = (gpu.cpu().int() - cpu.int()).abs()
+            assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.99, (op, m)
+
+
+def test_sharpness_takes_the_exact_quotient_where_tf_float32_is_one_below():
+    """The documented deviation (pipelines.randaugment.sharpness): TF's float32 conv truncates one level
+    low on some pixels whose 3x3 sum is a multiple of 13; this module takes the exact floor."""
+    images = photo_batch(16, seed=12)
+    g, _, h, w = images.shape
+    degenerate = ra.sharpness(images, torch.zeros(g))  # blend factor 0: the smoothed image itself
+    x = images.permute(0, 2, 3, 1).numpy().astype(np.int64)
+    kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]])
+    sums = sum(kernel[dy, dx] * x[:, dy : dy + h - 2, dx : dx + w - 2] for dy in range(3) for dx in range(3))
+    ours = degenerate.permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(ours[:, 1:-1, 1:-1], sums // 13)
+    border = torch.ones(h, w, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    assert torch.equal(degenerate[..., border], images[..., border])
+    tf32 = np.stack([bv.tf_float32_smooth(im) for im in images.permute(0, 2, 3, 1).numpy()]).astype(np.int64)
+    diff = tf32 - sums // 13
+    assert set(np.unique(diff)) == {-1, 0}  # never above, at most one level below
+    assert (sums[diff == -1] % 13 == 0).all()  # only on exact multiples of 13
+    assert 0.001 < (diff == -1).mean() < 0.05, (diff == -1).mean()
 
 
 # ---- 3. op frequencies and independence ----
@@ -271,12 +352,12 @@ def _only(op, images, m, seed=1):
 
 def test_magnitude_zero_and_twenty():
     images = photo_batch()
-    assert torch.equal(_only("Posterize", images, 0), torch.zeros_like(images))  # 0 bits, as the TF code
     for op in ("Cutout", "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "SolarizeAdd"):
         assert torch.equal(_only(op, images, 0), images), op  # no-op arguments
-    assert torch.equal(_only("Solarize", images, 0), 255 - images)  # threshold 0: everything inverts
-    for op in ("Solarize", "Posterize"):
-        assert torch.equal(_only(op, images, 20), images), op  # threshold 512 / 8 bits: unchanged
+    assert torch.equal(_only("Posterize", images, 0), images & 128)  # 0 bits: TF's shift clamps 8 to 7
+    assert torch.equal(_only("Posterize", images, 20), images)  # 8 bits: shift 0
+    for m in (0, 20):  # thresholds 0 and 512 -> 0 as uint8: no pixel is below it, everything inverts
+        assert torch.equal(_only("Solarize", images, m), 255 - images), m
     assert torch.equal(_only("Brightness", images, 0), (images.float() * np.float32(0.1)).to(torch.uint8))
 
 
