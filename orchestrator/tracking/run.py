@@ -125,7 +125,7 @@ def finish_run(tracker: RunTracker, cfg: Config, model_cfg, result) -> None:
     import torch
 
     from model import MlpMixer
-    from orchestrator.train.checkpoints import load_checkpoint
+    from orchestrator.checkpoint.format import load_checkpoint
 
     metrics = dict(result.metrics or {})
     if "val/top1" in metrics:

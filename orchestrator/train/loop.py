@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from model import create_model, pretrained_data_config
+from orchestrator.checkpoint.format import save_checkpoint
 from orchestrator.config.checks import augment_on
 from orchestrator.config.tree import Config, config_from_dict, model_overrides
 from orchestrator.eval.metrics import evaluate
-from orchestrator.train.checkpoints import load_agreed, rng_state, save_checkpoint, set_rng_state
+from orchestrator.train.checkpoints import load_agreed, rng_state, set_rng_state
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.optim import build_optimizer, build_scheduler

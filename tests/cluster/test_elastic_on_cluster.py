@@ -166,7 +166,7 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     # 3: the notice's checkpoint was taken at that step boundary and registered by Ray Train before the node
     # went; the restart after the reclaim resumed from it, or from a periodic one after it (with the upload off
     # the training path the run gets a few steps further in the time the test takes to see a line and kill)
-    from orchestrator.train.checkpoints import _registered_steps
+    from orchestrator.checkpoint.runs import _registered_steps
 
     s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
     assert notice_step in _registered_steps(s3, f"{s3_bucket}/runs/elastic").values()

@@ -21,15 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train.checkpoints import (
+from orchestrator.checkpoint.format import (
     STATE_FILE,
     DamagedCheckpointError,
-    LocalCheckpointStore,
     load_checkpoint,
-    load_newest_complete,
-    run_checkpoints,
     save_checkpoint,
 )
+from orchestrator.checkpoint.runs import run_checkpoints
+from orchestrator.train.checkpoints import LocalCheckpointStore, load_newest_complete
 from pipelines.storage import get_fs
 
 REPO = Path(__file__).resolve().parents[2]
