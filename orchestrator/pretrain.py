@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.tree import Config, ConfigError, list_presets
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

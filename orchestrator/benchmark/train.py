@@ -272,7 +272,7 @@ def tables(result: dict[str, Any]):
 
 def _local_main(overrides: list[str]) -> int:
     """The training loop without Ray, one process: what `Ray Train, 1 worker` is compared with."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.checks import stream_slots, worker_range
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
-from orchestrator.train.plan import chunk_size, stream_slots, worker_range, worker_resources
+from orchestrator.train.plan import chunk_size, worker_resources
 
 
 class ClusterTooSmallError(RuntimeError):

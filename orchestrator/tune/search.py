@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.config.load import load_config
 from orchestrator.config.search_space import (
     PLAN_KEYS,
     RESOURCE_KEYS,
@@ -13,7 +14,7 @@ from orchestrator.config.search_space import (
     parse_space,
     validate_space,
 )
-from orchestrator.config.tree import ConfigError, config_from_dict, load_config, parse_override
+from orchestrator.config.tree import ConfigError, config_from_dict, parse_override
 from orchestrator.train.plan import worker_group_resources
 from orchestrator.tune.mlflow_runs import log_parent_setup, open_parent_run
 from orchestrator.tune.planning import (

@@ -84,7 +84,7 @@ def _final_attempts(trace: Path) -> dict[int, list[dict]]:
 
 def _planned_steps(data_url: str, epochs: int, storage_options: dict) -> list[Counter]:
     """The keys of every step as the data plan gives them, read in one process (world size 1, all slots)."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from pipelines.loader import ShardLoader
 
     shuffle = load_config("digits").data.shuffle_buffer

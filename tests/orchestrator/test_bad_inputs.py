@@ -235,7 +235,7 @@ def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code
     """After the MLflow run is open, a failure ends it FAILED with failure.reason (Ray itself stubbed out)."""
     from mlflow import MlflowClient
 
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train import launch
 
     class BrokenTrainer:

@@ -132,7 +132,7 @@ def test_ray_session_tries_checkpoints_newer_than_the_one_ray_hands_over_first(t
 def test_loop_resumes_from_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
     """The training loop itself (LocalSession): a truncated newest checkpoint costs only the steps after the
     earlier one, and the run still ends at its planned step."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession
