@@ -91,6 +91,17 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
     return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch)
 
 
+def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
+    """(the resolved dataset, the run's plan): everything checked before any Ray resource is requested.
+    Pretraining, fine-tuning and every Tune trial resolve their run with it."""
+    from orchestrator.train.plan import make_plan
+
+    if not allow_unreachable:  # a dry run writes nothing
+        check_storage_target(cfg)
+    data = resolve_data(cfg, allow_unreachable=allow_unreachable)
+    return data, make_plan(cfg, data.num_classes, data.train_samples, data.steps_per_epoch)
+
+
 def resolve_tracking(cfg: Config) -> str | None:
     if not cfg.tracking.enabled:
         return None

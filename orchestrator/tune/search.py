@@ -33,7 +33,6 @@ from orchestrator.tune.trial import trainable, trial_dirname
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from orchestrator.pretrain import resolve_run
     from orchestrator.train import launch
 
     space = load_space(args.space)
@@ -75,7 +74,7 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"  {key:28s} {p.describe()}")
 
     # Everything below touches data and tracking; still nothing on Ray.
-    data, _ = resolve_run(base, allow_unreachable=args.dry_run)
+    data, _ = launch.resolve_run(base, allow_unreachable=args.dry_run)
     max_t = max(num_reports(trial_plan(c, data)) for c in candidate_configs(space, base, PLAN_KEYS))
     num_trials = expected_trials(space, search, num_samples)
     print(f"[tune] {num_trials} trial(s); each reports {max_t} time(s) (ASHA max_t); base config "
