@@ -4,6 +4,15 @@ Every node is a separate `ray start` (its own raylet, object store, agents and -
 `ray` next to sys.executable, so job entrypoints run with the project's venv (its bin dir is put first on the
 nodes' PATH). Node i (1..N) carries the custom resource {"node_i": 1}; the head carries {"node_0": 1} and,
 by default, 0 CPUs, so work lands on worker nodes. The dashboard binds 127.0.0.1 only.
+
+Two of Ray's own files are read, for want of a public API (checked against Ray 2.60.0; a Ray that moves them
+fails tests/cluster/test_local_cluster.py):
+- ``<head temp dir>/ray_current_cluster``: the GCS address the head registered (start_head), which the other
+  nodes' `ray start --address` takes. The head's IP is Ray's choice, so the address is read, not rebuilt.
+- ``<node temp dir>/session_latest/dashboard_agent_listen_port_<node id>``: the id of the raylet a `ray start`
+  just made (node_id_of). ray.util.state.list_nodes would name it, but it reads the auth token from a
+  process-wide cache, while one client here serves clusters with their own tokens (see
+  cluster/local.py alive_nodes).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ START_TIMEOUT_S = 180
 
 
 def node_id_of(temp_dir: Path) -> str | None:
-    """The node id of the raylet most recently started in temp_dir (restart-node reuses the session dir)."""
+    """The node id of the raylet most recently started in temp_dir (restart-node reuses the session dir).
+    Read from a file name of Ray's session dir (Ray 2.60.0; see the module docstring)."""
     files = sorted(
         (temp_dir / "session_latest").glob("dashboard_agent_listen_port_*"), key=lambda f: f.stat().st_mtime
     )
@@ -170,5 +180,6 @@ def start_head(state: dict, state_dir: Path, head: dict, attempts: int = 2) -> N
             print("`ray start --head` failed; trying again", file=sys.stderr)
     head["pids"] = [describe(p) for p in node_processes(head)]
     head["node_id"] = node_id_of(Path(head["temp_dir"]))
+    # Ray's own record of the head's GCS address (Ray 2.60.0; see the module docstring)
     state["gcs_address"] = (Path(head["temp_dir"]) / "ray_current_cluster").read_text().strip()
     save_state(state_dir, state)

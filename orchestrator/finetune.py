@@ -28,7 +28,8 @@ import argparse
 import sys
 
 from orchestrator.config.checks import validate
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides
+from orchestrator.config.load import load_config
+from orchestrator.config.tree import Config, ConfigError, list_presets, model_overrides
 from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
 
 DEFAULT_PRESET = "digits_finetune"

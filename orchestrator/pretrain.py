@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.tree import Config, ConfigError, list_presets
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,18 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
-    """(the resolved dataset, the run's plan): everything checked before any Ray resource is requested."""
-    from orchestrator.train.launch import check_storage_target, resolve_data
-    from orchestrator.train.plan import make_plan
-
-    if not allow_unreachable:  # a dry run writes nothing
-        check_storage_target(cfg)
-    data = resolve_data(cfg, allow_unreachable=allow_unreachable)
-    return data, make_plan(cfg, data.num_classes, data.train_samples, data.steps_per_epoch)
-
-
 def dry_run(cfg: Config) -> None:
+    from orchestrator.train.launch import resolve_run
+
     data, plan = resolve_run(cfg, allow_unreachable=True)
     print("# resolved config")
     print(cfg.to_yaml())
@@ -80,11 +72,12 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     from orchestrator.tracking import run as run_tracking
     from orchestrator.tracking.relay import collect_relay, start_relay
     from orchestrator.train import launch
+    from orchestrator.train.finish import end_failed, finish_run, keep_unlogged
     from orchestrator.train.progress import start_ledger
     from orchestrator.train.startup import driver_marks, mark
 
     marks = marks if marks is not None else driver_marks()
-    data, plan = resolve_run(cfg)
+    data, plan = launch.resolve_run(cfg)
     tracking_uri = launch.resolve_tracking(cfg)
     mark(marks, "checks")
     print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
@@ -142,35 +135,10 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         run.log_metrics({k: v for k, v in restarts.items() if k.startswith("goodput/")}, int(metrics.get("step", 0)))
         run.set_tags({"world_sizes": restarts["world_sizes"]})
         collect_relay(run, relay)
-        run_tracking.finish_run(run, cfg, plan.model_cfg, result)
+        finish_run(run, cfg, plan.model_cfg, result)
         keep_unlogged(cfg, run)
     print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
     return metrics
-
-
-FAILURE_REASON_TAG = "failure.reason"
-
-
-def end_failed(cfg: Config, run, relay, reason: str, status: str = "FAILED") -> None:
-    """End the driver's MLflow run (if any) with `status` and the reason in the failure.reason tag, after
-    taking over what rank 0's relay still holds; what is still unlogged goes to the replay file."""
-    if run:
-        from orchestrator.tracking.relay import collect_relay
-
-        collect_relay(run, relay)
-        run.set_tags({FAILURE_REASON_TAG: reason})
-        run.end(status)
-        keep_unlogged(cfg, run)
-
-
-def keep_unlogged(cfg: Config, run) -> None:
-    """What never reached MLflow goes next to the run's checkpoints, for `python -m orchestrator.tracking.replay`."""
-    from orchestrator.tracking.replay import write_unlogged
-    from orchestrator.train.launch import storage_options
-    from pipelines.storage import join_url
-
-    run_dir = join_url(cfg.resolved_storage_path(), cfg.run.name)
-    write_unlogged(run, run_dir, storage_options(cfg, run_dir))
 
 
 def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, checkpoint_path: str | None) -> None:

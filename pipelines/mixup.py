@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -24,10 +25,17 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, label_smoothing: fl
 
 
 def sample_lambda(alpha: float, generator: torch.Generator) -> float:
-    """lambda ~ Beta(alpha, alpha) drawn from ``generator`` (via two Gamma draws)."""
-    a = torch.full((2,), float(alpha))
-    g = torch._standard_gamma(a, generator=generator)
-    return float(g[0] / (g[0] + g[1]))
+    """lambda ~ Beta(alpha, alpha), a function of ``generator``'s state only (the loader seeds it per chunk).
+
+    torch's public sampler, torch.distributions.Beta, takes no generator: it draws from the process-wide one,
+    which would have to be re-seeded and restored around the draw (torch.random.fork_rng), touching state that
+    the rest of the process (dropout, stochastic depth, a checkpoint's RNG state) shares. So ``generator`` gives
+    a seed (one documented draw, torch.randint) and NumPy's seeded Generator.beta draws lambda: public APIs
+    only, nothing shared. The values differ from the former torch._standard_gamma draw (a private op); like it,
+    the same generator state gives the same lambda, so resumed and re-run streams are pixel-identical.
+    """
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def mixup_batch(

@@ -11,7 +11,7 @@
   client to the job's first progress line (working-dir upload, driver start, worker group, data, step 1).
 - the step around a checkpoint under Ray Train with the storage on loopback S3 (orchestrator/benchmark/
   checkpoint_upload.py; not with --quick);
-- checkpoints: orchestrator.train.checkpoints.save_checkpoint of the state the loop saves (model, AdamW,
+- checkpoints: orchestrator.checkpoint.format.save_checkpoint of the state the loop saves (model, AdamW,
   schedule, RNG, data position) + LocalCheckpointStore.commit, load_checkpoint + load_state_dict, and the
   time of the step that saves a checkpoint and of the step after it, against plain steps (interleaved).
 
@@ -84,13 +84,9 @@ def _run_and_parse(cmd: list[str], env: dict[str, str], timeout: float) -> dict[
 
 def checkpoint_bench(model_name: str, batch: int, repeats: int, tmp: Path) -> dict[str, Any]:
     from model import create_model
+    from orchestrator.checkpoint.format import load_checkpoint, save_checkpoint
     from orchestrator.config.tree import OptimSection, ScheduleSection
-    from orchestrator.train.checkpoints import (
-        LocalCheckpointStore,
-        load_checkpoint,
-        rng_state,
-        save_checkpoint,
-    )
+    from orchestrator.train.checkpoints import LocalCheckpointStore, rng_state
     from orchestrator.train.optim import build_optimizer, build_scheduler
     from orchestrator.train.step import train_step
 
@@ -276,7 +272,7 @@ def tables(result: dict[str, Any]):
 
 def _local_main(overrides: list[str]) -> int:
     """The training loop without Ray, one process: what `Ray Train, 1 worker` is compared with."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession

@@ -1,4 +1,8 @@
-"""Range and cross-field checks of a Config: each names the key, the bad value and what would be accepted."""
+"""Range and cross-field checks of a Config: each names the key, the bad value and what would be accepted.
+
+The checks across sections live here, with the quantities they need (the worker range, the data's stream slots,
+the batch split); the run's plan (orchestrator/train/plan.py) takes them from here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from orchestrator.config.tree import Config, ConfigError, model_overrides, requi
 def validate(cfg: Config) -> None:
     """Range checks and cross-field checks; the model's own sizes are checked by model.get_config."""
     from model import get_config  # the model layer owns its own validation
-    from orchestrator.train.plan import check_batch_split  # the plan owns the batch arithmetic
 
     r = cfg.run
     require(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
@@ -104,3 +107,36 @@ def check_profile_steps(cfg: Config, total_steps: int) -> None:
     require(p is None or p[1] <= total_steps, "observe.profile_steps", p,
             f"a window that ends at or before the run's last step, {total_steps} (the planned steps: "
             "schedule.epochs x steps per epoch, capped by train.max_steps)")
+
+
+def worker_range(cfg: Config) -> tuple[int, int]:
+    """(min, max) workers: scaling.num_workers N is (N, N); [min, max] is an elastic range."""
+    n = cfg.scaling.num_workers
+    return (n, n) if isinstance(n, int) else (int(n[0]), int(n[-1]))
+
+
+def stream_slots(cfg: Config) -> int:
+    """The data's canonical stream slots: max workers x loader workers per rank (pipelines/plan.py). The samples
+    of a step are a function of (seed, epoch, step) over these slots, whatever the world size."""
+    return worker_range(cfg)[1] * max(1, cfg.data.loader_workers)
+
+
+def check_batch_split(cfg: Config) -> None:
+    """The global batch must split evenly over the stream slots (max workers x loader workers), so that every
+    world size in the range trains on exactly the configured global batch (ConfigError)."""
+    o = cfg.optim
+    low, high = worker_range(cfg)
+    require(1 <= low <= high, "scaling.num_workers", cfg.scaling.num_workers,
+            "an integer >= 1, or [min, max] with 1 <= min <= max")
+    require(o.global_batch_size >= high, "optim.global_batch_size", o.global_batch_size,
+            f"at least the largest worker count ({high}): every worker needs a sample per step")
+    require(o.micro_batch_size is None or o.micro_batch_size > 0, "optim.micro_batch_size", o.micro_batch_size,
+            "a positive integer or null")
+    slots = stream_slots(cfg)
+    require(
+        o.global_batch_size % slots == 0,
+        "optim.global_batch_size",
+        o.global_batch_size,
+        f"a multiple of the data's stream slots = max workers x data.loader_workers = {slots} (each slot gives "
+        "the same number of samples to every step, so the global batch is the same at every world size)",
+    )

@@ -199,8 +199,9 @@ def _load_yaml_file(path: Path) -> dict:
     return data
 
 
-def load_config(preset_or_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Build and validate a Config from a preset name or YAML path plus overrides."""
+def parse_config(preset_or_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build a Config from a preset name or YAML path plus overrides: types checked, ranges not yet
+    (orchestrator/config/load.py's load_config parses, then validates)."""
     source = preset_or_file or DEFAULT_PRESET
     path = Path(source)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
@@ -219,11 +220,7 @@ def load_config(preset_or_file: str | None = None, overrides: list[str] | dict |
         for item in overrides or []:
             key, value = parse_override(item)
             _set_dotted(tree, key, value)
-    cfg = config_from_dict(tree)
-    from orchestrator.config.checks import validate  # the checks import this module's sections
-
-    validate(cfg)
-    return cfg
+    return config_from_dict(tree)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

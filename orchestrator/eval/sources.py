@@ -29,7 +29,8 @@ import torch
 
 from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
 from model.state_dict_loading import check_state_dict, config_from_state_dict
-from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE, run_checkpoints
+from orchestrator.checkpoint.format import FORMAT_VERSION, STATE_FILE
+from orchestrator.checkpoint.runs import run_checkpoints
 
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 

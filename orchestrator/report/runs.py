@@ -164,7 +164,7 @@ def _experiment_names(client) -> list[str]:
 def default_experiment() -> str:
     """The experiment a plain `python -m orchestrator.pretrain` logs to (the default preset's), so that a plain
     `python -m orchestrator.report` right after it compares those runs."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
 
     return load_config().tracking.experiment
 

@@ -1,4 +1,5 @@
-"""The driver's side of MLflow for a training run: open (or re-open) the run, then close it with artifacts.
+"""The driver's side of MLflow for a training run: open (or re-open) the run. Its end (final model, curves,
+failure reason) is orchestrator/train/finish.py, which reads the final checkpoint.
 
 Workers only log metrics and a few params (rank 0, orchestrator/train/loop.py, through the driver-owned actor
 of relay.py). The driver owns the run's lifecycle so a run restarted by Ray, or re-submitted with the same
@@ -118,57 +119,3 @@ def _logged_params(tracking_uri: str, run_id: str) -> set[str]:
         return set(MlflowClient(tracking_uri).get_run(run_id).data.params)
     except Exception:  # unreachable now: the tracker buffers, and refused duplicates are only counted
         return set()
-
-
-def finish_run(tracker: RunTracker, cfg: Config, model_cfg, result) -> None:
-    """Log the final model (with an input example) and a training-curve figure, then end the run."""
-    import torch
-
-    from model import MlpMixer
-    from orchestrator.train.checkpoints import load_checkpoint
-
-    metrics = dict(result.metrics or {})
-    if "val/top1" in metrics:
-        tracker.log_metrics({"final/top1": metrics["val/top1"], "final/top5": metrics["val/top5"]},
-                            int(metrics.get("step", 0)))
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as path:
-            state = load_checkpoint(path)
-        model = MlpMixer(model_cfg)
-        model.load_state_dict(state["model"])
-        model.eval()
-        example = torch.zeros(1, model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
-        tracker.log_model(model, example)
-    fig = curves_figure(tracker)
-    if fig is not None:
-        tracker.log_figure(fig, "curves.png")
-    tracker.end("FINISHED")
-
-
-def curves_figure(tracker: RunTracker):
-    """Loss and top-1 against the step, read back from MLflow (so restarts are included)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
-
-    try:
-        client = MlflowClient(tracker.tracking_uri)
-        loss = client.get_metric_history(tracker.run_id, "train/loss")
-        top1 = client.get_metric_history(tracker.run_id, "val/top1")
-    except Exception:  # tracking unreachable at the end: the figure is skipped, the run summary says so
-        return None
-    if not loss and not top1:
-        return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    loss = sorted(loss, key=lambda m: m.step)
-    top1 = sorted(top1, key=lambda m: m.step)
-    ax1.plot([m.step for m in loss], [m.value for m in loss])
-    ax1.set(xlabel="step", ylabel="train loss", title="training loss")
-    ax2.plot([m.step for m in top1], [m.value for m in top1], marker="o")
-    ax2.set(xlabel="step", ylabel="top-1", title="validation top-1")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig

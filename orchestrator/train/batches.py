@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from model import pretrained_data_config
-from orchestrator.config.checks import augment_on
+from orchestrator.config.checks import augment_on, stream_slots
 from orchestrator.config.tree import Config
 from orchestrator.train.data_counts import DataCounts, epoch_counts
-from orchestrator.train.plan import chunk_size, micro_batch_size, stream_slots
+from orchestrator.train.plan import chunk_size, micro_batch_size
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
 from pipelines.transforms import eval_transform, train_pipeline

@@ -1,9 +1,5 @@
-"""What a checkpoint holds and how it is written and read.
-
-A checkpoint is a directory with one file, ``state.pt``: model, optimizer, schedule, step, data-stream
-position, every rank's RNG state, the MLflow run id and the resolved config. It holds only tensors and
-plain Python values, so it loads with ``torch.load(weights_only=True)`` and never executes pickled code.
-It never holds secrets: the resolved config carries no credentials (they come from the environment).
+"""How a training run restores: which checkpoint a restarted worker group resumes from, and where a run
+without Ray keeps its checkpoints. The format itself (``state.pt``) is orchestrator/checkpoint/format.py.
 
 A restart resumes from the newest checkpoint of the run that loads (load_newest_complete over the run's
 checkpoints as run_checkpoints lists them): a damaged newest one costs the steps since the previous one. Rank 0
@@ -14,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,46 +18,9 @@ from typing import Any
 
 import torch
 
-from pipelines.storage import atomic_write, get_fs
-
-STATE_FILE = "state.pt"
-FORMAT_VERSION = 1
-
-
-def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write `state` into `directory` (created); the file appears whole or not at all."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_write(directory / STATE_FILE) as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-    return directory / STATE_FILE
-
-
-class DamagedCheckpointError(ValueError):
-    """A checkpoint's state.pt is missing, truncated or otherwise unreadable (not a safety refusal)."""
-
-
-def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(directory) / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a checkpoint of this project: it has no {STATE_FILE}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise DamagedCheckpointError(f"checkpoint {path} is damaged or truncated: {_first_line(e)}") from None
-        # name the file, not the payload
-        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): it holds pickled "
-                         "objects other than tensors and plain values, which are not executed") from None
-    except Exception as e:  # a truncated zip, a short read: the file is damaged
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged or truncated: {_first_line(e)}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has an unknown format; expected format_version {FORMAT_VERSION}")
-    return state
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+from orchestrator.checkpoint.format import DamagedCheckpointError, load_checkpoint
+from orchestrator.checkpoint.runs import run_checkpoints
+from pipelines.storage import get_fs
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,7 +66,7 @@ def _local_dir(path: Path) -> Callable[[], contextlib.AbstractContextManager[Pat
     return lambda: contextlib.nullcontext(path)
 
 
-# ----------------------------------------------------------------------- finding a run's checkpoints ---
+# -------------------------------------------------------------------------- restoring a run ---
 
 
 @dataclass
@@ -118,60 +76,6 @@ class RestoreCandidate:
     name: str
     step: int | None
     open: Callable[[], contextlib.AbstractContextManager[Path]]
-
-
-def run_checkpoints(fs, path: str) -> list[tuple[str, int | None]]:
-    """(name, step) of the run's checkpoint dirs that have a state.pt: the latest Ray Train registered first,
-    then newest first. The step comes from Ray Train's registry (what the loop reported) or from our
-    ``checkpoint_<step>`` name; None when neither says. Used to resume (the loop) and to read a run (eval)."""
-    names = sorted(
-        (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
-         if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")),
-        reverse=True,  # Ray's checkpoint_<date_ms> and our checkpoint_<zero-padded step> both sort by age
-    )
-    names = [n for n in names if fs.exists(_join(_join(path, n), STATE_FILE))]
-    registered = _registered_steps(fs, path)
-    if registered:
-        latest = next(reversed(registered))
-        if latest in names:
-            names.remove(latest)
-            names.insert(0, latest)
-    return [(n, registered.get(n, _step_from_name(n))) for n in names]
-
-
-def _join(path: str, name: str) -> str:
-    return path.rstrip("/") + "/" + name
-
-
-def _step_from_name(name: str) -> int | None:
-    suffix = name.removeprefix("checkpoint_")
-    return int(suffix) if suffix.isdigit() and len(suffix) == 8 else None  # ours: checkpoint_<08d step>
-
-
-def _registered_steps(fs, path: str) -> dict[str, int | None]:
-    """{checkpoint dir name: reported step} as Ray Train registered them, oldest first (the last is the latest),
-    or {} when `path` is not a Ray Train run (e.g. a LocalSession run) or its registry cannot be read now
-    (being rewritten, or naming a checkpoint that was just deleted): the caller then goes by directory order."""
-    import logging
-
-    import pyarrow.fs
-    from ray.train import Result
-
-    # from_path announces at INFO, for a run about to resume, what it found: noise when only reading
-    train_logger = logging.getLogger("ray.train")
-    level = train_logger.level
-    train_logger.setLevel(logging.WARNING)
-    try:
-        result = Result.from_path(path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
-    except Exception:  # RuntimeError without a registry; Ray's own errors for an unreadable one
-        return {}
-    finally:
-        train_logger.setLevel(level)
-    steps = {c.path.rstrip("/").rsplit("/", 1)[-1]: m.get("step") for c, m in (result.best_checkpoints or [])}
-    if result.checkpoint is not None:  # the latest goes last whatever the registry's order
-        latest = result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-        steps[latest] = steps.pop(latest, (result.metrics or {}).get("step"))
-    return steps
 
 
 def load_newest_complete(candidates: Iterable[RestoreCandidate], map_location: str | torch.device = "cpu",

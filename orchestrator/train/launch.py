@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.checks import stream_slots, worker_range
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
-from orchestrator.train.plan import chunk_size, stream_slots, worker_range, worker_resources
+from orchestrator.train.plan import chunk_size, worker_resources
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -88,6 +89,17 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
     )
     return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch)
+
+
+def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
+    """(the resolved dataset, the run's plan): everything checked before any Ray resource is requested.
+    Pretraining, fine-tuning and every Tune trial resolve their run with it."""
+    from orchestrator.train.plan import make_plan
+
+    if not allow_unreachable:  # a dry run writes nothing
+        check_storage_target(cfg)
+    data = resolve_data(cfg, allow_unreachable=allow_unreachable)
+    return data, make_plan(cfg, data.num_classes, data.train_samples, data.steps_per_epoch)
 
 
 def resolve_tracking(cfg: Config) -> str | None:

@@ -1,7 +1,8 @@
 """Derived quantities of a run: model, batches, accumulation, steps, FLOPs. Printed by --dry-run and at start.
 
-Every quantity derived from the config is computed here and nowhere else; the config's validation asks
-`check_batch_split` (this module imports the config tree, never the reverse at import time).
+Every quantity derived from the config is computed here and nowhere else, except what the config's own
+validation needs: the worker range, the stream slots and the batch split are orchestrator/config/checks.py's
+(imported here; the config never imports the plan).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import math
 from dataclasses import dataclass
 
 from model import MixerConfig, count_params, forward_flops, get_config, train_flops_per_image
-from orchestrator.config.checks import check_profile_steps
-from orchestrator.config.tree import Config, ConfigError, model_overrides, require
+from orchestrator.config.checks import check_profile_steps, stream_slots, worker_range
+from orchestrator.config.tree import Config, ConfigError, model_overrides
 
 # Dense bf16 peak per accelerator (TFLOP/s), for MFU. 1,979 is H100's sparse figure, not used.
 # Checked in order: the more specific names first (an H100 PCIe has a lower peak than the SXM part).
@@ -23,18 +24,6 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name.upper():
             return value
     return None
-
-
-def worker_range(cfg: Config) -> tuple[int, int]:
-    """(min, max) workers: scaling.num_workers N is (N, N); [min, max] is an elastic range."""
-    n = cfg.scaling.num_workers
-    return (n, n) if isinstance(n, int) else (int(n[0]), int(n[-1]))
-
-
-def stream_slots(cfg: Config) -> int:
-    """The data's canonical stream slots: max workers x loader workers per rank (pipelines/plan.py). The samples
-    of a step are a function of (seed, epoch, step) over these slots, whatever the world size."""
-    return worker_range(cfg)[1] * max(1, cfg.data.loader_workers)
 
 
 def chunk_size(cfg: Config) -> int:
@@ -63,27 +52,6 @@ def worker_group_resources(cfg: Config) -> dict[str, float]:
 def accelerators(cfg: Config, workers: int) -> int:
     """Accelerators `workers` hold: their GPUs with scaling.use_gpu, else one per (CPU) worker."""
     return workers * int(worker_resources(cfg).get("GPU", 1))
-
-
-def check_batch_split(cfg: Config) -> None:
-    """The global batch must split evenly over the stream slots (max workers x loader workers), so that every
-    world size in the range trains on exactly the configured global batch (ConfigError)."""
-    o = cfg.optim
-    low, high = worker_range(cfg)
-    require(1 <= low <= high, "scaling.num_workers", cfg.scaling.num_workers,
-            "an integer >= 1, or [min, max] with 1 <= min <= max")
-    require(o.global_batch_size >= high, "optim.global_batch_size", o.global_batch_size,
-            f"at least the largest worker count ({high}): every worker needs a sample per step")
-    require(o.micro_batch_size is None or o.micro_batch_size > 0, "optim.micro_batch_size", o.micro_batch_size,
-            "a positive integer or null")
-    slots = stream_slots(cfg)
-    require(
-        o.global_batch_size % slots == 0,
-        "optim.global_batch_size",
-        o.global_batch_size,
-        f"a multiple of the data's stream slots = max workers x data.loader_workers = {slots} (each slot gives "
-        "the same number of samples to every step, so the global batch is the same at every world size)",
-    )
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.train.checkpoints import LocalCheckpointStore, RestoreCandidate, run_checkpoints
+from orchestrator.checkpoint.runs import run_checkpoints
+from orchestrator.train.checkpoints import LocalCheckpointStore, RestoreCandidate
 
 
 class LocalSession:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.train.checkpoints import load_agreed, rng_state, save_checkpoint, set_rng_state
+from orchestrator.checkpoint.format import save_checkpoint
+from orchestrator.train.checkpoints import load_agreed, rng_state, set_rng_state
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts
 from pipelines.loader import ShardLoader

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.load import load_config
 from orchestrator.config.search_space import SearchSpace, apply, resolved_values
-from orchestrator.config.tree import Config, ConfigError, load_config
+from orchestrator.config.tree import Config, ConfigError
 from orchestrator.tune.mlflow_runs import close_child_runs
 from orchestrator.tune.planning import METRIC, num_reports, trial_plan
 from orchestrator.tune.store import SearchStore

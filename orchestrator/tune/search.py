@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.config.load import load_config
 from orchestrator.config.search_space import (
     PLAN_KEYS,
     RESOURCE_KEYS,
@@ -13,7 +14,7 @@ from orchestrator.config.search_space import (
     parse_space,
     validate_space,
 )
-from orchestrator.config.tree import ConfigError, config_from_dict, load_config, parse_override
+from orchestrator.config.tree import ConfigError, config_from_dict, parse_override
 from orchestrator.train.plan import worker_group_resources
 from orchestrator.tune.mlflow_runs import log_parent_setup, open_parent_run
 from orchestrator.tune.planning import (
@@ -32,7 +33,6 @@ from orchestrator.tune.trial import trainable, trial_dirname
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from orchestrator.pretrain import resolve_run
     from orchestrator.train import launch
 
     space = load_space(args.space)
@@ -74,7 +74,7 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"  {key:28s} {p.describe()}")
 
     # Everything below touches data and tracking; still nothing on Ray.
-    data, _ = resolve_run(base, allow_unreachable=args.dry_run)
+    data, _ = launch.resolve_run(base, allow_unreachable=args.dry_run)
     max_t = max(num_reports(trial_plan(c, data)) for c in candidate_configs(space, base, PLAN_KEYS))
     num_trials = expected_trials(space, search, num_samples)
     print(f"[tune] {num_trials} trial(s); each reports {max_t} time(s) (ASHA max_t); base config "

@@ -34,14 +34,14 @@ def run_trial(params: dict, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.pretrain import end_failed, keep_unlogged, resolve_run
     from orchestrator.tracking import run as run_tracking
     from orchestrator.tracking.relay import collect_relay, start_relay
     from orchestrator.train import launch
+    from orchestrator.train.finish import end_failed, finish_run, keep_unlogged
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup, params, trial_id)
-    data, plan = resolve_run(cfg)
+    data, plan = launch.resolve_run(cfg)
     model_cfg = plan.model_cfg
     tracking_uri = setup["tracking_uri"]
     run = run_tracking.open_run(cfg, tracking_uri, model_cfg, plan) if tracking_uri else None
@@ -77,7 +77,7 @@ def run_trial(params: dict, setup: dict) -> None:
     if run:
         collect_relay(run, relay)
         run.set_tags({STATUS_TAG: "completed"})
-        run_tracking.finish_run(run, cfg, model_cfg, result)
+        finish_run(run, cfg, model_cfg, result)
         keep_unlogged(cfg, run)
 
 

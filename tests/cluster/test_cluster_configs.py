@@ -179,7 +179,7 @@ def test_rayjob_entrypoint_storage_and_shutdown():
 
 def test_rayjob_entrypoint_is_a_valid_config():
     """The overrides in the RayJob resolve against the real config tree."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
 
     argv = shlex.split(_load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"])
     cfg = load_config(argv[4], argv[5:])

@@ -84,7 +84,7 @@ def _final_attempts(trace: Path) -> dict[int, list[dict]]:
 
 def _planned_steps(data_url: str, epochs: int, storage_options: dict) -> list[Counter]:
     """The keys of every step as the data plan gives them, read in one process (world size 1, all slots)."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from pipelines.loader import ShardLoader
 
     shuffle = load_config("digits").data.shuffle_buffer
@@ -166,7 +166,7 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     # 3: the notice's checkpoint was taken at that step boundary and registered by Ray Train before the node
     # went; the restart after the reclaim resumed from it, or from a periodic one after it (with the upload off
     # the training path the run gets a few steps further in the time the test takes to see a line and kill)
-    from orchestrator.train.checkpoints import _registered_steps
+    from orchestrator.checkpoint.runs import _registered_steps
 
     s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
     assert notice_step in _registered_steps(s3, f"{s3_bucket}/runs/elastic").values()

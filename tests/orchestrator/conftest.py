@@ -15,7 +15,7 @@ def pretrained_digits(base: Path) -> dict:
     marker = base / "pretrained.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.tracking.tracker import RunTracker
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training

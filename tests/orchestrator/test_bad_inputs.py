@@ -235,8 +235,8 @@ def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code
     """After the MLflow run is open, a failure ends it FAILED with failure.reason (Ray itself stubbed out)."""
     from mlflow import MlflowClient
 
-    from orchestrator.config.tree import load_config
-    from orchestrator.train import launch
+    from orchestrator.config.load import load_config
+    from orchestrator.train import finish, launch
 
     class BrokenTrainer:
         def fit(self):
@@ -265,4 +265,4 @@ def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code
     client = MlflowClient(sqlite_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FAILED"
-    assert run.data.tags[pretrain.FAILURE_REASON_TAG] == reason
+    assert run.data.tags[finish.FAILURE_REASON_TAG] == reason

@@ -21,15 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train.checkpoints import (
+from orchestrator.checkpoint.format import (
     STATE_FILE,
     DamagedCheckpointError,
-    LocalCheckpointStore,
     load_checkpoint,
-    load_newest_complete,
-    run_checkpoints,
     save_checkpoint,
 )
+from orchestrator.checkpoint.runs import run_checkpoints
+from orchestrator.train.checkpoints import LocalCheckpointStore, load_newest_complete
 from pipelines.storage import get_fs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,7 +132,7 @@ def test_ray_session_tries_checkpoints_newer_than_the_one_ray_hands_over_first(t
 def test_loop_resumes_from_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
     """The training loop itself (LocalSession): a truncated newest checkpoint costs only the steps after the
     earlier one, and the run still ends at its planned step."""
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession

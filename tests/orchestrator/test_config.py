@@ -2,7 +2,8 @@
 
 import pytest
 
-from orchestrator.config.tree import ConfigError, list_presets, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.tree import ConfigError, list_presets
 
 
 def test_presets_load_and_validate():

@@ -50,8 +50,8 @@ def bare_env(bare_home, monkeypatch) -> Path:
 def _untrained_checkpoint(directory: Path, **model_overrides) -> Path:
     """One of our checkpoint dirs holding an untrained mixer_digits (fast; for the bad-input cases)."""
     from model import create_model
-    from orchestrator.config.tree import load_config
-    from orchestrator.train.checkpoints import save_checkpoint
+    from orchestrator.checkpoint.format import save_checkpoint
+    from orchestrator.config.load import load_config
 
     cfg = load_config("digits")
     model = create_model("mixer_digits", **model_overrides)

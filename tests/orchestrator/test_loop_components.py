@@ -24,7 +24,8 @@ from orchestrator.train.step_log import StepLogger
 def digits(tmp_path_factory):
     """The digits config and dataset (written once), one rank."""
     from model import create_model
-    from orchestrator.config.tree import load_config, model_overrides
+    from orchestrator.config.load import load_config
+    from orchestrator.config.tree import model_overrides
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job
 

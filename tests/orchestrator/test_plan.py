@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config.tree import ConfigError, load_config
-from orchestrator.train.plan import check_batch_split, make_plan, micro_batch_size, worker_resources
+from orchestrator.config.checks import check_batch_split
+from orchestrator.config.load import load_config
+from orchestrator.config.tree import ConfigError
+from orchestrator.train.plan import make_plan, micro_batch_size, worker_resources
 
 
 def test_plan_splits_the_global_batch_into_micro_batches_and_accumulation():

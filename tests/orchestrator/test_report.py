@@ -244,7 +244,7 @@ def test_report_command(tmp_path, monkeypatch):
 
 def test_no_arguments_reports_the_default_pretrain_experiment(store, tmp_path, monkeypatch, capsys):
     # A plain `python -m orchestrator.pretrain` logs to the default preset's experiment; a plain report reads it.
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
 
     experiment = load_config().tracking.experiment
     assert experiment == "mixer-digits"

@@ -57,7 +57,7 @@ def test_held_and_productive_hours_across_a_restart():
 
 
 def test_accelerators_held():
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train.plan import accelerators
 
     cpu = load_config("digits", ["scaling.num_workers=4"])
@@ -128,7 +128,7 @@ def _dataset(root: Path) -> str:
 
 
 def _run(tmp_path, uri, run_id, url, *overrides):
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.config.load import load_config
 from orchestrator.config.search_space import (
     SpaceError,
     apply,
@@ -13,7 +14,6 @@ from orchestrator.config.search_space import (
     resolved_values,
     validate_space,
 )
-from orchestrator.config.tree import load_config
 
 
 def _digits():

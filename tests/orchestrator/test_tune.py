@@ -17,8 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from orchestrator.config.load import load_config
 from orchestrator.config.search_space import load_space
-from orchestrator.config.tree import ConfigError, load_config
+from orchestrator.config.tree import ConfigError
 from orchestrator.tune.cli import main
 from orchestrator.tune.planning import expected_trials, make_scheduler, make_search_alg, num_reports
 from orchestrator.tune.results import EXIT_INTERRUPTED

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import pretrain
-from orchestrator.config.tree import ConfigError, ObserveSection, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.tree import ConfigError, ObserveSection
 from orchestrator.train.plan import make_plan
 
 
