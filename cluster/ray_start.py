@@ -9,10 +9,10 @@ by default, 0 CPUs, so work lands on worker nodes. The dashboard binds 127.0.0.1
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from cluster.loopback import free_port
@@ -25,6 +25,8 @@ from cluster.processes import (
     signal_processes,
 )
 from cluster.token_auth import node_env
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180
 
@@ -138,7 +140,7 @@ def start_workers(state: dict, state_dir: Path, indices: list[int], attempts: in
         if not pending:
             return
         if attempt + 1 < attempts:
-            print(f"`ray start` failed for worker node(s) {pending}; trying again", file=sys.stderr)
+            log.warning("`ray start` failed for worker node(s) %s; trying again", pending)
     raise ClusterError("\n".join(errors[i] for i in pending))
 
 
@@ -167,7 +169,7 @@ def start_head(state: dict, state_dir: Path, head: dict, attempts: int = 2) -> N
             shutil.rmtree(head["temp_dir"], ignore_errors=True)
             if attempt + 1 == attempts:
                 raise
-            print("`ray start --head` failed; trying again", file=sys.stderr)
+            log.warning("`ray start --head` failed; trying again")
     head["pids"] = [describe(p) for p in node_processes(head)]
     head["node_id"] = node_id_of(Path(head["temp_dir"]))
     state["gcs_address"] = (Path(head["temp_dir"]) / "ray_current_cluster").read_text().strip()

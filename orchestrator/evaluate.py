@@ -25,12 +25,15 @@ Exit status: 2 for a bad flag, checkpoint, dataset or tracking store (flags are 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from dataclasses import dataclass
 
 from orchestrator.eval.sources import CheckpointError, Source, load_source
 from pipelines.redaction import redact
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mixer-eval"
 _OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
@@ -275,7 +278,7 @@ def _log(tracker, args: argparse.Namespace, results: Results) -> None:
     results.run_id, results.tracking_uri = tracker.run_id, tracker.tracking_uri
     missing = tracker.unlogged_summary()
     if missing:
-        print(f"not logged to MLflow: {missing}", file=sys.stderr)
+        log.warning("not logged to MLflow: %s", missing)
 
 
 def print_results(r: Results) -> None:

@@ -30,6 +30,7 @@ import sys
 from orchestrator.config.checks import validate
 from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides
 from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
+from pipelines.cli import say
 
 DEFAULT_PRESET = "digits_finetune"
 SIZE_FIELDS = ("patch_size", "depth", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
@@ -159,10 +160,10 @@ def finetune(cfg: Config, src: Source, num_classes: int, *, keep_head: bool = Fa
     state = adapted.model.state_dict()
     check_fits_workers(cfg, num_classes, state)
     url = write_init_weights(cfg, state)
-    print(f"[finetune] from {src.describe()}\n[finetune] resolution x{adapted.factor} -> {cfg.model.img_size} px, "
-          f"D_S {src.model_cfg.tokens_mlp_dim} -> {cfg.model.tokens_mlp_dim}, "
-          f"head {'replaced' if adapted.head_replaced else 'kept'} ({num_classes} classes); "
-          f"initial weights {url}", flush=True)
+    say(f"[finetune] from {src.describe()}\n[finetune] resolution x{adapted.factor} -> {cfg.model.img_size} px, "
+        f"D_S {src.model_cfg.tokens_mlp_dim} -> {cfg.model.tokens_mlp_dim}, "
+        f"head {'replaced' if adapted.head_replaced else 'kept'} ({num_classes} classes); "
+        f"initial weights {url}")
     return pretrain(cfg, init_weights_url=url, run_tags=source_tags(src, adapted.factor, adapted.head_replaced))
 
 

@@ -13,9 +13,13 @@ loop in orchestrator/train/loop.py, the Ray Train set-up in orchestrator/train/l
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from orchestrator.config.tree import Config, ConfigError, list_presets, load_config
+from pipelines.cli import say
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,7 +91,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     data, plan = resolve_run(cfg)
     tracking_uri = launch.resolve_tracking(cfg)
     mark(marks, "checks")
-    print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
+    say(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}")
 
     # Ray before the MLflow run: a bad RAY_ADDRESS (a config error, exit 2) or a Ctrl-C/SIGTERM while Ray
     # starts leaves no run behind.
@@ -131,7 +135,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         print(f"error: {reason}", file=sys.stderr)
         end_failed(cfg, run, relay, reason)
         if run and (missing := run.unlogged_summary()):
-            print(missing, file=sys.stderr)
+            log.warning(missing)
         raise SystemExit(1) from None
 
     metrics = dict(result.metrics or {})

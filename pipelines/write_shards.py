@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .cli import setup_logging
 from .manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
 from .storage import (
     StorageError,
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else FSSPEC_S3_ENDPOINT_URL/AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
     try:
         m = write_dataset(

@@ -22,6 +22,7 @@ count with what they reached so far; a run missing a number shows a blank and st
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 import time
@@ -42,6 +43,8 @@ from orchestrator.report.runs import (
 from orchestrator.report.table import mark_frontier, markdown_table, sort_rows, write_csv
 from orchestrator.tracking.store import resolve_tracking_uri
 from pipelines.redaction import redact
+
+log = logging.getLogger(__name__)
 
 REPORT_RUN_IDS_TAG = "mixer.report.run_ids"
 
@@ -150,7 +153,7 @@ def _log_report_run(uri, experiment, parent_run_id, filter_string, rows, files) 
     tracker.end("FINISHED")
     missing = tracker.unlogged_summary()
     if missing:
-        print(f"warning: {missing}", file=sys.stderr)
+        log.warning("warning: %s", missing)
     return run_id
 
 

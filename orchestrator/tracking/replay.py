@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ from orchestrator.tracking.store import TrackingUnreachableError
 from orchestrator.tracking.tracker import RunTracker
 from pipelines.redaction import redact
 from pipelines.storage import atomic_write, get_fs, join_url, protocol_of, read_bytes, resolve_storage_options
+
+log = logging.getLogger(__name__)
 
 REPLAY_FILE = "unlogged_tracking.jsonl"
 
@@ -43,8 +46,7 @@ def write_unlogged(tracker: RunTracker, run_dir: str, storage_options: dict | No
     try:
         _write(url, head, state, storage_options)
     except OSError as e:
-        print(f"warning: could not keep the unlogged tracking data in {redact(url)}: {redact(str(e))}",
-              file=sys.stderr)
+        log.warning("warning: could not keep the unlogged tracking data in %s: %s", redact(url), redact(str(e)))
         return None
     tracker.kept_at = redact(url)
     return url

@@ -1,0 +1,76 @@
+"""What every command-line entry point shares: how it logs and how its progress lines reach the user.
+
+    from pipelines.cli import say, setup_logging
+
+    setup_logging()                                   # first thing in main(): warnings and errors on stderr
+    say(f"[plan] {name}: {steps} steps")              # a progress line on stdout, in any process
+    logging.getLogger(__name__).warning("...")        # a notice on stderr
+
+Which route a line takes (one rule for the whole project):
+- the command's result (a summary, a table, a dry-run plan, written files, JSON): print() to stdout;
+- a progress line while the command works (`step N/M ...`, `eval step ...`, `[resume] ...`, `[tune] ...`):
+  `say()`, i.e. the "mixer.progress" logger, written as the bare message to stdout and flushed at once;
+- a notice that something is missing or was worked around: the module's logger, WARNING, on stderr.
+
+- setup_logging(): one handler on the root logger that writes WARNING and above as the bare message to the
+  current sys.stderr: what Python prints for them when nothing is set up (its "last resort" handler), so the
+  text the user reads is the same, now in one place for every entry point. Idempotent.
+- The progress logger needs no setup: its handler is installed when this module is imported, so rank 0 of a
+  Ray Train worker group (where no entry point ran) writes its lines the same way, and Ray forwards them to the
+  driver. Their shapes are the ones orchestrator/train/startup.py exempts from Ray's log deduplication.
+  It does not propagate: a root handler (Ray's, a notebook's) never prints a progress line twice.
+
+Lives in pipelines, the lowest package every entry point imports (orchestrator's commands, pipelines.write_shards,
+cluster.local_cluster). `python -m model` is a smoke demo in a package that imports nothing of ours; it prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+PROGRESS_LOGGER = "mixer.progress"
+
+
+class ConsoleHandler(logging.Handler):
+    """The bare message to sys.stdout or sys.stderr as they are at each record (pytest's capture, a redirect),
+    flushed at once."""
+
+    def __init__(self, stream_name: str, level: int):
+        super().__init__(level)
+        self.stream_name = stream_name
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = getattr(sys, self.stream_name)
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _progress_logger() -> logging.Logger:
+    log = logging.getLogger(PROGRESS_LOGGER)
+    if not any(isinstance(h, ConsoleHandler) for h in log.handlers):
+        log.addHandler(ConsoleHandler("stdout", logging.INFO))
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
+_progress = _progress_logger()
+
+
+def say(message: str) -> None:
+    """Write one progress line (it may hold several lines) to stdout."""
+    _progress.info(message)
+
+
+def setup_logging() -> None:
+    """Warnings and errors of every logger on stderr, as the bare message; once per process."""
+    root = logging.getLogger()
+    if not any(isinstance(h, ConsoleHandler) for h in root.handlers):
+        root.addHandler(ConsoleHandler("stderr", logging.WARNING))

@@ -1,0 +1,38 @@
+"""The entry points' shared plumbing (pipelines/cli.py): progress lines, the logging setup."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from pipelines.cli import PROGRESS_LOGGER, ConsoleHandler, say, setup_logging
+
+
+def test_progress_lines_are_the_bare_text_on_the_current_stdout(capsys):
+    say("step 3/10 epoch 0 loss 2.3026 lr 1.00e-03 512 img/s ETA 7s")
+    say("[resume] from checkpoint_000002: 100% done")  # a % sign is text, not a format
+    out, err = capsys.readouterr()
+    assert out == "step 3/10 epoch 0 loss 2.3026 lr 1.00e-03 512 img/s ETA 7s\n[resume] from checkpoint_000002: 100% done\n"
+    assert err == ""
+    # not propagated: a root handler (Ray Train's on a worker, a notebook's) never prints it twice
+    assert logging.getLogger(PROGRESS_LOGGER).propagate is False
+
+
+def test_setup_logging_shows_warnings_bare_on_stderr_once_and_hides_info(capsys):
+    setup_logging()
+    setup_logging()
+    assert sum(isinstance(h, ConsoleHandler) for h in logging.getLogger().handlers) == 1
+    log = logging.getLogger("orchestrator.some.module")
+    log.info("not shown")
+    log.warning("MLflow tracking at %s is unreachable", "http://127.0.0.1:1")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "MLflow tracking at http://127.0.0.1:1 is unreachable\n"
+
+
+def test_progress_lines_need_no_setup_and_come_before_later_output_in_a_fresh_process():
+    """A Ray worker runs no entry point: importing the module is enough, and each line is flushed at once."""
+    code = ("import sys\nfrom pipelines.cli import say\nsay('[ray] starting')\nsys.stdout.write('after\\n')\n"
+            f"import logging\nassert logging.getLogger({PROGRESS_LOGGER!r}).handlers\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "[ray] starting\nafter\n" and out.stderr == ""
