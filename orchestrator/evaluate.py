@@ -30,7 +30,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from orchestrator.eval.sources import CheckpointError, Source, load_source
+from orchestrator.eval.sources import Source, load_source
+from pipelines.cli import InputError, entry_point
 from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ DEFAULT_EXPERIMENT = "mixer-eval"
 _OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
 
 
-class EvalError(ValueError):
+class EvalError(InputError, ValueError):
     """The evaluation cannot run as asked; the message names the option to change."""
 
 
@@ -68,16 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        shots = _parse_shots(args.shots)
-        src = load_source(args.source)
-        results = run(args, src, shots)
-    except (CheckpointError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_args(args)
+    shots = _parse_shots(args.shots)
+    src = load_source(args.source)
+    results = run(args, src, shots)
     print_results(results)
     return 0
 

@@ -28,9 +28,9 @@ import argparse
 import sys
 
 from orchestrator.config.checks import validate
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config, model_overrides
+from orchestrator.config.tree import Config, list_presets, load_config, model_overrides
 from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
-from pipelines.cli import say
+from pipelines.cli import entry_point, say
 
 DEFAULT_PRESET = "digits_finetune"
 SIZE_FIELDS = ("patch_size", "depth", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
@@ -53,24 +53,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.train.startup import keep_progress_lines_whole
 
     keep_progress_lines_whole()  # before anything imports Ray
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
-        src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run)
-        if args.dry_run:
-            from orchestrator.pretrain import dry_run
+    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+    src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run)
+    if args.dry_run:
+        from orchestrator.pretrain import dry_run
 
-            print(f"# source\n{src.describe()}")
-            dry_run(cfg)
-            return 0
-        finetune(cfg, src, num_classes, keep_head=args.keep_head)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"# source\n{src.describe()}")
+        dry_run(cfg)
+        return 0
+    finetune(cfg, src, num_classes, keep_head=args.keep_head)
     return 0
 
 

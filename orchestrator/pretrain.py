@@ -16,8 +16,8 @@ import argparse
 import logging
 import sys
 
-from orchestrator.config.tree import Config, ConfigError, list_presets, load_config
-from pipelines.cli import say
+from orchestrator.config.tree import Config, list_presets, load_config
+from pipelines.cli import entry_point, report_error, say
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +34,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.train.startup import driver_marks, keep_progress_lines_whole
 
     keep_progress_lines_whole()  # before anything imports Ray (driver_marks may)
     marks = driver_marks()  # start-up phases (orchestrator/train/startup.py)
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            dry_run(cfg)
-            return 0
-        pretrain(cfg, marks=marks)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    pretrain(cfg, marks=marks)
     return 0
 
 
@@ -124,19 +121,19 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         mark(marks, "fit")
         result = trainer.fit()
     except launch.ClusterTooSmallError as e:
-        print(f"error: {e}", file=sys.stderr)
+        code = report_error(e)
         end_failed(cfg, run, relay, str(e))
-        raise SystemExit(3) from None
+        raise SystemExit(code) from None
     except KeyboardInterrupt:
         end_failed(cfg, run, relay, "interrupted (KeyboardInterrupt)", status="KILLED")
         raise
     except Exception as e:
         reason = f"training failed: {type(e).__name__}: {e}"
-        print(f"error: {reason}", file=sys.stderr)
+        code = report_error(reason)
         end_failed(cfg, run, relay, reason)
         if run and (missing := run.unlogged_summary()):
             log.warning(missing)
-        raise SystemExit(1) from None
+        raise SystemExit(code) from None
 
     metrics = dict(result.metrics or {})
     restarts = ray.get(ledger.summary.remote())

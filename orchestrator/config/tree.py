@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipelines.cli import InputError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "digits"
 
@@ -28,7 +30,7 @@ def mixer_home() -> Path:
     return Path(os.environ.get("MIXER_HOME", Path.home() / ".mixer")).expanduser().resolve()
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config key has a value that cannot be used; the message names key, value and what is accepted."""
 
 

@@ -30,11 +30,12 @@ import torch
 from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
 from model.state_dict_loading import check_state_dict, config_from_state_dict
 from orchestrator.train.checkpoints import FORMAT_VERSION, STATE_FILE, run_checkpoints
+from pipelines.cli import InputError
 
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint source cannot be used; the message names the source and the problem."""
 
 

@@ -42,6 +42,7 @@ from orchestrator.report.runs import (
 )
 from orchestrator.report.table import mark_frontier, markdown_table, sort_rows, write_csv
 from orchestrator.tracking.store import resolve_tracking_uri
+from pipelines.cli import entry_point
 from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -211,13 +212,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        rep = make_report(args.tracking_uri, args.experiment, args.parent, args.filter, args.out, args.log_to_mlflow)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rep = make_report(args.tracking_uri, args.experiment, args.parent, args.filter, args.out, args.log_to_mlflow)
     print(rep.markdown)
     print(f"{len(rep.rows)} runs, {len(rep.frontier)} on the frontier: "
           + ", ".join(r.label for r in rep.frontier))

@@ -13,13 +13,14 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.cli import InputError
 from pipelines.redaction import redact
 
 REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves
 FEWSHOT_PREFIX = "fewshot/"
 
 
-class ReportError(Exception):
+class ReportError(InputError):
     """A bad input (unknown experiment/run, bad filter, no store): the message says what exists instead."""
 
 

@@ -21,12 +21,12 @@ from typing import Any
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
 from orchestrator.train.plan import chunk_size, stream_slots, worker_range, worker_resources
-from pipelines.cli import say
+from pipelines.cli import CapacityError, say
 
 log = logging.getLogger(__name__)
 
 
-class ClusterTooSmallError(RuntimeError):
+class ClusterTooSmallError(CapacityError, RuntimeError):
     """The Ray cluster cannot fit the requested worker group."""
 
 

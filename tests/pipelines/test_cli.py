@@ -36,3 +36,43 @@ def test_progress_lines_need_no_setup_and_come_before_later_output_in_a_fresh_pr
             f"import logging\nassert logging.getLogger({PROGRESS_LOGGER!r}).handlers\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == "[ray] starting\nafter\n" and out.stderr == ""
+
+
+def test_entry_point_maps_each_kind_of_error_to_its_one_line_and_exit_status(capsys):
+    from pipelines.cli import CapacityError, CommandError, InputError, entry_point
+
+    def command(error):
+        @entry_point
+        def main(argv):
+            if error:
+                raise error
+            print(f"done {argv}")
+        return main
+
+    assert command(None)(["x"]) == 0 and capsys.readouterr().out == "done ['x']\n"
+    for error, code in ((InputError("optim.lr=-1.0 is not accepted"), 2), (CapacityError("cannot fit"), 3),
+                        (CommandError("nothing was replayed"), 1)):
+        assert command(error)([]) == code
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: {error}\n"
+
+
+def test_every_bad_input_error_of_the_project_exits_2_and_a_too_small_cluster_3():
+    """The one table: each package's errors say their exit status by what they derive from."""
+    from cluster.processes import ClusterError
+    from orchestrator.config.search_space import SpaceError
+    from orchestrator.config.tree import ConfigError
+    from orchestrator.eval.sources import CheckpointError
+    from orchestrator.evaluate import EvalError
+    from orchestrator.report.runs import ReportError
+    from orchestrator.train.launch import ClusterTooSmallError, RayAddressError
+    from pipelines.storage import DatasetNotFoundError, StorageError, StorageUnreachableError
+    from pipelines.write_shards import ShardInputError
+
+    for cls in (ConfigError, SpaceError, RayAddressError, CheckpointError, EvalError, ReportError, StorageError,
+                DatasetNotFoundError, StorageUnreachableError, ShardInputError, ClusterError):
+        assert cls("x").exit_code == 2, cls
+    assert ClusterTooSmallError("x").exit_code == 3
+    # what they were before stays true: callers catching ValueError / OSError / RuntimeError still do
+    assert isinstance(ConfigError("x"), ValueError) and isinstance(DatasetNotFoundError("x"), FileNotFoundError)
+    assert isinstance(ClusterTooSmallError("x"), RuntimeError) and str(StorageError("no bucket")) == "no bucket"
