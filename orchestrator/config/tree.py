@@ -216,11 +216,11 @@ def load_config(preset_or_file: str | None = None, overrides: list[str] | dict |
     tree = _load_yaml_file(path)
     if isinstance(overrides, dict):
         for key, value in overrides.items():
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     else:
         for item in overrides or []:
             key, value = parse_override(item)
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
     from orchestrator.config.checks import validate  # the checks import this module's sections
 
@@ -239,7 +239,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree[section][name] = value for the key "section.name": every override goes in through here (the
+    command line's, a search space's fixed overrides and its sampled values)."""
     parts = key.split(".")
     if len(parts) != 2:
         raise ConfigError(
