@@ -37,7 +37,6 @@ from pipelines.redaction import redact
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mixer-eval"
-_OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
 
 
 class EvalError(InputError, ValueError):
@@ -150,10 +149,10 @@ def data_url_for(args: argparse.Namespace, src: Source) -> str:
 
 def eval_transform(src: Source, preset: str | None):
     """The eval preprocessing of the training run (orchestrator/train/loop.build_loaders), at the model's size."""
-    from model import pretrained_data_config
+    from model import official_data_config, pretrained_data_config
     from pipelines import transforms
 
-    data_cfg = pretrained_data_config(src.model_name) if src.model_name else _OFFICIAL
+    data_cfg = pretrained_data_config(src.model_name) if src.model_name else official_data_config()
     preset = preset or (src.config or {}).get("data", {}).get("transform") or "inception"
     return transforms.eval_transform(data_cfg, input_size=src.model_cfg.img_size, preset=preset)
 
