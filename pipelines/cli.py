@@ -27,6 +27,7 @@ run. Any other exception keeps its traceback. argparse's own usage errors exit 2
 - setup_logging(): one handler on the root logger that writes WARNING and above as the bare message to the
   current sys.stderr: what Python prints for them when nothing is set up (its "last resort" handler), so the
   text the user reads is the same, now in one place for every entry point. Idempotent.
+- first_line(exc): the first line of an exception's message, for quoting it in a one-line message.
 - The progress logger needs no setup: its handler is installed when this module is imported, so rank 0 of a
   Ray Train worker group (where no entry point ran) writes its lines the same way, and Ray forwards them to the
   driver. Their shapes are the ones orchestrator/train/startup.py exempts from Ray's log deduplication.
@@ -127,3 +128,9 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
             return report_error(e)
 
     return run
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message ("" when it has none), at most `limit` characters: how an
+    error is quoted inside a one-line message."""
+    return (str(exc).splitlines() or [""])[0][:limit]

@@ -76,3 +76,11 @@ def test_every_bad_input_error_of_the_project_exits_2_and_a_too_small_cluster_3(
     # what they were before stays true: callers catching ValueError / OSError / RuntimeError still do
     assert isinstance(ConfigError("x"), ValueError) and isinstance(DatasetNotFoundError("x"), FileNotFoundError)
     assert isinstance(ClusterTooSmallError("x"), RuntimeError) and str(StorageError("no bucket")) == "no bucket"
+
+
+def test_first_line_quotes_an_error_in_one_line():
+    from pipelines.cli import first_line
+
+    assert first_line(ValueError("bad zip\n  at offset 12")) == "bad zip"
+    assert first_line(ValueError("")) == "" and first_line(ValueError("\nsecond")) == ""
+    assert first_line(ValueError("x" * 500), 200) == "x" * 200
