@@ -20,6 +20,7 @@ authentication (always on) is what guards it. Run this on a trusted machine.
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import subprocess
@@ -43,6 +44,8 @@ from cluster.processes import (
 )
 from cluster.ray_start import head_node, start_head, start_workers
 from cluster.token_auth import client_env, node_env, read_token, resolve_token, submit_line
+
+log = logging.getLogger(__name__)
 
 CLUSTER_TOKEN = object()  # api_request's default: authenticate with this cluster's token
 
@@ -110,7 +113,7 @@ class LocalCluster:
             start_workers(state, state_dir, list(range(1, workers + 1)))
             cluster.wait_for_alive_nodes(workers + 1, timeout=60)
         except BaseException:
-            print(f"start failed; stopping what was started (Ray logs kept in {temp_root})", file=sys.stderr)
+            log.warning("start failed; stopping what was started (Ray logs kept in %s)", temp_root)
             cluster.down(grace_s=0, keep_logs=True)
             raise
         return cluster

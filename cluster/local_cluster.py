@@ -24,6 +24,7 @@ from pathlib import Path
 from cluster.local import LocalCluster
 from cluster.processes import DEFAULT_STATE_DIR, ClusterError, node_processes, state_path
 from cluster.token_auth import client_env, submit_line
+from pipelines.cli import entry_point
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -150,13 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from pipelines.cli import InputError
 from pipelines.storage import atomic_write
 
 STATE_VERSION = 1
@@ -25,7 +26,7 @@ DEFAULT_STATE_DIR = (
 )
 
 
-class ClusterError(RuntimeError):
+class ClusterError(InputError, RuntimeError):
     pass
 
 

@@ -18,10 +18,10 @@ fails tests/cluster/test_local_cluster.py):
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from cluster.loopback import free_port
@@ -34,6 +34,8 @@ from cluster.processes import (
     signal_processes,
 )
 from cluster.token_auth import node_env
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180
 
@@ -148,7 +150,7 @@ def start_workers(state: dict, state_dir: Path, indices: list[int], attempts: in
         if not pending:
             return
         if attempt + 1 < attempts:
-            print(f"`ray start` failed for worker node(s) {pending}; trying again", file=sys.stderr)
+            log.warning("`ray start` failed for worker node(s) %s; trying again", pending)
     raise ClusterError("\n".join(errors[i] for i in pending))
 
 
@@ -177,7 +179,7 @@ def start_head(state: dict, state_dir: Path, head: dict, attempts: int = 2) -> N
             shutil.rmtree(head["temp_dir"], ignore_errors=True)
             if attempt + 1 == attempts:
                 raise
-            print("`ray start --head` failed; trying again", file=sys.stderr)
+            log.warning("`ray start --head` failed; trying again")
     head["pids"] = [describe(p) for p in node_processes(head)]
     head["node_id"] = node_id_of(Path(head["temp_dir"]))
     # Ray's own record of the head's GCS address (Ray 2.60.0; see the module docstring)

@@ -9,15 +9,17 @@ else $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, and wri
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 from cluster.processes import ClusterError, ray_executable, venv_bin
 from pipelines.storage import atomic_write
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 
@@ -36,7 +38,7 @@ def resolve_token(token_file: str | Path | None) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with atomic_write(path, mode=0o600) as f:
             f.write(secrets.token_hex(32).encode())  # same generator as ray's generate_new_authentication_token
-        print(f"wrote a new Ray auth token to {path}", file=sys.stderr)
+        log.warning("wrote a new Ray auth token to %s", path)
     return path
 
 

@@ -11,7 +11,7 @@ from model.accounting import count_params, forward_flops, forward_macs, train_fl
 from model.config import MixerConfig
 from model.jax_checkpoint import NpzImport, infer_config_from_npz, load_npz
 from model.mixer import MlpMixer
-from model.registry import create_model, get_config, list_models, pretrained_data_config
+from model.registry import create_model, get_config, list_models, official_data_config, pretrained_data_config
 from model.resolution import adapt_resolution
 from model.state_dict_loading import load_state_dict_checked
 
@@ -29,6 +29,7 @@ __all__ = [
     "list_models",
     "load_npz",
     "load_state_dict_checked",
+    "official_data_config",
     "pretrained_data_config",
     "train_flops_per_image",
 ]

@@ -80,6 +80,11 @@ def create_model(name: str, **overrides: Any) -> MlpMixer:
     return MlpMixer(get_config(name, **overrides))
 
 
+def official_data_config() -> dict[str, Any]:
+    """Preprocessing of the paper's released weights (JAX .npz, and timm's copies of them): every Table 1 variant's."""
+    return dict(_OFFICIAL_DATA)
+
+
 def pretrained_data_config(name: str) -> dict[str, Any]:
     """Input size (3, H, W) and preprocessing of variant ``name``, in the shape of timm's default_cfg."""
     sizes, data = _variant(name)

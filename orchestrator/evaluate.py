@@ -25,18 +25,21 @@ Exit status: 2 for a bad flag, checkpoint, dataset or tracking store (flags are 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from dataclasses import dataclass
 
-from orchestrator.eval.sources import CheckpointError, Source, load_source
+from orchestrator.eval.sources import Source, load_source
+from pipelines.cli import InputError, entry_point
 from pipelines.redaction import redact
 
+log = logging.getLogger(__name__)
+
 DEFAULT_EXPERIMENT = "mixer-eval"
-_OFFICIAL = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
 
 
-class EvalError(ValueError):
+class EvalError(InputError, ValueError):
     """The evaluation cannot run as asked; the message names the option to change."""
 
 
@@ -65,16 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        shots = _parse_shots(args.shots)
-        src = load_source(args.source)
-        results = run(args, src, shots)
-    except (CheckpointError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_args(args)
+    shots = _parse_shots(args.shots)
+    src = load_source(args.source)
+    results = run(args, src, shots)
     print_results(results)
     return 0
 
@@ -149,10 +149,10 @@ def data_url_for(args: argparse.Namespace, src: Source) -> str:
 
 def eval_transform(src: Source, preset: str | None):
     """The eval preprocessing of the training run (orchestrator/train/loop.build_loaders), at the model's size."""
-    from model import pretrained_data_config
+    from model import official_data_config, pretrained_data_config
     from pipelines import transforms
 
-    data_cfg = pretrained_data_config(src.model_name) if src.model_name else _OFFICIAL
+    data_cfg = pretrained_data_config(src.model_name) if src.model_name else official_data_config()
     preset = preset or (src.config or {}).get("data", {}).get("transform") or "inception"
     return transforms.eval_transform(data_cfg, input_size=src.model_cfg.img_size, preset=preset)
 
@@ -275,7 +275,7 @@ def _log(tracker, args: argparse.Namespace, results: Results) -> None:
     results.run_id, results.tracking_uri = tracker.run_id, tracker.tracking_uri
     missing = tracker.unlogged_summary()
     if missing:
-        print(f"not logged to MLflow: {missing}", file=sys.stderr)
+        log.warning("not logged to MLflow: %s", missing)
 
 
 def print_results(r: Results) -> None:

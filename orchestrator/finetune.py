@@ -29,8 +29,9 @@ import sys
 
 from orchestrator.config.checks import validate
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import Config, ConfigError, list_presets, model_overrides
+from orchestrator.config.tree import Config, list_presets, model_overrides
 from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
+from pipelines.cli import entry_point, say
 
 DEFAULT_PRESET = "digits_finetune"
 SIZE_FIELDS = ("patch_size", "depth", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
@@ -53,24 +54,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.train.startup import keep_progress_lines_whole
 
     keep_progress_lines_whole()  # before anything imports Ray
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
-        src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run)
-        if args.dry_run:
-            from orchestrator.pretrain import dry_run
+    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+    src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run)
+    if args.dry_run:
+        from orchestrator.pretrain import dry_run
 
-            print(f"# source\n{src.describe()}")
-            dry_run(cfg)
-            return 0
-        finetune(cfg, src, num_classes, keep_head=args.keep_head)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"# source\n{src.describe()}")
+        dry_run(cfg)
+        return 0
+    finetune(cfg, src, num_classes, keep_head=args.keep_head)
     return 0
 
 
@@ -160,10 +158,10 @@ def finetune(cfg: Config, src: Source, num_classes: int, *, keep_head: bool = Fa
     state = adapted.model.state_dict()
     check_fits_workers(cfg, num_classes, state)
     url = write_init_weights(cfg, state)
-    print(f"[finetune] from {src.describe()}\n[finetune] resolution x{adapted.factor} -> {cfg.model.img_size} px, "
-          f"D_S {src.model_cfg.tokens_mlp_dim} -> {cfg.model.tokens_mlp_dim}, "
-          f"head {'replaced' if adapted.head_replaced else 'kept'} ({num_classes} classes); "
-          f"initial weights {url}", flush=True)
+    say(f"[finetune] from {src.describe()}\n[finetune] resolution x{adapted.factor} -> {cfg.model.img_size} px, "
+        f"D_S {src.model_cfg.tokens_mlp_dim} -> {cfg.model.tokens_mlp_dim}, "
+        f"head {'replaced' if adapted.head_replaced else 'kept'} ({num_classes} classes); "
+        f"initial weights {url}")
     return pretrain(cfg, init_weights_url=url, run_tags=source_tags(src, adapted.factor, adapted.head_replaced))
 
 

@@ -13,10 +13,14 @@ loop in orchestrator/train/loop.py, the Ray Train set-up in orchestrator/train/l
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import Config, ConfigError, list_presets
+from orchestrator.config.tree import Config, list_presets
+from pipelines.cli import entry_point, report_error, say
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,21 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.train.startup import driver_marks, keep_progress_lines_whole
 
     keep_progress_lines_whole()  # before anything imports Ray (driver_marks may)
     marks = driver_marks()  # start-up phases (orchestrator/train/startup.py)
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            dry_run(cfg)
-            return 0
-        pretrain(cfg, marks=marks)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    pretrain(cfg, marks=marks)
     return 0
 
 
@@ -80,7 +81,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     data, plan = launch.resolve_run(cfg)
     tracking_uri = launch.resolve_tracking(cfg)
     mark(marks, "checks")
-    print(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}", flush=True)
+    say(f"[plan] {cfg.run.name}: {cfg.model.name} on {data.url}\n{plan.describe()}")
 
     # Ray before the MLflow run: a bad RAY_ADDRESS (a config error, exit 2) or a Ctrl-C/SIGTERM while Ray
     # starts leaves no run behind.
@@ -113,19 +114,19 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         mark(marks, "fit")
         result = trainer.fit()
     except launch.ClusterTooSmallError as e:
-        print(f"error: {e}", file=sys.stderr)
+        code = report_error(e)
         end_failed(cfg, run, relay, str(e))
-        raise SystemExit(3) from None
+        raise SystemExit(code) from None
     except KeyboardInterrupt:
         end_failed(cfg, run, relay, "interrupted (KeyboardInterrupt)", status="KILLED")
         raise
     except Exception as e:
         reason = f"training failed: {type(e).__name__}: {e}"
-        print(f"error: {reason}", file=sys.stderr)
+        code = report_error(reason)
         end_failed(cfg, run, relay, reason)
         if run and (missing := run.unlogged_summary()):
-            print(missing, file=sys.stderr)
-        raise SystemExit(1) from None
+            log.warning(missing)
+        raise SystemExit(code) from None
 
     metrics = dict(result.metrics or {})
     restarts = ray.get(ledger.summary.remote())

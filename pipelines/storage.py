@@ -23,12 +23,13 @@ from typing import Any, BinaryIO
 
 import fsspec
 
+from .cli import InputError
 from .redaction import redact_url, scrub
 
 _ENDPOINT_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
-class StorageError(OSError):
+class StorageError(InputError, OSError):
     """A dataset location could not be used; the message says which URL and why (never secrets)."""
 
 

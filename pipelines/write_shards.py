@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .cli import InputError, entry_point
 from .manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
 from .storage import (
-    StorageError,
     atomic_write,
     check_writable_target,
     get_fs,
@@ -258,7 +258,7 @@ def write_dataset(
     return manifest
 
 
-class ShardInputError(ValueError):
+class ShardInputError(InputError, ValueError):
     """An argument of write_dataset that cannot be used; the message names it, its value and what is accepted."""
 
 
@@ -293,6 +293,7 @@ def _iter_lines(manifest: Manifest) -> Iterator[str]:
         yield f"{split}: {len(shards)} shards, {sum(s.num_samples for s in shards)} samples"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.write_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("source", metavar="SOURCE", help="'digits' or an image folder tree (one sub-folder per class)")
@@ -305,16 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else FSSPEC_S3_ENDPOINT_URL/AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
-    try:
-        m = write_dataset(
-            a.source, a.dest, maxcount=a.maxcount, maxsize=a.maxsize, val_fraction=a.val_fraction, fmt=a.fmt,
-            seed=a.seed, storage_options=opts, progress=not a.no_progress,
-        )
-    except (ShardInputError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    m = write_dataset(
+        a.source, a.dest, maxcount=a.maxcount, maxsize=a.maxsize, val_fraction=a.val_fraction, fmt=a.fmt,
+        seed=a.seed, storage_options=opts, progress=not a.no_progress,
+    )
     for line in _iter_lines(m):
         print(line)
     print(f"manifest: {join_url(m.root, 'manifest.json')}")

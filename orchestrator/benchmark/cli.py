@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from orchestrator.benchmark.common import machine_info, table
+from pipelines.cli import entry_point
 
 PARTS = ("model", "data", "train", "feed")
 
@@ -80,6 +81,7 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     repeats = args.repeats or (3 if args.quick else 5)

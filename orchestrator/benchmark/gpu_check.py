@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from orchestrator.benchmark.feed import make_loader
+from pipelines.cli import say
 
 PLACEMENTS = ("host", "device_aug", "device_decode")
 
@@ -96,12 +97,12 @@ def run(*, device: str = "cpu", quick: bool = False, model_name: str | None = No
         t0 = time.perf_counter()
         synthetic_jpegs(src, images, 375, 500)
         write_dataset(src, root, fmt="jpg", val_fraction=0.0, maxcount=256, progress=False)
-        print(f"[feed] wrote {images} JPEGs as shards in {time.perf_counter() - t0:.0f}s", flush=True)
+        say(f"[feed] wrote {images} JPEGs as shards in {time.perf_counter() - t0:.0f}s")
         placements = {}
         for p in PLACEMENTS:
             placements[p] = _train(root, p, model_name=model_name, batch=batch, steps=steps, warmup=2 if quick else 5,
                                    device=device, workers=workers, peak=peak)
-            print(f"[feed] {p}: {placements[p]}", flush=True)
+            say(f"[feed] {p}: {placements[p]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     model_only = bench_model.run(device, repeats, quick, batch, [model_name], "both" if cuda else "off", None)

@@ -26,6 +26,7 @@ from orchestrator.config.tree import OptimSection
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.plan import peak_tflops
 from orchestrator.train.step import train_step
+from pipelines.cli import say
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM / H200 dense bf16, when the GPU's name is not in PEAK_BF16_TFLOPS
 TIMM_MISSING = (
@@ -277,10 +278,10 @@ def run(
         "cases": [],
     }
     if timm_cls is None:
-        print(f"[model] {timm_info}", flush=True)
+        say(f"[model] {timm_info}")
     min_sample_s = (0.2 if quick else 0.5) if dev.type == "cpu" else 0.3
     for case in cases_for(dev.type, quick, batch, models):
-        print(f"[model] {case.name} batch {case.batch} on {dev.type} ({result['dtype']}) ...", flush=True)
+        say(f"[model] {case.name} batch {case.batch} on {dev.type} ({result['dtype']}) ...")
         result["cases"].append(bench_case(case, dev, repeats, timm_cls, compile_modes, min_sample_s, peak, quick))
     return result
 

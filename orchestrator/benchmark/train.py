@@ -35,6 +35,7 @@ import torch
 from cluster.local import LocalCluster
 from orchestrator.benchmark import checkpoint_upload
 from orchestrator.benchmark.common import STEP_LINE, interleaved, ratios, spread, summary
+from pipelines.cli import say
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 128
@@ -197,7 +198,7 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
                 return r["steps_per_s"]  # interleaved() divides by the wall time; we keep our own figure
             return fn
 
-        print(f"[train] {runs} interleaved runs each of the loop with and without Ray ({steps} steps) ...", flush=True)
+        say(f"[train] {runs} interleaved runs each of the loop with and without Ray ({steps} steps) ...")
         interleaved({"local": one("local"), "ray": one("ray")}, runs, warmup=0)
         cases = {}
         for key, rs in samples.items():
@@ -213,7 +214,7 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
         ))
 
         if submit and cluster is not None:
-            print("[train] ray job submit -> first step ...", flush=True)
+            say("[train] ray job submit -> first step ...")
             subs = []
             for i in range(1 if quick else 2):
                 ov = _overrides(tmp, data_url, f"bench-submit-{i}", 5, log_every=1)
@@ -231,12 +232,12 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
             cluster.down(grace_s=2)
 
     if not quick:
-        print("[train] the step around a checkpoint under Ray Train, storage on loopback S3 ...", flush=True)
+        say("[train] the step around a checkpoint under Ray Train, storage on loopback S3 ...")
         try:
             result["upload"] = checkpoint_upload.run(tmp, data_url)
         except Exception as e:  # the other figures stand without it
             notes.append(f"checkpoint upload run failed: {str(e)[-500:]}")
-    print("[train] checkpoint save / restore ...", flush=True)
+    say("[train] checkpoint save / restore ...")
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pipelines.cli import first_line
 from pipelines.storage import atomic_write
 
 STATE_FILE = "state.pt"
@@ -54,4 +55,4 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
 
 
 def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return f"{type(e).__name__}: {first_line(e, 200)}"

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config.checks import validate
-from orchestrator.config.tree import Config, ConfigError, config_from_dict
+from orchestrator.config.tree import Config, ConfigError, config_from_dict, set_dotted
 
 SPACE_DIR = Path(__file__).parent / "spaces"
 DEFAULT_SPACE = "digits"
@@ -295,18 +295,13 @@ def hidden_dim(cfg: Config) -> int:
         raise ConfigError(f"model.name: {e}") from None
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    section, name = key.split(".")
-    tree.setdefault(section, {})[name] = value
-
-
 def apply(base: Config, values: dict[str, Any], space: SearchSpace | None = None) -> Config:
     """base + sampled values (ratios of C resolved to integers), validated; errors name the key."""
     tree = base.to_dict()
     ratios = {k: v for k, v in values.items() if space is not None and k in space.params and space.params[k].ratio_of_c}
     for key, value in values.items():
         if key not in ratios:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     if ratios:
         c = hidden_dim(config_from_dict(tree))
         for key, ratio in ratios.items():
@@ -315,7 +310,7 @@ def apply(base: Config, values: dict[str, Any], space: SearchSpace | None = None
                 raise SpaceError(
                     f"space key {key}: ratio {ratio} of C={c} gives {RATIO_KEYS[key]}={dim}; expected a width >= 1"
                 )
-            _set_dotted(tree, key, dim)
+            set_dotted(tree, key, dim)
     cfg = config_from_dict(tree)
     validate(cfg)
     return cfg

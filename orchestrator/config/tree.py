@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipelines.cli import InputError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "digits"
 
@@ -28,7 +30,7 @@ def mixer_home() -> Path:
     return Path(os.environ.get("MIXER_HOME", Path.home() / ".mixer")).expanduser().resolve()
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config key has a value that cannot be used; the message names key, value and what is accepted."""
 
 
@@ -215,11 +217,11 @@ def parse_config(preset_or_file: str | None = None, overrides: list[str] | dict 
     tree = _load_yaml_file(path)
     if isinstance(overrides, dict):
         for key, value in overrides.items():
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     else:
         for item in overrides or []:
             key, value = parse_override(item)
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     return config_from_dict(tree)
 
 
@@ -234,7 +236,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree[section][name] = value for the key "section.name": every override goes in through here (the
+    command line's, a search space's fixed overrides and its sampled values)."""
     parts = key.split(".")
     if len(parts) != 2:
         raise ConfigError(

@@ -31,11 +31,12 @@ from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_check
 from model.state_dict_loading import check_state_dict, config_from_state_dict
 from orchestrator.checkpoint.format import FORMAT_VERSION, STATE_FILE
 from orchestrator.checkpoint.runs import run_checkpoints
+from pipelines.cli import InputError, first_line
 
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint source cannot be used; the message names the source and the problem."""
 
 
@@ -141,7 +142,7 @@ def _torch_load(fs, path: str, shown: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        detail = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else (
+        detail = first_line(e) if "Weights only load failed" not in str(e) else (
             "it holds pickled objects other than tensors and plain values, which are not executed")
         raise CheckpointError(
             f"checkpoint {shown} cannot be loaded safely with torch.load(weights_only=True): "
@@ -194,7 +195,7 @@ def _load_npz(fs, path: str, shown: str) -> Source:
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {shown} is not a readable .npz (np.load, allow_pickle=False): {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+            f"{first_line(e, 200)}"
         ) from None
     try:
         cfg = infer_npz_config(arrays)

@@ -22,6 +22,7 @@ count with what they reached so far; a run missing a number shows a blank and st
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 import time
@@ -41,7 +42,10 @@ from orchestrator.report.runs import (
 )
 from orchestrator.report.table import mark_frontier, markdown_table, sort_rows, write_csv
 from orchestrator.tracking.store import resolve_tracking_uri
+from pipelines.cli import entry_point
 from pipelines.redaction import redact
+
+log = logging.getLogger(__name__)
 
 REPORT_RUN_IDS_TAG = "mixer.report.run_ids"
 
@@ -150,7 +154,7 @@ def _log_report_run(uri, experiment, parent_run_id, filter_string, rows, files) 
     tracker.end("FINISHED")
     missing = tracker.unlogged_summary()
     if missing:
-        print(f"warning: {missing}", file=sys.stderr)
+        log.warning("warning: %s", missing)
     return run_id
 
 
@@ -208,13 +212,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        rep = make_report(args.tracking_uri, args.experiment, args.parent, args.filter, args.out, args.log_to_mlflow)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rep = make_report(args.tracking_uri, args.experiment, args.parent, args.filter, args.out, args.log_to_mlflow)
     print(rep.markdown)
     print(f"{len(rep.rows)} runs, {len(rep.frontier)} on the frontier: "
           + ", ".join(r.label for r in rep.frontier))

@@ -13,13 +13,14 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.cli import InputError, first_line
 from pipelines.redaction import redact
 
 REPORT_TAG = "mixer.report"  # marks report runs so that reports never compare themselves
 FEWSHOT_PREFIX = "fewshot/"
 
 
-class ReportError(Exception):
+class ReportError(InputError):
     """A bad input (unknown experiment/run, bad filter, no store): the message says what exists instead."""
 
 
@@ -217,7 +218,7 @@ def collect_runs(client, experiment_id: str, parent_run_id: str | None = None,
                 break
     except Exception as e:
         if filter_string and getattr(e, "error_code", None) in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
-            raise ReportError(f"MLflow cannot use the filter {filter_string!r}: {str(e).splitlines()[0]}") from None
+            raise ReportError(f"MLflow cannot use the filter {filter_string!r}: {first_line(e)}") from None
         raise
     runs = [r for r in runs if r.data.tags.get(REPORT_TAG) != "true"]
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}

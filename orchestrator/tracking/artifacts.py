@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from orchestrator.tracking.store import is_refused
+from pipelines.cli import first_line
 from pipelines.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class ArtifactLogging:
             logger.warning(
                 "MLflow could not log the model with torch.export (%s: %s); logging its state_dict as "
                 "model/state_dict.pt instead (torch.load(..., weights_only=True))", type(e).__name__,
-                redact(str(e).splitlines()[0] if str(e) else ""),
+                redact(first_line(e)),
             )
         spool = Path(tempfile.mkdtemp(prefix="mixer-mlflow-"))
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, spool / "state_dict.pt")

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pipelines.cli import first_line
 from pipelines.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ FIRST_RETRY_S = 2.0
 
 def short(exc: BaseException) -> str:
     """The first line of an error, secret-free and at most 300 characters."""
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    msg = first_line(exc) or type(exc).__name__
     return redact(msg if len(msg) <= 300 else msg[:297] + "...")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -25,8 +26,11 @@ from typing import Any
 from orchestrator.tracking.outage import short
 from orchestrator.tracking.store import TrackingUnreachableError
 from orchestrator.tracking.tracker import RunTracker
+from pipelines.cli import CommandError, InputError, entry_point
 from pipelines.redaction import redact
 from pipelines.storage import atomic_write, get_fs, join_url, protocol_of, read_bytes, resolve_storage_options
+
+log = logging.getLogger(__name__)
 
 REPLAY_FILE = "unlogged_tracking.jsonl"
 
@@ -43,8 +47,7 @@ def write_unlogged(tracker: RunTracker, run_dir: str, storage_options: dict | No
     try:
         _write(url, head, state, storage_options)
     except OSError as e:
-        print(f"warning: could not keep the unlogged tracking data in {redact(url)}: {redact(str(e))}",
-              file=sys.stderr)
+        log.warning("warning: could not keep the unlogged tracking data in %s: %s", redact(url), redact(str(e)))
         return None
     tracker.kept_at = redact(url)
     return url
@@ -105,6 +108,7 @@ def replay(url: str, tracking_uri: str, storage_options: dict | None = None) -> 
     return tracker, state
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.tracking.replay",
@@ -118,18 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         head, _ = read_unlogged(url, opts)
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        print(f"error: cannot read {redact(url)}: {redact(str(e))}", file=sys.stderr)
-        return 2
+        raise InputError(f"cannot read {redact(url)}: {redact(str(e))}") from None
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or head["tracking_uri"]
     if "****" in uri:
-        print(f"error: the recorded tracking URI {uri} has its password masked; pass --tracking-uri",
-              file=sys.stderr)
-        return 2
+        raise InputError(f"the recorded tracking URI {uri} has its password masked; pass --tracking-uri")
     try:
         tracker, state = replay(url, uri, opts)
     except TrackingUnreachableError as e:
-        print(f"error: {e}; nothing was replayed, {redact(url)} is unchanged", file=sys.stderr)
-        return 1
+        raise CommandError(f"{e}; nothing was replayed, {redact(url)} is unchanged") from None
     missing = tracker.unlogged_summary()
     if missing:
         print(missing, file=sys.stderr)

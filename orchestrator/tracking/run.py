@@ -15,6 +15,7 @@ from pathlib import Path
 from orchestrator.config.tree import Config
 from orchestrator.tracking.limits import stringify
 from orchestrator.tracking.tracker import RunTracker
+from pipelines.cli import say
 
 RUN_NAME_TAG = "mixer.run_name"
 
@@ -103,7 +104,7 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
     if run_id is not None:
         # MLflow params are write-once: a resumed run adds only what it lacks (e.g. a first attempt that
         # died before logging them); a changed value (say, more epochs) is kept as first logged.
-        print(f"[mlflow] continuing run {run_id} of {cfg.run.name}", flush=True)
+        say(f"[mlflow] continuing run {run_id} of {cfg.run.name}")
         params = {k: v for k, v in params.items() if k not in _logged_params(tracking_uri, run_id)}
     if params:
         tracker.log_params(params)

@@ -15,7 +15,11 @@ How it uses MLflow (checked against MLflow 3.17.2):
   MAX_BUFFERED_METRICS points) and is handed to MLflow again once the backoff has passed (outage.py).
 - Params, tags, artifacts and the run status are few: sent synchronously, so MLflow's error code tells a
   refusal (counted, never retried) from an outage (kept and sent again once the store answers).
-- HTTP retries and timeouts are MLflow's own (MLFLOW_HTTP_REQUEST_*), set once per process (store.py).
+- HTTP retries and timeouts are MLflow's own (MLFLOW_HTTP_REQUEST_*), set once per process (store.py); there is
+  no retry loop of ours around a request. What is ours is what comes after MLflow gives up on one, because
+  MLflow keeps nothing then: the outage buffer and its backoff (outage.py; MLflow's async queue drops a failed
+  batch), the relay actor that keeps rank 0's buffer past a worker's death (relay.py) and the replay file that
+  keeps it past the run (replay.py).
 - A metric point below the highest step already taken for its key, or at it with the same value, is dropped:
   a loop restarted from a checkpoint re-sends the steps between that checkpoint and the crash, which were
   logged already. A new value at the highest step (a figure updated at the end of the run) is kept.

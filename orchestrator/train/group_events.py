@@ -14,6 +14,7 @@ import time
 
 from orchestrator.train.progress import begin_group, log_restart
 from orchestrator.train.startup import describe, mark, phases
+from pipelines.cli import say
 
 
 class GroupEvents:
@@ -40,7 +41,7 @@ class GroupEvents:
         if step == self.first_step + 1 and self.rank == 0:
             mark(self.marks, "first_step")
             startup = phases(self.marks)
-            print(describe(startup), flush=True)
+            say(describe(startup))
             if tracker:
                 tracker.log_metrics(startup, step)
 
@@ -53,6 +54,6 @@ class GroupEvents:
         notice = self.session.preemption_notice()
         first = notice is not None and not self.noticed
         if first and self.rank == 0:
-            print(f"[preemption] {notice}: checkpoint at step {step}", flush=True)
+            say(f"[preemption] {notice}: checkpoint at step {step}")
         self.noticed = self.noticed or first
         return first

@@ -7,10 +7,10 @@ capacity is checked before the worker group is started (Train V2 otherwise waits
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +22,12 @@ from orchestrator.config.checks import stream_slots, worker_range
 from orchestrator.config.tree import Config, ConfigError, mixer_home
 from orchestrator.train.loop import Job
 from orchestrator.train.plan import chunk_size, worker_resources
+from pipelines.cli import CapacityError, say
+
+log = logging.getLogger(__name__)
 
 
-class ClusterTooSmallError(RuntimeError):
+class ClusterTooSmallError(CapacityError, RuntimeError):
     """The Ray cluster cannot fit the requested worker group."""
 
 
@@ -64,8 +67,8 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         manifest = load_manifest(url, storage_options=opts)
     except Exception as e:
         if allow_unreachable and cfg.data.num_train_samples:
-            print(f"[dry-run] dataset not checked ({type(e).__name__}: {e}); planning with "
-                  f"data.num_train_samples={cfg.data.num_train_samples}")
+            say(f"[dry-run] dataset not checked ({type(e).__name__}: {e}); planning with "
+                f"data.num_train_samples={cfg.data.num_train_samples}")
             return ResolvedData(url, opts, cfg.model.num_classes or 1000, cfg.data.num_train_samples, None)
         raise ConfigError(f"data.url={url!r} cannot be used: {e}") from None
     for split in (cfg.data.train_split, cfg.data.val_split):
@@ -181,7 +184,7 @@ def init_ray() -> None:
         return
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
-    print("[ray] starting a local Ray instance (set RAY_ADDRESS to join a cluster)", flush=True)
+    say("[ray] starting a local Ray instance (set RAY_ADDRESS to join a cluster)")
     with _ends_on_signal():
         ray.init(address="local", log_to_driver=True, dashboard_port=port)
 
@@ -229,8 +232,7 @@ def _ends_on_signal(grace_s: float = 5.0) -> Iterator[None]:
 
 
 def _abort_start(sig: signal.Signals) -> None:
-    print(f"[ray] {sig.name} during the Ray start: stopping what was started and exiting", file=sys.stderr,
-          flush=True)
+    log.warning("[ray] %s during the Ray start: stopping what was started and exiting", sig.name)
     _stop_started_processes()
     os._exit(128 + sig)
 

@@ -18,6 +18,7 @@ from orchestrator.config.tree import Config, config_from_dict
 from orchestrator.train.data_counts import DataCounts
 from orchestrator.train.setup import build_run
 from orchestrator.train.step import train_step
+from pipelines.cli import say
 
 
 @dataclass
@@ -97,6 +98,6 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
         tracker.flush(force=True)  # what an outage buffered; the driver ends the run
         missing = tracker.unlogged_summary()
         if missing:
-            print(f"[tracking] {missing}", flush=True)
+            say(f"[tracking] {missing}")
     return final
 

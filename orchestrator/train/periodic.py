@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.eval.metrics import evaluate
 from orchestrator.train.state import TrainingState
+from pipelines.cli import say
 
 
 class Evaluator:
@@ -41,8 +42,8 @@ class Evaluator:
         self.best_top1 = max(self.best_top1, val["top1"])
         out = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"]}
         if self.rank == 0:
-            print(f"eval step {step}: top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} "
-                  f"loss {val['loss']:.4f} ({val['count']} images)", flush=True)
+            say(f"eval step {step}: top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} "
+                f"loss {val['loss']:.4f} ({val['count']} images)")
             if self.tracker:
                 self.tracker.log_metrics({**out, **self.compute(step)}, step)
         return out

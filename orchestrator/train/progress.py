@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.cli import say
+
 NAMESPACE = "mixer-progress"
 
 
@@ -99,7 +101,7 @@ def begin_group(name: str | None, restored_step: int, world_size: int, restored:
         ledger = ledger_handle(name)
         restart = ray.get(ledger.begin.remote(restored_step, world_size))
     except Exception as e:
-        print(f"[restart] the progress ledger is gone ({type(e).__name__}); restarts are not counted", flush=True)
+        say(f"[restart] the progress ledger is gone ({type(e).__name__}); restarts are not counted")
         return None, restored
     return ledger, restart
 
@@ -112,8 +114,8 @@ def log_restart(ledger, tracker, step: int) -> None:
         summary = ray.get(ledger.summary.remote())
     except Exception:
         return
-    print(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
-          f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
-          f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after", flush=True)
+    say(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
+        f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
+        f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after")
     if tracker:
         tracker.log_metrics(summary, step)

@@ -23,6 +23,7 @@ from orchestrator.train.periodic import Checkpointer, Evaluator
 from orchestrator.train.plan import RunPlan, accelerators, make_plan, peak_tflops
 from orchestrator.train.state import TrainingState
 from orchestrator.train.step_log import StepLogger
+from pipelines.cli import say
 
 
 @dataclass
@@ -90,7 +91,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
 
 
 def _print_on_rank0(rank: int):
-    return (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
+    return say if rank == 0 else (lambda message: None)
 
 
 def start_tracker(cfg: Config, job, run_id: str | None):

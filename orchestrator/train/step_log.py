@@ -13,6 +13,7 @@ from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts
 from orchestrator.train.plan import RunPlan
 from orchestrator.train.step import StepResult
+from pipelines.cli import say
 
 
 class StepLogger:
@@ -50,10 +51,9 @@ class StepLogger:
             metrics["train/mfu"] = img_s / self.world * self.plan.train_gflops_per_image * 1e9 / (self.peak * 1e12)
         if self.rank == 0:
             eta = (self.plan.total_steps - step) * (now - self.run_t0) / max(step - self.first_step, 1)
-            print(
+            say(
                 f"step {step}/{self.plan.total_steps} epoch {epoch} loss {metrics['train/loss']:.4f} "
                 f"lr {result.lr:.2e} {img_s:.0f} img/s ETA {eta:.0f}s",
-                flush=True,
             )
             if self.tracker:
                 self.tracker.log_metrics(metrics, step)

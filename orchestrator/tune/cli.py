@@ -24,6 +24,7 @@ import sys
 from orchestrator.config.search_space import list_spaces
 from orchestrator.config.tree import ConfigError, list_presets
 from orchestrator.tune.search import run_search
+from pipelines.cli import entry_point
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,17 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.train.startup import keep_progress_lines_whole
 
     keep_progress_lines_whole()  # before anything imports Ray
     args = parse_args(argv)
-    try:
-        check_args(args)
-        return run_search(args)
-    except ConfigError as e:  # SpaceError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_args(args)
+    return run_search(args)
 
 
 def check_args(args: argparse.Namespace) -> None:

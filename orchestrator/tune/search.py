@@ -30,6 +30,7 @@ from orchestrator.tune.planning import (
 from orchestrator.tune.results import finish_search, saved_trials
 from orchestrator.tune.store import pick_name, store_for
 from orchestrator.tune.trial import trainable, trial_dirname
+from pipelines.cli import say
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -57,7 +58,7 @@ def run_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume: {store.experiment_url(name)} holds no Tune experiment state to resume "
                               "(the search stopped before Tune saved any); start it again without --resume")
         if args.config or args.overrides:
-            print("[tune] --resume uses the search's saved config and space; --config and overrides are ignored")
+            say("[tune] --resume uses the search's saved config and space; --config and overrides are ignored")
         space = parse_space(saved["space"], name=saved["space_name"])
         base = config_from_dict(saved["base_config"])
         search, scheduler_name = saved["search"], saved["scheduler"]
@@ -68,17 +69,17 @@ def run_search(args: argparse.Namespace) -> int:
         checked = validate_space(space, base)
     param_space = space.to_tune(search)  # grid search over a range fails here, naming the key
     num_samples = (saved or {}).get("num_samples") or args.num_samples or space.num_samples or 1
-    print(f"[tune] search {name}: space {space.name} ({len(space.params)} keys, {checked} model/plan combinations "
-          f"checked), search {search}, scheduler {scheduler_name}")
+    say(f"[tune] search {name}: space {space.name} ({len(space.params)} keys, {checked} model/plan combinations "
+        f"checked), search {search}, scheduler {scheduler_name}")
     for key, p in space.params.items():
-        print(f"  {key:28s} {p.describe()}")
+        say(f"  {key:28s} {p.describe()}")
 
     # Everything below touches data and tracking; still nothing on Ray.
     data, _ = launch.resolve_run(base, allow_unreachable=args.dry_run)
     max_t = max(num_reports(trial_plan(c, data)) for c in candidate_configs(space, base, PLAN_KEYS))
     num_trials = expected_trials(space, search, num_samples)
-    print(f"[tune] {num_trials} trial(s); each reports {max_t} time(s) (ASHA max_t); base config "
-          f"{base.model.name}, {base.scaling.num_workers} worker(s) per trial")
+    say(f"[tune] {num_trials} trial(s); each reports {max_t} time(s) (ASHA max_t); base config "
+        f"{base.model.name}, {base.scaling.num_workers} worker(s) per trial")
     if args.dry_run:
         print("# base config\n" + base.to_yaml())
         return 0
@@ -90,8 +91,8 @@ def run_search(args: argparse.Namespace) -> int:
     launch.check_capacity(biggest)
     fits, need = derive_concurrency(resource_cfgs)
     max_concurrent = args.max_concurrent or (saved or {}).get("max_concurrent") or fits
-    print(f"[tune] a trial needs {need}; {max_concurrent or 'unlimited'} trial(s) at once"
-          + ("" if args.max_concurrent else " (derived from the cluster)"))
+    say(f"[tune] a trial needs {need}; {max_concurrent or 'unlimited'} trial(s) at once"
+        + ("" if args.max_concurrent else " (derived from the cluster)"))
 
     parent = open_parent_run(base, tracking_uri, name, (saved or {}).get("parent_run_id"))
     setup = {
@@ -116,7 +117,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     experiment = store.tune_experiment_path(name)
     if args.resume:
-        print(f"[tune] resuming {store.experiment_url(name)}")
+        say(f"[tune] resuming {store.experiment_url(name)}")
         tuner = tune.Tuner.restore(experiment, trainable(setup), resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=store.tune_filesystem)
     else:

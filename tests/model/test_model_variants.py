@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import create_model, get_config, list_models, pretrained_data_config
+from model import create_model, get_config, list_models, official_data_config, pretrained_data_config
 
 TABLE1 = {  # name: (patch, layers, C, D_S, D_C), paper Table 1
     "mixer_s32_224": (32, 8, 512, 256, 2048),
@@ -29,6 +29,16 @@ def test_paper_variant_sizes_match_table1(name):
     assert data == dict(
         input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875
     )
+
+
+def test_official_weights_preprocessing_is_the_table1_variants():
+    """What evaluate uses for an official .npz / timm file that names no variant."""
+    official = official_data_config()
+    assert official == dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
+    for name in TABLE1:
+        assert {k: v for k, v in pretrained_data_config(name).items() if k != "input_size"} == official
+    official["crop_pct"] = 1.0  # a copy: the registry's table stays as it is
+    assert official_data_config()["crop_pct"] == 0.875
 
 
 def test_small_presets():
