@@ -88,6 +88,17 @@ class RelayedTracker:
     def log_params(self, params: dict) -> None:
         self._actor.log_params.remote(params)
 
+    def sync(self, timeout_s: float = 30.0) -> None:
+        """Return once the actor has run every call this process sent it (one caller's calls run in order), so
+        that nothing is still on its way when the worker returns; a gone or stuck actor is a warning."""
+        import ray
+
+        try:
+            ray.get(self._actor.is_reachable.remote(), timeout=timeout_s)
+        except Exception as e:
+            logger.warning("the tracking relay did not answer (%s: %s); the last calls may not have arrived",
+                           type(e).__name__, e)
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """A file of this worker's node (the actor may run on another): its bytes travel with the call and the
         actor logs them (RunTracker.log_artifact_bytes, which keeps them through an outage). At most

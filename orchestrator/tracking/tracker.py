@@ -104,6 +104,10 @@ class RunTracker(ArtifactLogging):
     def is_down(self) -> bool:
         return self._outage.down
 
+    def is_reachable(self) -> bool:
+        """`not is_down` as a method: what a caller of the relay actor can wait for (RelayedTracker.sync)."""
+        return not self._outage.down
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> str:
