@@ -125,6 +125,7 @@ class BatchFetcher:
         return None
 
     def close(self) -> None:
+        self._stream.close()  # the loader's iterator goes now, its worker processes with it
         if self.trace:
             self.trace.close()
 
