@@ -173,6 +173,12 @@ def figures_lines(metrics: dict) -> list[str]:
         lines.append(f"compute         {metrics['compute/accelerator_hours']:.4g} accelerator-hours held, "
                      f"{metrics['compute/productive_hours']:.4g} in training steps "
                      f"(goodput {100 * metrics['compute/goodput']:.1f}%)")
+    wait, mfu = metrics.get("perf/run_data_wait_fraction"), metrics.get("train/run_mfu")
+    if wait is not None or mfu is not None:
+        lines.append("time            " + (f"{100 * wait:.1f}% of the training steps waiting for data (the most "
+                                           "starved rank)" if wait is not None else "data wait not measured")
+                     + ", " + (f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU unknown (no peak known for "
+                                                                            "this accelerator)"))
     if "world_sizes" in metrics:
         lines.append(f"restarts        {metrics['goodput/restarts']} ({metrics['goodput/resizes']} resizes; world sizes "
                      f"{metrics['world_sizes']}), {metrics['goodput/steps_redone']} steps redone, "

@@ -7,6 +7,7 @@
     python -m orchestrator.benchmark feed --device cuda --json feed.json     # B/16 end to end per placement
     python -m orchestrator.benchmark train                                   # Ray Train vs plain loop, checkpoints
     python -m orchestrator.benchmark train --no-submit                       # ... without the job-submit timing
+    python -m orchestrator.benchmark train --observe-only                    # observe.* on vs off, same loop
     python -m orchestrator.benchmark all --json all.json
 
 Every comparison is measured side by side in one run: the cases are interleaved in rounds (``--repeats``),
@@ -17,7 +18,7 @@ the latest figures. Parts:
 - data  (orchestrator/benchmark/data.py): decode (torchvision vs PIL) + train augmentation img/s per core,
   local and S3 shards, against webdataset's recommended pipeline;
 - train (orchestrator/benchmark/train.py): steps/s under Ray Train vs without Ray, `ray job submit` to first
-  step, checkpoint save/restore and the step around a checkpoint.
+  step, checkpoint save/restore and the step around a checkpoint, observe.* (metrics, breakdown) on vs off.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2, max 12; CPU: 1)")
     g = p.add_argument_group("train")
     g.add_argument("--no-submit", action="store_true", help="skip `ray job submit` -> first step on a local cluster")
+    g.add_argument("--observe-only", action="store_true",
+                   help="train: only the observability overhead (observe.* on vs off, the same loop)")
     g.add_argument("--steps", type=int, default=None, help="train: steps per Ray / no-Ray run (default 60, quick 30); feed: timed steps per placement")
     a = p.parse_args(argv)
     if a.repeats is not None and a.repeats < 1:
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from orchestrator.benchmark import train as bench_train
 
-            res = bench_train.run(repeats, args.quick, submit=not args.no_submit, steps=args.steps)
+            res = bench_train.run(repeats, args.quick, submit=not args.no_submit, steps=args.steps,
+                                  observe_only=args.observe_only)
             title = f"train: orchestration overhead, {res['setup']}"
         module = sys.modules[f"orchestrator.benchmark.{'gpu_check' if part == 'feed' else part}"]
         out[part] = res

@@ -14,6 +14,10 @@
 - checkpoints: orchestrator.checkpoint.format.save_checkpoint of the state the loop saves (model, AdamW,
   schedule, RNG, data position) + LocalCheckpointStore.commit, load_checkpoint + load_state_dict, and the
   time of the step that saves a checkpoint and of the step after it, against plain steps (interleaved).
+- observability overhead (``observe_overhead``; alone with ``--observe-only``): the same loop (run_training,
+  LocalSession, in this process, tracked into a sqlite MLflow store) with observe's system-metrics sampler and
+  step-time breakdown on (the defaults) vs off, interleaved run by run; steps/s from the progress lines (first
+  window dropped) and steps per CPU-second of this process (the sampler's thread included), on/off per round.
 
     python -m orchestrator.benchmark.train local run.name=x data.url=/path ...   # the no-Ray loop (used above)
 """
@@ -154,7 +158,76 @@ def checkpoint_bench(model_name: str, batch: int, repeats: int, tmp: Path) -> di
     }
 
 
-def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int | None = None) -> dict[str, Any]:
+OBSERVE_CASES = {
+    "observe off": ["observe.system_metrics=false", "observe.step_breakdown=false"],
+    "observe on (defaults)": ["observe.system_metrics=true", "observe.step_breakdown=true"],
+}
+
+
+def observe_overhead(tmp: Path, data_url: str, steps: int, rounds: int, log_every: int = LOG_EVERY,
+                     warmup: int = 1) -> dict[str, Any]:
+    """steps/s of the training loop with observe's sampler (every 10 s, the default) and step breakdown on vs
+    off: the same run_training in this process (LocalSession, torch threads 1, tracked into a sqlite store so
+    that the sampler runs), one run of each case per round, in alternating order, after `warmup` rounds."""
+    import contextlib
+    import io
+
+    from orchestrator.config.tree import load_config
+    from orchestrator.tracking.tracker import RunTracker
+    from orchestrator.train.launch import resolve_data
+    from orchestrator.train.loop import Job, run_training
+    from orchestrator.train.session import LocalSession
+
+    uri = f"sqlite:///{tmp / 'observe-mlflow.db'}"
+    data = resolve_data(load_config(None, _overrides(tmp, data_url, "observe", steps)))
+    walls: dict[str, list[float]] = {k: [] for k in OBSERVE_CASES}
+    cpus: dict[str, list[float]] = {k: [] for k in OBSERVE_CASES}
+    counter = [0]
+
+    def one(case: str):
+        def fn() -> float:
+            counter[0] += 1
+            cfg = load_config(None, [*_overrides(tmp, data_url, f"observe-{counter[0]}", steps, log_every),
+                                     "tracking.enabled=true", f"tracking.uri={uri}",
+                                     "tracking.experiment=bench-observe", *OBSERVE_CASES[case]])
+            tracker = RunTracker(uri, cfg.tracking.experiment, cfg.run.name)
+            job = Job(dataset_url=data.url, num_classes=data.num_classes, train_samples=data.train_samples,
+                      mlflow_run_id=tracker.start(), tracking_uri=uri, storage_options=data.storage_options)
+            printed = io.StringIO()
+            c0 = time.process_time()
+            with contextlib.redirect_stdout(printed):
+                run_training(cfg, LocalSession(str(tmp / "observe-runs" / cfg.run.name), device="cpu"), job)
+            cpu_s = time.process_time() - c0
+            tracker.end("FINISHED")
+            windows = [int(m.group(3)) / GLOBAL_BATCH for m in STEP_LINE.finditer(printed.getvalue())]
+            if len(windows) < 2:
+                raise RuntimeError("observe overhead: fewer than 2 progress lines:\n" + printed.getvalue()[-2000:])
+            walls[case].append(statistics.median(windows[1:]))
+            cpus[case].append(steps / cpu_s)
+            return walls[case][-1]
+        return fn
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray sets OMP_NUM_THREADS for a 1-CPU worker
+    try:
+        interleaved({case: one(case) for case in OBSERVE_CASES}, rounds, warmup=warmup)
+    finally:
+        torch.set_num_threads(saved)
+    off, on = OBSERVE_CASES
+    for figures in (walls, cpus):  # the warm-up rounds' runs are not figures
+        for case in figures:
+            figures[case] = figures[case][warmup:]
+    return {
+        "setup": f"run_training + LocalSession in one process, {steps} steps per run, {rounds} rounds",
+        "steps_per_s": {case: summary(v) for case, v in walls.items()},
+        "steps_per_cpu_s": {case: summary(v) for case, v in cpus.items()},
+        "on_vs_off_steps_per_s": summary(ratios(walls[on], walls[off])),
+        "on_vs_off_steps_per_cpu_s": summary(ratios(cpus[on], cpus[off])),
+    }
+
+
+def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int | None = None,
+        observe_only: bool = False) -> dict[str, Any]:
     from pipelines.digits import ensure_digits_dataset
 
     steps = steps or (30 if quick else 60)
@@ -166,6 +239,13 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
                   f"{steps} steps per run, {runs} runs each, interleaved"),
         "notes": notes,
     }
+    if observe_only:
+        try:
+            print(f"[train] observe on vs off, {runs} interleaved rounds of {steps} steps ...", flush=True)
+            result["observe"] = observe_overhead(tmp, ensure_digits_dataset(str(tmp / "digits")), steps, runs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
     cluster = None
     try:
         data_url = ensure_digits_dataset(str(tmp / "digits"))
@@ -231,6 +311,8 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
         if cluster is not None:
             cluster.down(grace_s=2)
 
+    print(f"[train] observe on vs off, {runs} interleaved rounds of {steps} steps ...", flush=True)
+    result["observe"] = observe_overhead(tmp, data_url, steps, runs)
     if not quick:
         say("[train] the step around a checkpoint under Ray Train, storage on loopback S3 ...")
         try:
@@ -259,6 +341,15 @@ def tables(result: dict[str, Any]):
         if "submit_to_first_step_s" in result:
             rows.append(["ray job submit (local cluster)", "", "", spread(result["submit_to_first_step_s"])])
         out.append((["run", "steps/s median [min-max]", "vs no Ray (same round)", "start -> first step s"], rows))
+    if "observe" in result:
+        ob = result["observe"]
+        rows = [[case, spread(ob["steps_per_s"][case]), spread(ob["steps_per_cpu_s"][case])]
+                for case in OBSERVE_CASES]
+        rows.append(["on / off (same round)", spread(ob["on_vs_off_steps_per_s"]) + "x",
+                     spread(ob["on_vs_off_steps_per_cpu_s"]) + "x"])
+        out.append((["observability (" + ob["setup"] + ")", "steps/s (wall)", "steps per CPU-s"], rows))
+    if "checkpoint" not in result:
+        return out
     rows = []
     for c in result.get("checkpoint", []):
         rows.append([f"{c['model']} (batch {c['batch']})", f"{c['checkpoint_mb']:.1f}", spread(c["save_s"]),

@@ -56,7 +56,9 @@ class HostMetrics:
 
     def __init__(self, disk_path: str = os.sep):
         self.disk_path = disk_path
-        psutil.cpu_percent()  # the first call only sets the reference point for the next one
+        # CPU % since the previous sample, from psutil.cpu_times() held here: psutil.cpu_percent() keeps its
+        # reference per thread (psutil 7), so the sampler thread's first reading would be 0.0
+        self._cpu = psutil.cpu_times()
         self._net0 = psutil.net_io_counters()
         self._disk0 = psutil.disk_io_counters()  # None where the OS gives no disk counters (some containers)
 
@@ -64,7 +66,7 @@ class HostMetrics:
         memory = psutil.virtual_memory()
         usage = psutil.disk_usage(self.disk_path)
         out = {
-            "cpu_utilization_percentage": psutil.cpu_percent(),
+            "cpu_utilization_percentage": self._cpu_percent(),
             "system_memory_usage_megabytes": memory.used / MB,
             "system_memory_usage_percentage": memory.used / memory.total * 100,
             "disk_usage_percentage": usage.percent,
@@ -80,6 +82,23 @@ class HostMetrics:
             out["disk_read_megabytes"] = (disk.read_bytes - self._disk0.read_bytes) / MB
             out["disk_write_megabytes"] = (disk.write_bytes - self._disk0.write_bytes) / MB
         return out
+
+
+    def _cpu_percent(self) -> float:
+        """Busy share of all CPUs since the previous call (or creation), as psutil.cpu_percent counts it."""
+        before, self._cpu = self._cpu, psutil.cpu_times()
+        total = _cpu_total(self._cpu) - _cpu_total(before)
+        idle = _cpu_idle(self._cpu) - _cpu_idle(before)
+        return min(max(100.0 * (total - idle) / total, 0.0), 100.0) if total > 0 else 0.0
+
+
+def _cpu_total(times) -> float:
+    # on Linux guest time is counted in user/nice already (psutil's _cpu_tot_time subtracts it the same way)
+    return sum(times) - getattr(times, "guest", 0) - getattr(times, "guest_nice", 0)
+
+
+def _cpu_idle(times) -> float:
+    return times.idle + getattr(times, "iowait", 0)  # Linux: I/O wait is idle time not counted in idle
 
 
 class GpuMetrics:

@@ -8,7 +8,8 @@
 
 Writes into --out (default $MIXER_HOME/reports/<experiment>):
     runs.md, runs.csv                 one row per run: model sizes, parameters, GFLOPs/image, throughput,
-                                      MFU, accelerator-hours, total FLOPs, best top-1, few-shot accuracy
+                                      MFU, data-wait fraction, accelerator-hours, total FLOPs, best top-1,
+                                      few-shot accuracy
     accuracy_vs_compute.png           best top-1 vs accelerator-hours, the Pareto frontier marked
     accuracy_vs_throughput.png        best top-1 vs img/s per accelerator
     accuracy_vs_params.png            best top-1 vs parameter count
@@ -130,7 +131,8 @@ def _markdown_document(exp_name, uri, parent_run_id, filter_string, rows, front)
     head.append("★ = Pareto frontier: no other run reached a higher best top-1 for fewer accelerator-hours. "
                 "Runs missing either number are left off it.")
     head.append("img/s, img/s per accelerator and MFU are medians after warm-up; best top-1 is the maximum of "
-                "val/top1; GFLOPs/img is the forward pass.")
+                "val/top1; GFLOPs/img is the forward pass; data wait is the share of the training steps' time "
+                "spent waiting for the next batch (the most starved rank).")
     return "\n".join(head) + "\n\n" + markdown_table(rows)
 
 

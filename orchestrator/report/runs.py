@@ -2,8 +2,10 @@
 
 best top-1 = max of the val/top1 history; accelerator-hours (held), productive hours, goodput and total FLOPs =
 the last value of compute/accelerator_hours, compute/productive_hours, compute/goodput and compute/flops;
-img/s, img/s per accelerator and MFU = median of their history after the first logging window (warm-up);
-few-shot = the last value logged.
+img/s, img/s per accelerator and MFU = median of their history after the first logging window (warm-up), MFU
+else the run's own figure (train/run_mfu, logged at its end); data wait = the run's fraction of training time
+spent waiting for data (perf/run_data_wait_fraction, logged at its end), else the median of the windows'
+perf/data_wait_fraction after the first; few-shot = the last value logged.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class RunRow:
     img_per_s: float | None = None
     img_per_s_per_device: float | None = None
     mfu: float | None = None
+    data_wait: float | None = None  # fraction of the training steps' time spent waiting for data (0..1)
     accelerator_hours: float | None = None  # held: wall time x accelerators
     productive_hours: float | None = None  # inside training steps
     goodput: float | None = None
@@ -122,6 +125,11 @@ def row_from_run(client, run) -> RunRow:
     if row.img_per_s_per_device is None and row.img_per_s is not None and row.workers:
         row.img_per_s_per_device = row.img_per_s / row.workers
     row.mfu = _steady_median(hist("train/mfu"))
+    if row.mfu is None:
+        row.mfu = _last(hist("train/run_mfu"))
+    row.data_wait = _last(hist("perf/run_data_wait_fraction"))
+    if row.data_wait is None:
+        row.data_wait = _steady_median(hist("perf/data_wait_fraction"))
     row.accelerator_hours = _last(hist("compute/accelerator_hours"))
     row.productive_hours = _last(hist("compute/productive_hours"))
     row.goodput = _last(hist("compute/goodput"))

@@ -82,6 +82,7 @@ def _columns(rows: list[RunRow]):
         ("img/s", "img_per_s", lambda r: r.img_per_s, lambda v: _fmt_sig(v, 3)),
         ("img/s/acc", "img_per_s_per_accelerator", lambda r: r.img_per_s_per_device, lambda v: _fmt_sig(v, 3)),
         ("MFU", "mfu", lambda r: r.mfu, lambda v: _fmt_pct(v, 1)),
+        ("data wait", "data_wait_fraction", lambda r: r.data_wait, lambda v: _fmt_pct(v, 1)),
         ("acc-hours", "accelerator_hours", lambda r: r.accelerator_hours, _fmt_sig),
         ("productive h", "productive_hours", lambda r: r.productive_hours, _fmt_sig),
         ("goodput", "goodput", lambda r: r.goodput, lambda v: _fmt_pct(v, 0)),

@@ -1,8 +1,11 @@
-"""Artifacts and the model of a run, logged by the driver (RunTracker's artifact half; never from the loop).
+"""Artifacts and the model of a run (RunTracker's artifact half), logged by the driver; from the training loop
+only the profiler window's files, once (rank 0, observe.profile_steps).
 
 Each artifact is one synchronous MlflowClient call, made through RunTracker._call_or_keep: a refusal is
 counted, an outage keeps the call and replays it once the store answers; the end-of-run summary lists the
 artifacts that never arrived. What is written is scrubbed of secrets first (pipelines.redaction).
+A file that comes as bytes from another node (log_artifact_bytes: the relay actor, relay.py) is held by the
+tracker until it is logged, so it also moves with the relay's leftovers and into the replay file (replay.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".txt", ".log", ".cfg", ".toml", ".i
 
 class ArtifactLogging:
     """Mixed into RunTracker: uses its `client`, `run_id`, `experiment_id`, `is_down`, `flush`, `set_tags`,
-    `_call_or_keep`, `_outage` and `_lost`."""
+    `_call_or_keep`, `_blobs`, `_outage` and `_lost`."""
 
     def log_dict(self, obj, artifact_file: str) -> None:
         """A dict as YAML (.yaml/.yml) or JSON (anything else), with secret keys dropped and values masked."""
@@ -61,6 +64,32 @@ class ArtifactLogging:
             self._call_or_keep(dest, lambda: self.client.log_text(self.run_id, text, dest))
         else:
             self._call_or_keep(dest, lambda: self.client.log_artifact(self.run_id, str(p), artifact_path))
+
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        """A file's content as the artifact `artifact_file` (e.g. "profile/trace.json"), logged like log_artifact
+        (text scrubbed of secrets). Its bytes stay in the tracker (`_blobs`) until MLflow has them: pending()
+        hands them on (relay -> driver, driver -> replay file) instead of losing them with this process."""
+        self._blobs[artifact_file] = bytes(data)
+        self._call_or_keep(artifact_file, lambda: self._send_blob(artifact_file))
+
+    def _send_blob(self, artifact_file: str) -> None:
+        data = self._blobs[artifact_file]
+        directory, _, name = artifact_file.rpartition("/")
+        try:
+            if Path(name).suffix.lower() in _TEXT_SUFFIXES and len(data) < 5 * 2**20:
+                self.client.log_text(self.run_id, redact(data.decode(errors="replace")), artifact_file)
+            else:
+                spool = Path(tempfile.mkdtemp(prefix="mixer-mlflow-"))
+                try:
+                    (spool / name).write_bytes(data)
+                    self.client.log_artifact(self.run_id, str(spool / name), directory or None)
+                finally:
+                    shutil.rmtree(spool, ignore_errors=True)
+        except Exception as e:
+            if is_refused(e):  # counted by the caller; never retried, so nothing to keep
+                self._blobs.pop(artifact_file, None)
+            raise
+        self._blobs.pop(artifact_file, None)
 
     def log_model(self, model, input_example) -> str:
         """Log the model as MLflow's pytorch flavour (torch.export, "pt2", with the input example).

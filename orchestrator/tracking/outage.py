@@ -92,9 +92,11 @@ class Unlogged:
         self.model = self.model or other.model
 
     def summary(self, where: str, run_id: str | None, outages: int, *, buffered_metrics: list[str], params: int,
-                tags: int, artifacts: list[str], status: str | None, kept_at: str | None = None) -> str | None:
+                tags: int, artifacts: list[str], status: str | None, kept_at: str | None = None,
+                kept_artifacts: int = 0) -> str | None:
         """One line (counts per kind, plus the still-buffered ones given), or None when nothing is missing.
-        `kept_at`: the replay file that holds the still-buffered metrics, params, tags and status."""
+        `kept_at`: the replay file that holds the still-buffered metrics, params, tags, status and the
+        `kept_artifacts` artifacts whose content the tracker holds (RunTracker.log_artifact_bytes)."""
         keys = sorted(self.metric_keys | set(buffered_metrics))
         parts = []
         if n := self.metrics + len(buffered_metrics):
@@ -120,6 +122,7 @@ class Unlogged:
         line = f"not logged to MLflow at {where}{run}{why}: " + "; ".join(parts)
         if kept_at:
             kept = [f"{len(buffered_metrics)} metric values", f"{params} params", f"{tags} tags"]
+            kept += [f"{kept_artifacts} artifacts"] if kept_artifacts else []
             line += (f". Kept for replay ({', '.join(kept)}{', the run status' if status else ''}) in {kept_at}; "
                      f"replay into the same run with: python -m orchestrator.tracking.replay {kept_at}")
         return line

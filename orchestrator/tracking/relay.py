@@ -8,7 +8,8 @@ The actor is not detached: it lives as long as the driver that owns it, whatever
 While the store is away its RunTracker keeps what rank 0 sent and sends it once the store answers; after a
 worker restart it drops the steps the loop sends again (those between the checkpoint and the crash were
 logged already). What it still holds at the end goes to the driver's tracker, which sends it with the run's
-last flush or writes it to the replay file (replay.py).
+last flush or writes it to the replay file (replay.py). Files (the profiler's) travel as bytes: the actor
+lives on the driver's node, the file on the worker's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.tracking.tracker import RunTracker
@@ -23,6 +25,9 @@ from orchestrator.tracking.tracker import RunTracker
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "mixer-tracking"
+# A file sent through the actor travels in one Ray call and is held in the actor's memory until logged: the
+# profiler's trace of a few steps is well under this.
+MAX_RELAYED_ARTIFACT_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -82,3 +87,27 @@ class RelayedTracker:
 
     def log_params(self, params: dict) -> None:
         self._actor.log_params.remote(params)
+
+    def sync(self, timeout_s: float = 30.0) -> None:
+        """Return once the actor has run every call this process sent it (one caller's calls run in order), so
+        that nothing is still on its way when the worker returns; a gone or stuck actor is a warning."""
+        import ray
+
+        try:
+            ray.get(self._actor.is_reachable.remote(), timeout=timeout_s)
+        except Exception as e:
+            logger.warning("the tracking relay did not answer (%s: %s); the last calls may not have arrived",
+                           type(e).__name__, e)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """A file of this worker's node (the actor may run on another): its bytes travel with the call and the
+        actor logs them (RunTracker.log_artifact_bytes, which keeps them through an outage). At most
+        MAX_RELAYED_ARTIFACT_BYTES; a larger file is not sent and a warning names where it stays."""
+        p = Path(local_path)
+        size = p.stat().st_size
+        if size > MAX_RELAYED_ARTIFACT_BYTES:
+            logger.warning("artifact %s is %.0f MB, over the relay's %.0f MB: not logged to MLflow; it stays on "
+                           "this node", p, size / 1e6, MAX_RELAYED_ARTIFACT_BYTES / 1e6)
+            return
+        dest = f"{artifact_path}/{p.name}" if artifact_path else p.name
+        self._actor.log_artifact_bytes.remote(p.read_bytes(), dest)

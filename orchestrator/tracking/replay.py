@@ -2,20 +2,22 @@
 
     python -m orchestrator.tracking.replay RUN_DIR_OR_FILE [--tracking-uri URI]
 
-At the end of a run whose tracking store was unreachable, the driver writes the metrics, params, tags and
-final status still unlogged to run.storage_path/run.name/unlogged_tracking.jsonl (any fsspec URL), and the
-end-of-run summary names the file. The command sends them into the same MLflow run (through RunTracker, with
+At the end of a run whose tracking store was unreachable, the driver writes the metrics, params, tags, files held
+as bytes (the profiler's) and final status still unlogged to run.storage_path/run.name/unlogged_tracking.jsonl
+(any fsspec URL), and the end-of-run summary names the file. The command sends them into the same MLflow run (through RunTracker, with
 its retries and refusal handling); once everything is logged the file is renamed *.replayed-<time>.jsonl, so
 a second replay cannot log a point twice. What is still not logged stays in the file (exit code 1).
 
 File format: JSON lines; the first is the run ({"run_id", "experiment", "run_name", "tracking_uri" with any
 password masked, "status": the final status to set, or null}), then one line per item:
-{"metric": [key, value, timestamp_ms, step]}, {"param": [key, value]}, {"tag": [key, value]}.
+{"metric": [key, value, timestamp_ms, step]}, {"param": [key, value]}, {"tag": [key, value]},
+{"artifact": [artifact file, base64 content]} (a file that came as bytes from a worker: the profiler's).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -39,7 +41,7 @@ def write_unlogged(tracker: RunTracker, run_dir: str, storage_options: dict | No
     """Write what `tracker` could not log to run_dir/unlogged_tracking.jsonl; its URL, or None if nothing is
     left (or the file could not be written: a warning says so and the summary then has no file to name)."""
     state = tracker.pending()
-    if not (state["metrics"] or state["params"] or state["tags"] or state["status"]) or tracker.run_id is None:
+    if not _anything(state) or tracker.run_id is None:
         return None
     url = join_url(run_dir, REPLAY_FILE)
     head = {"run_id": tracker.run_id, "experiment": tracker.experiment, "run_name": tracker.run_name,
@@ -53,10 +55,15 @@ def write_unlogged(tracker: RunTracker, run_dir: str, storage_options: dict | No
     return url
 
 
+def _anything(state: dict) -> bool:
+    return bool(state["metrics"] or state["params"] or state["tags"] or state.get("artifacts") or state["status"])
+
+
 def _write(url: str, head: dict, state: dict, storage_options: dict | None) -> None:
     lines = [head] + [{"metric": m} for m in state["metrics"]]
     lines += [{"param": [k, v]} for k, v in state["params"].items()]
     lines += [{"tag": [k, v]} for k, v in state["tags"].items()]
+    lines += [{"artifact": [k, base64.b64encode(v).decode()]} for k, v in state.get("artifacts", {}).items()]
     if protocol_of(url) in ("file", "local"):
         os.makedirs(os.path.dirname(get_fs(url, storage_options)[1]), exist_ok=True)
     with atomic_write(url, storage_options) as f:
@@ -66,7 +73,7 @@ def _write(url: str, head: dict, state: dict, storage_options: dict | None) -> N
 def read_unlogged(url: str, storage_options: dict | None = None) -> tuple[dict, dict]:
     """(the run line, the state as RunTracker.pending() gives it) from a replay file."""
     head: dict[str, Any] | None = None
-    state: dict[str, Any] = {"metrics": [], "params": {}, "tags": {}}
+    state: dict[str, Any] = {"metrics": [], "params": {}, "tags": {}, "artifacts": {}}
     for line in read_bytes(url, storage_options).decode().splitlines():
         if not line.strip():
             continue
@@ -75,6 +82,9 @@ def read_unlogged(url: str, storage_options: dict | None = None) -> tuple[dict, 
             head = item
         elif "metric" in item:
             state["metrics"].append(item["metric"])
+        elif "artifact" in item:
+            name, content = item["artifact"]
+            state["artifacts"][name] = base64.b64decode(content)
         else:
             kind = "param" if "param" in item else "tag"
             key, value = item[kind]
@@ -101,7 +111,7 @@ def replay(url: str, tracking_uri: str, storage_options: dict | None = None) -> 
     tracker.end(status)
     fs, path = get_fs(url, storage_options)
     left = tracker.pending()
-    if left["metrics"] or left["params"] or left["tags"] or left["status"]:
+    if _anything(left):
         _write(url, head, left, storage_options)
     else:
         fs.mv(path, path.removesuffix(".jsonl") + time.strftime(".replayed-%Y%m%d-%H%M%S.jsonl"))
@@ -137,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"replayed {len(state['metrics'])} metric values, {len(state['params'])} params, "
-          f"{len(state['tags'])} tags{' and the run status' if state['status'] else ''} "
+          f"{len(state['tags'])} tags, {len(state['artifacts'])} artifacts"
+          f"{' and the run status' if state['status'] else ''} "
           f"into MLflow run {tracker.run_id} at {redact(uri)}")
     return 0
 

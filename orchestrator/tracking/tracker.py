@@ -86,6 +86,7 @@ class RunTracker(ArtifactLogging):
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._calls: list[tuple[str, Callable[[], Any]]] = []  # artifact calls kept for later (label, call)
+        self._blobs: dict[str, bytes] = {}  # artifact file -> content not yet logged (log_artifact_bytes)
         self._status: str | None = None  # RUNNING to set on resume, or the final status, until it is set
         self._ended = False
         # The highest step taken per metric key: a loop restarted from a checkpoint sends the steps between
@@ -106,6 +107,10 @@ class RunTracker(ArtifactLogging):
     @property
     def is_down(self) -> bool:
         return self._outage.down
+
+    def is_reachable(self) -> bool:
+        """`not is_down` as a method: what a caller of the relay actor can wait for (RelayedTracker.sync)."""
+        return not self._outage.down
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -328,7 +333,7 @@ class RunTracker(ArtifactLogging):
         with self._lock:
             metrics = [[m.key, m.value, m.timestamp, m.step] for m in self._metrics]
         return {"metrics": metrics, "params": dict(self._params), "tags": dict(self._tags),
-                "status": self._status if self._ended else None}
+                "artifacts": dict(self._blobs), "status": self._status if self._ended else None}
 
     def hand_over(self) -> tuple[dict, Unlogged, int]:
         """(pending(), the tally of what was lost, the number of outages), taken out of this tracker: how the
@@ -337,6 +342,8 @@ class RunTracker(ArtifactLogging):
         with self._lock:
             self._metrics.clear()
         self._params, self._tags = {}, {}
+        self._calls = [(label, call) for label, call in self._calls if label not in self._blobs]
+        self._blobs = {}
         lost, self._lost = self._lost, Unlogged()
         return state, lost, self._outage.count
 
@@ -349,6 +356,8 @@ class RunTracker(ArtifactLogging):
                              older=True)
         self._params = {**state["params"], **self._params}
         self._tags = {**state["tags"], **self._tags}
+        for artifact_file, data in state.get("artifacts", {}).items():
+            self.log_artifact_bytes(data, artifact_file)
         if lost is not None:
             self._lost.merge(lost)
         self._outage.count += outages
@@ -365,4 +374,4 @@ class RunTracker(ArtifactLogging):
         return self._lost.summary(
             redact(self.tracking_uri), self.run_id, self._outage.count, buffered_metrics=keys,
             params=len(self._params), tags=len(self._tags), artifacts=[label for label, _ in self._calls],
-            status=self._status if self._ended else None, kept_at=self.kept_at)
+            status=self._status if self._ended else None, kept_at=self.kept_at, kept_artifacts=len(self._blobs))

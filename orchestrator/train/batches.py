@@ -3,7 +3,9 @@
 One optimizer step takes one chunk from every canonical stream slot this rank owns (pipelines/plan.py), so
 the global batch is exact at any world size. `BatchFetcher.next` reads those chunks across epoch
 boundaries, notes the epochs whose last batch it took (their bad-sample counts are read right then: the next
-`set_epoch` starts new counts), and moves the batch to the training device.
+`set_epoch` starts new counts), and moves the batch to the training device, all in the step timer's
+`data_wait` phase; the loader's device stage (augment_on='device') runs inside it, timed as `device_augment`
+(`time_device_stage`). observe.data_delay_s slows every batch of the loader on purpose (a diagnostic).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from model import pretrained_data_config
 from orchestrator.config.checks import augment_on, stream_slots
 from orchestrator.config.tree import Config
+from orchestrator.observe.step_timer import StepTimer, delayed
 from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.plan import chunk_size, micro_batch_size
 from pipelines.loader import ShardLoader
@@ -84,11 +87,12 @@ class BatchFetcher:
     from the loaded position."""
 
     def __init__(self, loader: ShardLoader, device: torch.device, start_epoch: int, resumed: bool,
-                 trace: KeyTrace | None = None):
+                 trace: KeyTrace | None = None, timer: StepTimer | None = None, delay_s: float = 0.0):
         self.loader = loader
         self.device = device
         self.trace = trace
-        self._stream = self._batches(start_epoch, resumed)
+        self.timer = timer or StepTimer(enabled=False)
+        self._stream = delayed(self._batches(start_epoch, resumed), delay_s)
 
     def _batches(self, epoch: int, resumed: bool) -> Iterator[tuple[int, Any]]:
         while True:
@@ -102,13 +106,14 @@ class BatchFetcher:
     def next(self, step: int) -> StepBatch:
         """The chunks of optimizer step `step` (1-based). Collective at an epoch's end: every rank is here."""
         chunks, ended = [], []
-        for _ in range(self.loader.slots_owned):
-            epoch, chunk = next(self._stream)
-            chunks.append(chunk)
-            if self.loader.batches_consumed == len(self.loader):
-                ended.append((epoch, epoch_counts(self.loader, self.device)))
-        x = torch.cat([c[0] for c in chunks]).to(self.device, non_blocking=True)
-        y = torch.cat([c[1] for c in chunks]).to(self.device, non_blocking=True)
+        with self.timer.phase("data_wait"):
+            for _ in range(self.loader.slots_owned):
+                epoch, chunk = next(self._stream)
+                chunks.append(chunk)
+                if self.loader.batches_consumed == len(self.loader):
+                    ended.append((epoch, epoch_counts(self.loader, self.device)))
+            x = torch.cat([c[0] for c in chunks]).to(self.device, non_blocking=True)
+            y = torch.cat([c[1] for c in chunks]).to(self.device, non_blocking=True)
         if self.trace:
             self.trace.write(step, epoch, [k for c in chunks for k in c[2]], x)
         return StepBatch(x, y, epoch, ended)
@@ -120,8 +125,36 @@ class BatchFetcher:
         return None
 
     def close(self) -> None:
+        self._stream.close()  # the loader's iterator goes now, its worker processes with it
         if self.trace:
             self.trace.close()
+
+
+def time_device_stage(loader: ShardLoader, timer: StepTimer) -> None:
+    """Time the loader's device stage (augment_on='device': RandAugment, normalisation on the training device)
+    as `device_augment`. Nothing to time when the stage runs on the host (inside the loader's processes)."""
+    if timer.enabled and loader.augment_on == "device":
+        loader.batch_stage = TimedStage(loader.batch_stage, timer)
+
+
+class TimedStage:
+    """A BatchStage whose call (on the device, in the loader's iteration) runs in the timer's `device_augment`
+    phase. Its `draw` (in the loader's workers) is the stage's own; pickled, it is the bare stage."""
+
+    def __init__(self, stage, timer: StepTimer):
+        self.stage = stage
+        self.draw = stage.draw
+        self._timed = timer.timed("device_augment", stage)
+
+    def __call__(self, images, draws):
+        return self._timed(images, draws)
+
+    def __reduce__(self):
+        return _bare_stage, (self.stage,)
+
+
+def _bare_stage(stage):
+    return stage
 
 
 class KeyTrace:

@@ -5,7 +5,9 @@
 The step itself lives in orchestrator/train/step.py. The loop hands every other concern to a component,
 built before the first step by train/setup.py: the batch of each step (batches.py), the training state a
 checkpoint holds (state.py), the window's metrics and progress line (step_log.py), evaluation and
-checkpoints (periodic.py), start-up, restarts and preemption notices (group_events.py).
+checkpoints (periodic.py), start-up, restarts and preemption notices (group_events.py), system metrics and
+the profiler (observers.py); the step timer (orchestrator/observe/step_timer.py) is handed to those that time
+a phase of the step (the batch fetch, train_step, evaluation, checkpoints) and reduced by the step logger.
 """
 
 from __future__ import annotations
@@ -57,40 +59,43 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
     first_step, final = state.step, {}
     last_epoch_counts = DataCounts()  # the unfinished epoch at the run's end: reported, not checkpointed
 
-    while state.step < plan.total_steps:
-        with state.clock.step():
-            batch = run.batches.next(state.step + 1)
-            run.group.batch_fetched(state.step + 1)
-            micro_batches = batch.micro_batches(plan.micro_batch_size)
-            result = train_step(run.train_model, micro_batches, state.optimizer, state.scheduler,
-                                **run.step_kwargs(micro_batches))
-        state.step += 1
-        step = state.step
-        run.group.step_done(step, tracker)
-        for ended_epoch, counts in batch.ended:
-            state.run_counts += counts
-            run.log.epoch_counts(ended_epoch, counts, step)
-        if step == plan.total_steps and (unfinished := run.batches.unfinished_epoch_counts()) is not None:
-            # a resume continues this epoch and counts it whole when it ends, so it stays out of run_counts
-            last_epoch_counts = unfinished
-            run.log.epoch_counts(batch.epoch, unfinished, step)
-        run.log.step_done(step, result, batch.epoch)
-        run.group.after_window(step, tracker)
+    with run.observers:  # system metrics and the profiler window: stopped whatever ends the loop
+        while state.step < plan.total_steps:
+            run.observers.before_step(state.step)
+            with state.clock.step():
+                batch = run.batches.next(state.step + 1)
+                run.group.batch_fetched(state.step + 1)
+                micro_batches = batch.micro_batches(plan.micro_batch_size)
+                result = train_step(run.train_model, micro_batches, state.optimizer, state.scheduler,
+                                    **run.step_kwargs(micro_batches))
+            state.step += 1
+            step = state.step
+            run.observers.after_step(step)
+            run.group.step_done(step, tracker)
+            for ended_epoch, counts in batch.ended:
+                state.run_counts += counts
+                run.log.epoch_counts(ended_epoch, counts, step)
+            if step == plan.total_steps and (unfinished := run.batches.unfinished_epoch_counts()) is not None:
+                # a resume continues this epoch and counts it whole when it ends, so it stays out of run_counts
+                last_epoch_counts = unfinished
+                run.log.epoch_counts(batch.epoch, unfinished, step)
+            run.log.step_done(step, result, batch.epoch)
+            run.group.after_window(step, tracker)
 
-        preempted = run.group.preempted(step)  # a node is being reclaimed: checkpoint now
-        if run.evaluator.due(step) or run.checkpointer.due(step, preempted):
-            # the run's figures so far (data counts summed over ranks and epochs): the driver's end summary
-            report = {"step": step, "epoch": batch.epoch, **state.clock.metrics(),
-                      **(state.run_counts + last_epoch_counts).metrics()}
-            report.update(run.evaluator.maybe_run(step))
-            run.log.exclude(run.evaluator.seconds)  # evaluation time is not training throughput
-            directory = run.checkpointer.maybe_save(step, preempted)
-            run.checkpointer.report(report, directory, preempted)
-            final.update(report)
+            preempted = run.group.preempted(step)  # a node is being reclaimed: checkpoint now
+            if run.evaluator.due(step) or run.checkpointer.due(step, preempted):
+                # the run's figures so far (data counts summed over ranks and epochs): the driver's end summary
+                report = {"step": step, "epoch": batch.epoch, **state.clock.metrics(), **run.log.run_figures(step),
+                          **(state.run_counts + last_epoch_counts).metrics()}
+                report.update(run.evaluator.maybe_run(step))
+                run.log.exclude(run.evaluator.seconds)  # evaluation time is not training throughput
+                directory = run.checkpointer.maybe_save(step, preempted)
+                run.checkpointer.report(report, directory, preempted)
+                final.update(report)
 
     run.batches.close()
     final["best_top1"] = run.evaluator.best_top1
-    compute = state.clock.metrics()
+    compute = {**state.clock.metrics(), **run.log.run_figures(state.step)}  # + data-wait fraction, MFU
     final.update(compute)
     if tracker and state.step > first_step:
         tracker.log_metrics(compute, state.step)  # held until the end, the last checkpoint's save included

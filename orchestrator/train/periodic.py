@@ -4,6 +4,7 @@
 on rank 0, and keeps the best top-1. `Checkpointer.maybe_save` writes the training state (train/state.py)
 on schedule, at the end, or at once when a node of the group is being reclaimed, then hands it to the session
 (Ray Train's report, a barrier on every rank); a preemption checkpoint is waited for until it is committed.
+Both run in the step timer's phases (`eval`; `checkpoint`: the gather, the save and the report).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from typing import Any
 import torch
 
 from orchestrator.eval.metrics import evaluate
+from orchestrator.observe.step_timer import StepTimer
 from orchestrator.train.state import TrainingState
 from pipelines.cli import say
 
 
 class Evaluator:
     def __init__(self, model: torch.nn.Module, loader, device: torch.device, autocast: torch.dtype | None,
-                 every: int, total_steps: int, rank: int, tracker, compute: Callable[[int], dict[str, float]]):
+                 every: int, total_steps: int, rank: int, tracker, compute: Callable[[int], dict[str, float]],
+                 timer: StepTimer | None = None):
         self.compute = compute  # the run's compute at a step, logged beside the evaluation
+        self.timer = timer or StepTimer(enabled=False)
         self.model, self.loader, self.device, self.autocast = model, loader, device, autocast
         self.every, self.total_steps, self.rank, self.tracker = every, total_steps, rank, tracker
         self.best_top1 = 0.0
@@ -37,7 +41,8 @@ class Evaluator:
         if not self.due(step):
             return {}
         t0 = time.perf_counter()
-        val = evaluate(self.model, self.loader, self.device, self.autocast)
+        with self.timer.phase("eval"):
+            val = evaluate(self.model, self.loader, self.device, self.autocast)
         self.seconds = time.perf_counter() - t0
         self.best_top1 = max(self.best_top1, val["top1"])
         out = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"]}
@@ -51,10 +56,11 @@ class Evaluator:
 
 class Checkpointer:
     def __init__(self, session, state: TrainingState, every: int, total_steps: int, rank: int, world: int,
-                 config: dict[str, Any]):
+                 config: dict[str, Any], timer: StepTimer | None = None):
         self.session, self.state = session, state
         self.every, self.total_steps, self.rank, self.world = every, total_steps, rank, world
         self.config = config
+        self.timer = timer or StepTimer(enabled=False)
 
     def due(self, step: int, preempted: bool) -> bool:
         return step % self.every == 0 or step == self.total_steps or preempted
@@ -63,12 +69,14 @@ class Checkpointer:
         """The checkpoint's staging directory on rank 0 when one was written this step (a collective), else None."""
         if not self.due(step, preempted):
             return None
-        directory = self.session.staging_dir() if self.rank == 0 else None
-        self.state.save(directory, self.world, self.rank, self.config)
+        with self.timer.phase("checkpoint"):
+            directory = self.session.staging_dir() if self.rank == 0 else None
+            self.state.save(directory, self.world, self.rank, self.config)
         return directory
 
     def report(self, report: dict[str, Any], directory, preempted: bool) -> None:
         """Hand the step's figures (and checkpoint) to the session: every rank, the same number of times."""
-        self.session.report(report, directory)
-        if preempted:
-            self.session.wait_for_checkpoints()  # uploaded and registered before the node can go
+        with self.timer.phase("checkpoint"):
+            self.session.report(report, directory)
+            if preempted:
+                self.session.wait_for_checkpoints()  # uploaded and registered before the node can go

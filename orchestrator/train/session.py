@@ -22,6 +22,8 @@ class LocalSession:
 
     world_rank = 0
     world_size = 1
+    local_rank = 0  # this worker's rank on its node (ray_node_ranks)
+    node_rank = 0  # its node's rank among the group's nodes
 
     def __init__(self, checkpoint_root: str, num_to_keep: int = 2, device: str | None = None):
         self.store = LocalCheckpointStore(checkpoint_root, num_to_keep)
@@ -60,6 +62,8 @@ class RaySession:
         ctx = ray.train.get_context()
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        # the local rank 0 of each node samples the node's system metrics
+        self.node_rank, self.local_rank = ray_node_ranks(self.world_rank, self.world_size)
         self.device = ray.train.torch.get_device()
         self._train = ray.train
         self._unconfirmed = False  # a checkpoint reported, its upload not yet known to be committed
@@ -143,6 +147,25 @@ class RaySession:
             # or Tune's scheduler stopping the trial); the worker goes with it, not as a failed training step
             return None
         return None if info is None else str(info)
+
+
+def ray_node_ranks(world_rank: int, world_size: int) -> tuple[int, int]:
+    """(node rank, local rank) of this worker among the group's Ray nodes: nodes numbered in the order of their
+    lowest world rank, workers on a node in world-rank order. A collective (every rank, once).
+
+    Ray Train's own get_node_rank()/get_local_rank() group workers by IP address, so several Ray nodes on one host
+    (a local multi-node cluster, cluster/local.py) count as one node there; here a node is a Ray node, as
+    `ray status` and the dashboard list them. On a cluster with one Ray node per host or pod both agree.
+    """
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not dist.is_initialized():
+        return 0, 0
+    nodes: list = [None] * world_size
+    dist.all_gather_object(nodes, mine)
+    return list(dict.fromkeys(nodes)).index(mine), nodes[:world_rank].count(mine)
 
 
 def quiet_per_report_logs() -> None:

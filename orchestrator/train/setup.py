@@ -3,7 +3,8 @@
 `build_run` returns a `Run` holding the loop's components (train/loop.py reads as the loop over them):
 the training state (train/state.py), the batch fetcher (train/batches.py), the step logger
 (train/step_log.py), the evaluator and checkpointer (train/periodic.py), the group's events
-(train/group_events.py) and rank 0's tracker.
+(train/group_events.py), the step timer they all time their phases with (observe/step_timer.py), the
+observers (train/observers.py: system metrics, profiler) and rank 0's tracker.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 
 from model import create_model
 from orchestrator.config.tree import Config, model_overrides
-from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders
+from orchestrator.observe.step_timer import StepTimer
+from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders, time_device_stage
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.group_events import GroupEvents
+from orchestrator.train.observers import Observers, build_observers
 from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.periodic import Checkpointer, Evaluator
 from orchestrator.train.plan import RunPlan, accelerators, make_plan, peak_tflops
@@ -40,11 +43,14 @@ class Run:
     tracker: Any  # rank 0's RunTracker / RelayedTracker, else None
     autocast: torch.dtype | None
     world: int
+    timer: StepTimer
+    observers: Observers
 
     def step_kwargs(self, micro_batches) -> dict[str, Any]:
         """train_step's settings; ranks may hold unequal shares: weights make the update the global batch's mean."""
         return dict(loss_kind=self.cfg.reg.loss, clip_norm=self.cfg.optim.clip_norm, autocast_dtype=self.autocast,
-                    weights=[len(mb[1]) / self.plan.global_batch_size * self.world for mb in micro_batches])
+                    weights=[len(mb[1]) / self.plan.global_batch_size * self.world for mb in micro_batches],
+                    timer=self.timer)
 
 
 def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
@@ -77,16 +83,20 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
     trace = KeyTrace(cfg.data.trace_keys_dir, rank, world) if cfg.data.trace_keys_dir else None
+    observers = build_observers(cfg, session, job, state.run_id, device, tracker, current_step=lambda: state.step)
+    timer = StepTimer(device, cfg.observe.step_breakdown)  # last: its first window starts with the loop
+    time_device_stage(train_loader, timer)
     return Run(
         cfg=cfg, plan=plan, state=state, train_model=train_model,
-        batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace),
-        log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak),
+        batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
+                             cfg.observe.data_delay_s),
+        log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
         evaluator=Evaluator(model, val_loader, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
-                                                           **clock.metrics()}),
+                                                           **clock.metrics()}, timer=timer),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,
-                                  cfg.to_dict()),
-        group=group, tracker=tracker, autocast=autocast, world=world,
+                                  cfg.to_dict(), timer),
+        group=group, tracker=tracker, autocast=autocast, world=world, timer=timer, observers=observers,
     )
 
 

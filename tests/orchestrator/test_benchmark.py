@@ -136,3 +136,20 @@ def test_checkpoint_upload_measures_the_step_after_each_checkpoint(tmp_path):
         res["step_after_checkpoint_s"]["median"] / res["plain_step_s"]["median"], rel=1e-6)
     assert 0 < res["checkpoint_mb"] < 10
     assert "after a checkpoint" in table(*checkpoint_upload.table(res))
+
+
+def test_observe_overhead_interleaves_on_and_off(tmp_path):
+    """The train benchmark's observability case, tiny: the same loop with observe.* on and off, one round, both
+    tracked (so that the sampler runs); the table prints the ratio."""
+    from orchestrator.benchmark import train as bench_train
+    from orchestrator.benchmark.common import table
+    from pipelines.digits import ensure_digits_dataset
+
+    res = bench_train.observe_overhead(tmp_path, ensure_digits_dataset(str(tmp_path / "digits")), steps=6,
+                                       rounds=1, log_every=2, warmup=0)
+    for case in bench_train.OBSERVE_CASES:
+        assert res["steps_per_s"][case]["n"] == 1 and _positive(res["steps_per_s"][case]["median"])
+        assert _positive(res["steps_per_cpu_s"][case]["median"])
+    assert _positive(res["on_vs_off_steps_per_s"]["median"])
+    (head, rows), = bench_train.tables({"observe": res})
+    assert rows[-1][0] == "on / off (same round)" and "steps per CPU-s" in table(head, rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -182,3 +183,138 @@ def test_group_events_take_the_first_preemption_notice_once(digits, capsys):
     assert "startup/total_s" in startup and tracker.metrics[0][1] == 1
     events.step_done(2, tracker)
     assert len(tracker.metrics) == 1  # the start-up phases are logged once, after the first step
+
+
+# ------------------------------------------------------------------ observe.* in the components (#21)
+
+
+class _Phases:
+    """A StepTimer stand-in recording the phases opened, in order (what each component times)."""
+
+    enabled = True
+
+    def __init__(self):
+        self.opened: list[str] = []
+
+    def phase(self, name):
+        import contextlib
+
+        self.opened.append(name)
+        return contextlib.nullcontext()
+
+    def timed(self, name, fn):
+        def timed_fn(*a, **k):
+            self.opened.append(name)
+            return fn(*a, **k)
+        return timed_fn
+
+
+def test_fetch_evaluation_and_checkpoint_run_in_their_phases(digits, tmp_path):
+    train, val = _loaders(digits)
+    timer = _Phases()
+    fetcher = BatchFetcher(train, torch.device("cpu"), 0, False, timer=timer)
+    fetcher.next(1)
+    assert timer.opened == ["data_wait"]
+    ev = Evaluator(digits.model, val, torch.device("cpu"), None, every=1, total_steps=1, rank=0, tracker=None,
+                   compute=dict, timer=timer)
+    ev.maybe_run(1)
+    session = LocalSession(str(tmp_path / "run"), device="cpu")
+    ck = Checkpointer(session, _state(digits, train), every=1, total_steps=1, rank=0, world=1, config={},
+                      timer=timer)
+    ck.report({"step": 1}, ck.maybe_save(1, preempted=False), preempted=False)
+    assert timer.opened == ["data_wait", "eval", "checkpoint", "checkpoint"]
+
+
+def test_slowed_fetch_and_the_device_stage_timed_apart(digits):
+    """observe.data_delay_s delays each of the loader's batches; on the device path the loader's batch stage
+    is timed as device_augment, its draws (in the loader's workers) untouched, and it pickles as the bare stage."""
+    import pickle
+    import time
+
+    from orchestrator.observe.step_timer import StepTimer
+    from orchestrator.train.batches import TimedStage, time_device_stage
+
+    train, _ = _loaders(digits)
+    t0 = time.perf_counter()
+    BatchFetcher(train, torch.device("cpu"), 0, False, delay_s=0.2).next(1)
+    assert time.perf_counter() - t0 >= 0.2 * train.slots_owned
+    timer = _Phases()
+    time_device_stage(train, timer)
+    assert not isinstance(train.batch_stage, TimedStage)  # host placement: the stage runs in the loader
+    cfg = copy.deepcopy(digits.cfg)
+    cfg.data.augment_on = "device"
+    device_train, _ = build_loaders(cfg, digits.job, digits.model.cfg, 0, 1, torch.device("cpu"))
+    stage = device_train.batch_stage
+    time_device_stage(device_train, StepTimer(enabled=False))
+    assert device_train.batch_stage is stage  # nothing wraps a disabled timer
+    time_device_stage(device_train, timer)
+    assert isinstance(device_train.batch_stage, TimedStage) and device_train.batch_stage.draw == stage.draw
+    assert type(pickle.loads(pickle.dumps(device_train.batch_stage))) is type(stage)
+    BatchFetcher(device_train, torch.device("cpu"), 0, False, timer=timer).next(1)
+    assert timer.opened == ["data_wait", "device_augment"]
+
+
+def test_step_logger_adds_the_breakdown_at_each_window_and_the_run_figures():
+    from orchestrator.observe.step_timer import StepTimer
+
+    plan = SimpleNamespace(global_batch_size=10, total_steps=4, train_flops_per_step=1e12,
+                           train_gflops_per_image=100.0)
+    tracker = _Tracker()
+    clock = ComputeClock(1)
+    log = StepLogger(plan, clock, every=2, rank=0, world=1, tracker=tracker, first_step=0, peak_tflops=1.0,
+                     timer=StepTimer())
+    result = StepResult(loss=torch.tensor(0.5), grad_norm=torch.tensor(1.0), lr=1e-3, images=10)
+    with clock.step():
+        for step in range(1, 5):
+            with log.timer.phase("data_wait"):
+                pass
+            log.step_done(step, result, epoch=0)
+    assert [s for _, s in tracker.metrics] == [2, 4]
+    assert all(0 <= m["perf/data_wait_fraction"] <= 1 and "perf/optimizer_seconds_max" in m
+               for m, _ in tracker.metrics)
+    figures = log.run_figures(4)
+    assert 0 <= figures["perf/run_data_wait_fraction"] <= 1
+    # MFU of the run: 4 steps x 1 TFLOP over the productive seconds, against a 1 TFLOP/s peak
+    assert figures["train/run_mfu"] == pytest.approx(4 / (clock.productive_hours() * 3600))
+    assert StepLogger(plan, clock, 2, 0, 1, None, 0, None).run_figures(4) == {}  # no timer, no peak
+
+
+def test_observers_send_kept_samples_log_the_profile_once_and_stop(digits, tmp_path, capsys):
+    """Without a relay (rank 0 logs itself) the loop's thread sends the sampler's samples; the profiler's files
+    go under profile/ when the window closes, or when the loop stops inside it."""
+    from orchestrator.train.observers import build_observers
+
+    cfg = copy.deepcopy(digits.cfg)
+    cfg.tracking.enabled = True
+    cfg.observe.profile_steps = [1, 3]
+    cfg.observe.system_metrics_interval_s = 3600.0
+    artifacts = []
+    tracker = _Tracker()
+    tracker.log_artifact = lambda path, where: artifacts.append((Path(path).name, where))
+    session = LocalSession(str(tmp_path / "run"), device="cpu")
+    step = [0]
+    obs = build_observers(cfg, session, digits.job, "run-x", torch.device("cpu"), tracker, lambda: step[0])
+    assert obs.sampler is not None and obs.sampler.sink is None and obs.window is not None
+    with obs:
+        for s in range(3):
+            obs.before_step(s)
+            torch.ones(4).sum()
+            step[0] = s + 1
+            obs.after_step(s + 1)
+    assert sorted(artifacts) == [("key_averages.txt", "profile"), ("trace.json", "profile")]
+    assert "[profile] steps 2-3: trace.json, key_averages.txt" in capsys.readouterr().out
+    assert [s for _, s in tracker.metrics] == [3]  # the sampler's last sample, at the loop's end
+    assert "system/node0/cpu_utilization_percentage" in tracker.metrics[0][0]
+
+    artifacts.clear()
+    cfg.observe.profile_steps = [0, 10]
+    stopped = build_observers(cfg, session, digits.job, "run-x", torch.device("cpu"), tracker, lambda: 1)
+    with pytest.raises(RuntimeError), stopped:
+        stopped.before_step(0)
+        raise RuntimeError("the loop failed inside the window")
+    assert len(artifacts) == 2 and not stopped.sampler._thread  # written, logged, stopped all the same
+
+    cfg.tracking.enabled = False
+    cfg.observe.profile_steps = None
+    off = build_observers(cfg, session, digits.job, None, torch.device("cpu"), None, lambda: 0)
+    assert off.sampler is None and off.window is None

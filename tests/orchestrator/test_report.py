@@ -52,7 +52,10 @@ def _log_run(uri, experiment, spec, parent_run_id=None):
             m.update({"train/mfu": rate / workers * 3 * gflops * 1e9 / 989e12,
                       "compute/flops": 3 * gflops * 1e9 * 4096 * step,
                       "compute/accelerator_hours": hours * frac,
-                      "compute/productive_hours": 0.8 * hours * frac, "compute/goodput": 0.8})
+                      "compute/productive_hours": 0.8 * hours * frac, "compute/goodput": 0.8,
+                      "perf/data_wait_fraction": 0.1 + 0.01 * i})
+            if i == n_steps and status == "FINISHED":  # the run's own figure, logged at its end
+                m["perf/run_data_wait_fraction"] = 0.125
         if top1 is not None and i % 2 == 0:
             # rises, with a slight dip at the end so "best" differs from "last"
             acc = top1 * (1 - 0.5 * (1 - frac) ** 2) - (0.004 if i == STEPS else 0.0)
@@ -157,8 +160,11 @@ def test_table_matches_mlflow_and_figures(store, tmp_path, capsys):
             assert float(row["productive_hours"]) == pytest.approx(hist("compute/productive_hours")[-1][1])
             assert float(row["goodput"]) == pytest.approx(hist("compute/goodput")[-1][1])
             assert float(row["mfu"]) == pytest.approx(statistics.median(v for _, v in hist("train/mfu")[1:]))
+            windows = statistics.median(v for _, v in hist("perf/data_wait_fraction")[1:])
+            assert float(row["data_wait_fraction"]) == pytest.approx(0.125 if run.info.status == "FINISHED"
+                                                                     else windows)
         else:
-            assert row["accelerator_hours"] == row["total_flops"] == row["mfu"] == ""
+            assert row["accelerator_hours"] == row["total_flops"] == row["mfu"] == row["data_wait_fraction"] == ""
             assert row["productive_hours"] == row["goodput"] == ""
         rates = [v for _, v in hist("train/img_per_s")]
         assert float(row["img_per_s"]) == pytest.approx(statistics.median(rates[1:]))
@@ -173,9 +179,9 @@ def test_table_matches_mlflow_and_figures(store, tmp_path, capsys):
     no_compute_line = next(line for line in md.splitlines() if line.startswith("| no-compute"))
     assert "89.60%" in no_compute_line and "★" not in no_compute_line  # best top-1, but off the frontier
     header = md.splitlines()[next(i for i, line in enumerate(md.splitlines()) if line.startswith("| run |"))]
-    assert "| acc-hours | productive h | goodput |" in header
+    assert "| MFU | data wait | acc-hours | productive h | goodput |" in header
     s16_line = next(line for line in md.splitlines() if line.startswith("| s16-bs4k"))
-    assert "| 25 | 20 | 80% |" in s16_line  # held, productive, goodput
+    assert "| 12.5% | 25 | 20 | 80% |" in s16_line  # data wait, held, productive, goodput
 
     for name in ["accuracy_vs_compute.png", "accuracy_vs_throughput.png", "accuracy_vs_params.png",
                  "training_curves.png"]:

@@ -89,6 +89,10 @@ def test_end_summary_lines():
                                           "(all epochs, all workers)")
     assert "2 accelerator-hours held, 1.5 in training steps (goodput 75.0%)" in lines[1]
     assert figures_lines({}) == []
+    assert figures_lines({"perf/run_data_wait_fraction": 0.8125, "train/run_mfu": 0.066}) == [
+        "time            81.2% of the training steps waiting for data (the most starved rank), MFU 6.6%"]
+    assert figures_lines({"perf/run_data_wait_fraction": 0.25})[0].endswith(
+        "MFU unknown (no peak known for this accelerator)")
 
 
 # ------------------------------------------------------------------ a short run without Ray, with bad samples

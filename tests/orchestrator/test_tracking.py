@@ -325,3 +325,22 @@ def test_server_down_at_end_and_at_start(tmp_path):
     summary = t.unlogged_summary()
     for part in ["2 metric values (val/top1, val/top5)", "2 params", "config.json", "run status FINISHED", dead]:
         assert part in summary, (part, summary)
+
+
+def test_relayed_artifacts_carry_the_files_bytes_within_a_bound(tmp_path, monkeypatch, caplog):
+    """Rank 0's file (the profiler's trace) may be on another node than the driver's actor: its bytes travel
+    with the call; a file over the bound is not sent and a warning says where it stays."""
+    from types import SimpleNamespace
+
+    from orchestrator.tracking import relay
+
+    sent = []
+    relayed = relay.RelayedTracker.__new__(relay.RelayedTracker)  # no Ray: the actor handle is faked
+    relayed._actor = SimpleNamespace(log_artifact_bytes=SimpleNamespace(remote=lambda *a: sent.append(a)))
+    (tmp_path / "trace.json").write_text('{"traceEvents": []}')
+    relayed.log_artifact(str(tmp_path / "trace.json"), "profile")
+    assert sent == [(b'{"traceEvents": []}', "profile/trace.json")]
+    monkeypatch.setattr(relay, "MAX_RELAYED_ARTIFACT_BYTES", 10)
+    with caplog.at_level(logging.WARNING, logger=relay.__name__):
+        relayed.log_artifact(str(tmp_path / "trace.json"), "profile")
+    assert len(sent) == 1 and "stays on this node" in caplog.text and "trace.json" in caplog.text

@@ -55,7 +55,8 @@ def test_steps_resent_after_a_restart_are_not_logged_twice(tmp_path):
 
 def test_replay_file_restores_into_the_same_run(tmp_path):
     """A run whose server went away: its leftovers move to the driver's tracker (hand_over/adopt, as from
-    the relay actor), are written next to the checkpoints, and the replay command logs them once."""
+    the relay actor), are written next to the checkpoints, and the replay command logs them once; a file sent
+    as bytes (the profiler's trace, from rank 0's node) goes the same way."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -65,6 +66,8 @@ def test_replay_file_restores_into_the_same_run(tmp_path):
     relayed.start()
     for step in range(1, 8):
         relayed.log_metrics({"train/loss": 1.0 / step}, step)
+    trace = json.dumps({"traceEvents": [{"name": "ProfilerStep#2", "ph": "X", "ts": 0, "dur": 5}]}).encode()
+    relayed.log_artifact_bytes(trace, "profile/trace.json")
     driver = RunTracker(dead, "unit", "replayed", run_id=run_id, retry_seconds=0.5)
     driver.start()
     driver.log_params({"optim.lr": 0.003})
@@ -75,10 +78,11 @@ def test_replay_file_restores_into_the_same_run(tmp_path):
     assert url == str(tmp_path / "runs" / "replayed" / REPLAY_FILE)
     summary = driver.unlogged_summary()
     assert "7 metric values (train/loss)" in summary and "1 params" in summary and "1 tags" in summary
-    assert f"Kept for replay (7 metric values, 1 params, 1 tags, the run status) in {url}" in summary
+    assert "1 artifacts (profile/trace.json)" in summary
+    assert f"Kept for replay (7 metric values, 1 params, 1 tags, 1 artifacts, the run status) in {url}" in summary
     assert f"python -m orchestrator.tracking.replay {url}" in summary
     lines = [json.loads(x) for x in Path(url).read_text().splitlines()]
-    assert lines[0]["run_id"] == run_id and lines[0]["status"] == "FINISHED" and len(lines) == 1 + 7 + 1 + 1
+    assert lines[0]["run_id"] == run_id and lines[0]["status"] == "FINISHED" and len(lines) == 1 + 7 + 1 + 1 + 1
 
     # Still away: nothing is replayed and the file stays as it is.
     out = _replay(str(tmp_path / "runs" / "replayed"), "--tracking-uri", dead)
@@ -86,12 +90,14 @@ def test_replay_file_restores_into_the_same_run(tmp_path):
     assert len(Path(url).read_text().splitlines()) == len(lines)
     out = _replay(str(tmp_path / "runs" / "replayed"), "--tracking-uri", uri)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "replayed 7 metric values, 1 params, 1 tags and the run status" in out.stdout
+    assert "replayed 7 metric values, 1 params, 1 tags, 1 artifacts and the run status" in out.stdout
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert _steps(client, run_id, "train/loss") == list(range(1, 8))
     assert run.data.params["optim.lr"] == "0.003" and run.data.tags["model_name"] == "mixer_digits"
     assert run.info.status == "FINISHED"
+    assert json.loads(Path(client.download_artifacts(run_id, "profile/trace.json", str(tmp_path))).read_bytes()) \
+        == json.loads(trace)
     assert not Path(url).exists() and list(Path(url).parent.glob("unlogged_tracking.replayed-*.jsonl"))
     assert len(client.search_runs([run.info.experiment_id])) == 1
 

@@ -93,3 +93,24 @@ def test_ray_session_uploads_checkpoints_in_the_background_one_at_a_time(tmp_pat
     ]
     assert out["committed"] == [1, 2, 3]
     assert out["staged_left"] == [False, False, False]
+
+
+def test_node_ranks_count_ray_nodes_in_world_rank_order(monkeypatch):
+    """Workers on Ray nodes [B, A, B, C] (world ranks 0-3): nodes numbered by their lowest rank, B=0, A=1, C=2."""
+    from types import SimpleNamespace
+
+    import ray
+    import torch.distributed as dist
+
+    from orchestrator.train.session import LocalSession, ray_node_ranks
+
+    nodes = ["B", "A", "B", "C"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), nodes))
+    ranks = []
+    for rank, node in enumerate(nodes):
+        monkeypatch.setattr(ray, "get_runtime_context", lambda n=node: SimpleNamespace(get_node_id=lambda: n))
+        ranks.append(ray_node_ranks(rank, len(nodes)))
+    assert ranks == [(0, 0), (1, 0), (0, 1), (2, 0)]
+    assert ray_node_ranks(0, 1) == (0, 0)
+    assert (LocalSession.node_rank, LocalSession.local_rank) == (0, 0)

@@ -202,3 +202,21 @@ def test_without_a_sink_samples_are_kept_for_the_loop():
 def test_interval_must_be_positive(interval):
     with pytest.raises(ValueError, match="interval_s"):
         _sampler(interval_s=interval)
+
+
+def test_cpu_utilization_of_the_first_sample_from_the_samplers_thread():
+    """The first sample taken in the sampler's thread is the CPU use since the sampler started, not 0.0
+    (psutil.cpu_percent keeps its reference per thread: the thread's first call would have none)."""
+    sampler = _sampler()
+    out = []
+
+    def busy_then_sample():
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.3:  # keep one core busy
+            sum(range(1000))
+        out.append(sampler.sample()["system/node0/cpu_utilization_percentage"])
+
+    thread = threading.Thread(target=busy_then_sample)
+    thread.start()
+    thread.join()
+    assert 0 < out[0] <= 100
