@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 # Train GFLOP per image (3 x forward matmul FLOPs) from model.accounting, checked by hand:
 # S/16 at 224, 1000 classes: 3 * 2 * (196*768*512 + 8*(2*512*196*256 + 2*196*512*2048) + 512*1000) / 1e9.
 S16_TRAIN_GFLOPS = 3 * 2 * (196 * 768 * 512 + 8 * (2 * 512 * 196 * 256 + 2 * 196 * 512 * 2048) + 512 * 1000) / 1e9
