@@ -149,7 +149,7 @@ def test_atomic_write_local_whole_or_nothing(tmp_path):
         f.write(b"first")
         assert not target.exists()  # not visible while being written
     assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o600
-    with pytest.raises(RuntimeError), atomic_write(str(target)) as f:
+    with pytest.raises(RuntimeError, match="writer died"), atomic_write(str(target)) as f:  # the writer's own error
         f.write(b"half")
         raise RuntimeError("writer died")
     assert target.read_bytes() == b"first"  # the old content stays, and no temporary file is left
@@ -168,7 +168,7 @@ def _umask() -> int:
 def test_atomic_write_s3_publishes_on_success_only(s3_server, s3_bucket, monkeypatch):
     monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_server)
     url = f"s3://{s3_bucket}/runs/weights.bin"
-    with pytest.raises(RuntimeError), atomic_write(url) as f:
+    with pytest.raises(RuntimeError, match="writer died"), atomic_write(url) as f:  # the writer's own error
         f.write(b"partial")
         raise RuntimeError("writer died")
     fs, path = get_fs(url)

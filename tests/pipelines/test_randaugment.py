@@ -104,7 +104,7 @@ def test_level_to_arg_table(m):
             assert got == want and type(got) is type(want), (op, got)
         else:
             assert got == pytest.approx(want, rel=1e-12), (op, got)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown RandAugment op 'Identity'"):
         level_to_arg("Identity", m)
 
 
@@ -319,9 +319,9 @@ def test_determinism_dict_round_trip_and_select():
 
     clone = pickle.loads(pickle.dumps(aug))
     assert (clone.num_layers, clone.magnitude) == (2, 15) and torch.equal(clone(images, d1), out)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="draws have 3 layers, expected 2"):
         aug(images, draw(torch.Generator().manual_seed(0), 16, 3, H, W))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"expected uint8 \(N, 3, H, W\) images, got torch\.float32 \(16, 3, 32, 40\)"):
         apply(images.float(), d1, 15)
 
 

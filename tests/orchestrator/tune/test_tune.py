@@ -1,7 +1,7 @@
 """orchestrator.tune: the CLI's checks (fast), the default digits search end to end, and resume (slow, local Ray).
 
 The slow tests drive the real entry point in a subprocess with a temporary MIXER_HOME and sqlite MLflow store:
-    pytest -m slow tests/orchestrator/test_tune.py
+    pytest -m slow tests/orchestrator/tune/test_tune.py
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from orchestrator.tune.results import EXIT_INTERRUPTED
 from orchestrator.tune.store import SearchStore, pick_name, store_for
 from orchestrator.tune.trial import train_run_finished, trial_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXPERIMENT = "mixer-digits-tune"
 
 

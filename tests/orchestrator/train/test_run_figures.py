@@ -104,7 +104,7 @@ BAD = 2  # corrupt images in the second shard, every epoch (padded back by re-re
 
 def _shard_samples():
     spec = importlib.util.spec_from_file_location(
-        "shard_samples", Path(__file__).parents[1] / "pipelines" / "shard_samples.py")
+        "shard_samples", Path(__file__).parents[2] / "pipelines" / "shard_samples.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -25,7 +25,7 @@ from cluster.processes import node_processes, signal_processes
 from orchestrator.config.tree import ConfigError
 from orchestrator.train import launch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _dead_address() -> str:

@@ -21,7 +21,7 @@ from cluster.loopback import free_port
 from orchestrator.tracking.replay import REPLAY_FILE, write_unlogged
 from orchestrator.tracking.tracker import RunTracker
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _steps(client, run_id, key):

@@ -31,7 +31,7 @@ from orchestrator.checkpoint.runs import run_checkpoints
 from orchestrator.train.checkpoints import LocalCheckpointStore, load_newest_complete
 from pipelines.storage import get_fs
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _truncate(checkpoint_dir: Path) -> None:
