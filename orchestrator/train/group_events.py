@@ -82,7 +82,7 @@ class GroupEvents:
     def _local_stop(self) -> int:
         """This rank's view: END when the driver asks to stop (rank 0), RESTART after a SIGTERM here."""
         value = GO_ON
-        if self.sigterm is not None and self.sigterm.received is not None:
+        if self.sigterm is not None and self.sigterm.pending():
             value = RESTART
             if not self._said_sigterm:
                 say(f"[preemption] rank {self.rank} (pid {os.getpid()}) got SIGTERM")

@@ -87,8 +87,8 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
             directory = run.checkpointer.maybe_save(step, preempted)
             run.checkpointer.report(report, directory, preempted)
             final.update(report)
-        if run.group.stopping:  # a SIGTERM: its checkpoint is committed; restart from it, or end the run here
-            run.group.leave(step)
+        if run.group.stopping and step < plan.total_steps:  # a SIGTERM: its checkpoint is committed; restart
+            run.group.leave(step)  # from it, or end the run here
             break
 
     run.batches.close()

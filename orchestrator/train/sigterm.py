@@ -3,7 +3,9 @@
 Kubernetes evictions, spot terminations handled by a cloud agent and `kubectl delete pod` send SIGTERM and wait
 the grace period; Ray sees no drain. So a SIGTERM is taken as a notice:
 
-- to a training worker: the process's handler only sets a flag (`SigtermNotice`). At the next step boundary
+- to a training worker: the process's handler only sets a flag (`SigtermNotice`; the interpreter's wakeup fd
+  tells the training thread at once, the handler itself runs when the actor's main thread next runs Python). At
+  the next step boundary
   every rank folds its flag into one all_reduce(MAX) (`Session.agree_max`, beside the per-step preemption
   barrier), so all ranks checkpoint the same step; rank 0 waits until Ray Train has committed it, every rank
   waits for rank 0 (a second agree_max), rank 0 tells the progress ledger, and every rank raises
@@ -45,6 +47,7 @@ class SigtermNotice:
         self.received: float | None = None
         self._previous = None
         self._installed = False
+        self._wakeup: int | None = None
 
     def install(self) -> bool:
         """Take SIGTERM over; only the main thread can (False elsewhere, and nothing changes)."""
@@ -53,6 +56,35 @@ class SigtermNotice:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         self._installed = True
         return True
+
+    def watch_wakeup_fd(self) -> bool:
+        """Also learn of a SIGTERM from the interpreter's wakeup fd, which its C-level handler writes at once from
+        any thread, while the Python handler waits until the main thread next runs Python (in a Ray worker: the
+        controller's next poll, up to seconds later). Main thread only; not when another wakeup fd is set."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        if previous != -1:  # someone else's: leave it theirs
+            signal.set_wakeup_fd(previous)
+            os.close(read_fd)
+            os.close(write_fd)
+            return False
+        self._wakeup = read_fd
+        return True
+
+    def pending(self) -> bool:
+        """Whether a SIGTERM came (read by any thread: the training loop asks at every step boundary)."""
+        if self.received is None and self._wakeup is not None:
+            try:
+                got = os.read(self._wakeup, 512)
+            except BlockingIOError:
+                got = b""
+            if signal.SIGTERM in got:
+                self.received = time.time()  # the Python handler (main thread) follows
+        return self.received is not None
 
     def uninstall(self) -> None:
         if self._installed and self.received is None and threading.current_thread() is threading.main_thread():
@@ -81,6 +113,7 @@ def _install_worker_notice(grace_s: float) -> bool:
         notice = SigtermNotice(grace_s)
         if not notice.install():
             return False
+        notice.watch_wakeup_fd()
         _worker_notice = notice
     return True
 

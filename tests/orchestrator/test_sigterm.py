@@ -57,6 +57,25 @@ def test_grace_deadline_sends_the_second_sigterm(previous_handler):
     assert previous_handler[0] - t0 >= 0.25
 
 
+def test_wakeup_fd_tells_any_thread_and_is_not_taken_from_another_owner(previous_handler):
+    notice = SigtermNotice(grace_s=0)
+    assert notice.install() and notice.watch_wakeup_fd()
+    try:
+        mine = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(mine)
+        assert SigtermNotice(grace_s=0).watch_wakeup_fd() is False  # the fd is taken: left to its owner
+        assert signal.set_wakeup_fd(mine) == mine
+        assert notice.pending() is False
+        os.kill(os.getpid(), signal.SIGTERM)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(_wait(notice.pending)))
+        t.start()
+        t.join()
+        assert seen == [True]
+    finally:
+        signal.set_wakeup_fd(-1)
+
+
 def test_uninstall_restores_and_only_the_main_thread_installs(previous_handler):
     notice = SigtermNotice(grace_s=0)
     assert notice.install()
