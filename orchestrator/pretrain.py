@@ -190,7 +190,9 @@ def figures_lines(metrics: dict) -> list[str]:
     if "world_sizes" in metrics:
         lines.append(f"restarts        {metrics['goodput/restarts']} ({metrics['goodput/resizes']} resizes; world sizes "
                      f"{metrics['world_sizes']}), {metrics['goodput/steps_redone']} steps redone, "
-                     f"{metrics['goodput/recovery_s']:.1f}s recovering")
+                     f"{metrics['goodput/recovery_s']:.1f}s recovering"
+                     + (f", {metrics['goodput/preemptions']} of them preemptions (checkpointed first)"
+                        if metrics.get("goodput/preemptions") else ""))
     return lines
 
 

@@ -198,3 +198,14 @@ def test_bad_sigterm_settings_exit_2_and_start_nothing(override, words, tmp_path
     for word in words:
         assert word in err, err
     assert not home.exists() and not ray_tmp.exists()
+
+
+def test_end_summary_says_how_many_restarts_were_preemptions():
+    from orchestrator.pretrain import figures_lines
+
+    restarts = {"world_sizes": "2 -> 2 -> 2", "goodput/restarts": 2, "goodput/resizes": 0,
+                "goodput/steps_redone": 3, "goodput/recovery_s": 20.0}
+    (line,) = figures_lines({**restarts, "goodput/preemptions": 1})
+    assert line.endswith("3 steps redone, 20.0s recovering, 1 of them preemptions (checkpointed first)")
+    (line,) = figures_lines({**restarts, "goodput/preemptions": 0})
+    assert line.endswith("20.0s recovering")
