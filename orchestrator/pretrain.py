@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from orchestrator.config.load import load_config
@@ -63,7 +64,8 @@ def dry_run(cfg: Config) -> None:
 
 def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict | None = None,
              marks: dict | None = None) -> dict:
-    """Run training; exits with 3 when the cluster is too small, 1 when training fails.
+    """Run training; exits with 3 when the cluster is too small, 1 when training fails, 143 when a SIGTERM stopped
+    it after a committed checkpoint (checkpoint.on_sigterm: the same run.name resumes from it).
 
     Fine-tuning (orchestrator/finetune.py) passes the adapted weights' URL (loaded by every worker when the run
     has no checkpoint yet) and tags recording where they came from.
@@ -75,6 +77,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     from orchestrator.train import launch
     from orchestrator.train.finish import end_failed, finish_run, keep_unlogged
     from orchestrator.train.progress import start_ledger
+    from orchestrator.train.sigterm import stop_on_sigterm
     from orchestrator.train.startup import driver_marks, mark
 
     marks = marks if marks is not None else driver_marks()
@@ -112,13 +115,18 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         job.startup = marks
         trainer = launch.build_trainer(cfg, job)
         mark(marks, "fit")
-        result = trainer.fit()
+        # from here a SIGTERM is a preemption notice: the workers checkpoint, then the run stops (before: it ends)
+        with stop_on_sigterm(ledger if cfg.checkpoint.on_sigterm else None, cfg.checkpoint.sigterm_grace_s) as sigterm:
+            result = trainer.fit()
     except launch.ClusterTooSmallError as e:
         code = report_error(e)
         end_failed(cfg, run, relay, str(e))
         raise SystemExit(code) from None
     except KeyboardInterrupt:
         end_failed(cfg, run, relay, "interrupted (KeyboardInterrupt)", status="KILLED")
+        raise
+    except SystemExit:  # a second SIGTERM, or the grace deadline after the first: Ray's handler exits now
+        end_failed(cfg, run, relay, "terminated (SIGTERM)", status="KILLED")
         raise
     except Exception as e:
         reason = f"training failed: {type(e).__name__}: {e}"
@@ -129,6 +137,12 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         raise SystemExit(code) from None
 
     metrics = dict(result.metrics or {})
+    if sigterm is not None and sigterm.received is not None and int(metrics.get("step", 0)) < plan.total_steps:
+        reason = f"stopped by SIGTERM at step {metrics.get('step', 0)}, after its checkpoint was committed"
+        say(f"[preemption] {reason}; submit again with run.name={cfg.run.name} (and the same run.storage_path) "
+            "to resume from it")
+        end_failed(cfg, run, relay, reason, status="KILLED")
+        raise SystemExit(128 + signal.SIGTERM)
     restarts = ray.get(ledger.summary.remote())
     metrics.update(restarts)
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
@@ -182,7 +196,9 @@ def figures_lines(metrics: dict) -> list[str]:
     if "world_sizes" in metrics:
         lines.append(f"restarts        {metrics['goodput/restarts']} ({metrics['goodput/resizes']} resizes; world sizes "
                      f"{metrics['world_sizes']}), {metrics['goodput/steps_redone']} steps redone, "
-                     f"{metrics['goodput/recovery_s']:.1f}s recovering")
+                     f"{metrics['goodput/recovery_s']:.1f}s recovering"
+                     + (f", {metrics['goodput/preemptions']} of them preemptions (checkpointed first)"
+                        if metrics.get("goodput/preemptions") else ""))
     return lines
 
 

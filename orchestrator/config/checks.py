@@ -6,6 +6,8 @@ the batch split); the run's plan (orchestrator/train/plan.py) takes them from he
 
 from __future__ import annotations
 
+import math
+
 from orchestrator.config.tree import Config, ConfigError, model_overrides, require
 
 
@@ -55,6 +57,9 @@ def validate(cfg: Config) -> None:
     require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
     require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
     require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
+    require(math.isfinite(cfg.checkpoint.sigterm_grace_s) and cfg.checkpoint.sigterm_grace_s > 0,
+            "checkpoint.sigterm_grace_s", cfg.checkpoint.sigterm_grace_s,
+            "a number of seconds > 0 (below the platform's grace period, e.g. Kubernetes' terminationGracePeriodSeconds)")
     require(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps, "an integer >= 1")
     require(
         cfg.train.max_steps is None or cfg.train.max_steps >= 1,

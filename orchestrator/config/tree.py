@@ -117,6 +117,10 @@ class EvalSection:
 class CheckpointSection:
     every_steps: int = 0  # 0 -> once per epoch
     num_to_keep: int = 2
+    # a SIGTERM (to a worker or the driver) is a preemption notice: checkpoint at the next step boundary, wait until
+    # it is committed, then restart from it (a worker's) or end the run (the driver's); see train/sigterm.py
+    on_sigterm: bool = True
+    sigterm_grace_s: float = 25.0  # after the first SIGTERM, exit at once (as a second SIGTERM does) after this
 
 
 @dataclass

@@ -5,7 +5,7 @@
 The step itself lives in orchestrator/train/step.py. The loop hands every other concern to a component,
 built before the first step by train/setup.py: the batch of each step (batches.py), the training state a
 checkpoint holds (state.py), the window's metrics and progress line (step_log.py), evaluation and
-checkpoints (periodic.py), start-up, restarts and preemption notices (group_events.py), system metrics and
+checkpoints (periodic.py), start-up, restarts, preemption notices and SIGTERM (group_events.py), system metrics and
 the profiler (observers.py); the step timer (orchestrator/observe/step_timer.py) is handed to those that time
 a phase of the step (the batch fetch, train_step, evaluation, checkpoints) and reduced by the step logger.
 """
@@ -82,7 +82,7 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
             run.log.step_done(step, result, batch.epoch)
             run.group.after_window(step, tracker)
 
-            preempted = run.group.preempted(step)  # a node is being reclaimed: checkpoint now
+            preempted = run.group.preempted(step)  # a node is being reclaimed, or a SIGTERM: checkpoint now
             if run.evaluator.due(step) or run.checkpointer.due(step, preempted):
                 # the run's figures so far (data counts summed over ranks and epochs): the driver's end summary
                 report = {"step": step, "epoch": batch.epoch, **state.clock.metrics(), **run.log.run_figures(step),
@@ -92,6 +92,9 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                 directory = run.checkpointer.maybe_save(step, preempted)
                 run.checkpointer.report(report, directory, preempted)
                 final.update(report)
+            if run.group.stopping and step < plan.total_steps:  # a SIGTERM: its checkpoint is committed; restart
+                run.group.leave(step)  # from it, or end the run here
+                break
 
     run.batches.close()
     final["best_top1"] = run.evaluator.best_top1

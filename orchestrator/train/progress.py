@@ -6,7 +6,11 @@ From that it counts what elastic, preemptible training costs, which no single wo
 - restarts (a new worker group after a failure, a preemption or a resize) and resizes (the world size changed),
   with the world sizes in order;
 - steps redone: the steps completed before a restart that the new group trains again from its checkpoint;
-- recovery time: from the last step completed before a restart to the first step completed after it.
+- recovery time: from the last step completed before a restart to the first step completed after it;
+- preemptions: restarts the run announced (a drain's notice or a SIGTERM, checkpointed first), not failures.
+
+It also carries the driver's SIGTERM to the workers (train/sigterm.py): `request_stop` sets a flag that the
+reply to rank 0's next `step_done` returns.
 
 Productive step time over held time (goodput) is the ComputeClock's (orchestrator/train/compute.py); these
 counts complete it. The driver reads the summary for the end summary and MLflow; rank 0 logs it after each
@@ -36,6 +40,9 @@ class Ledger:
     resizes: int = 0
     steps_redone: int = 0
     recovery_s: float = 0.0
+    preemptions: int = 0
+    stop_requested: bool = False
+    _announced: str | None = None  # a preemption rank 0 announced: the next group start is its restart
     _recovering_since: float | None = None
 
     def begin(self, restored_step: int, world_size: int) -> bool:
@@ -44,24 +51,38 @@ class Ledger:
         restart = bool(self.world_sizes)
         if restart:
             self.restarts += 1
+            self.preemptions += int(self._announced is not None)
             self.resizes += int(world_size != self.world_sizes[-1])
             if self.last_step is not None:
                 self.steps_redone += max(0, self.last_step - restored_step)
                 self._recovering_since = self.last_step_time
+        self._announced = None
         self.world_sizes.append(int(world_size))
         return restart
 
-    def step_done(self, step: int, when: float | None = None) -> None:
+    def step_done(self, step: int, when: float | None = None) -> bool:
+        """Rank 0 finished `step`; whether the driver asks the run to stop (its SIGTERM)."""
         now = time.time() if when is None else when
         if self._recovering_since is not None:
             self.recovery_s += now - self._recovering_since
             self._recovering_since = None
         self.last_step, self.last_step_time = int(step), now
+        return self.stop_requested
+
+    def preempted(self, step: int, reason: str) -> None:
+        """Rank 0: a preemption (drain notice or SIGTERM) was checkpointed at `step`; the restart that follows is
+        counted as a preemption, not a failure."""
+        self._announced = f"{reason} at step {step}"
+
+    def request_stop(self) -> None:
+        """The driver got SIGTERM: the workers checkpoint at their next step boundary and end."""
+        self.stop_requested = True
 
     def summary(self) -> dict[str, Any]:
         return {
             "goodput/restarts": self.restarts,
             "goodput/resizes": self.resizes,
+            "goodput/preemptions": self.preemptions,
             "goodput/steps_redone": self.steps_redone,
             "goodput/recovery_s": round(self.recovery_s, 3),
             "goodput/world_size": self.world_sizes[-1] if self.world_sizes else 0,
@@ -115,7 +136,7 @@ def log_restart(ledger, tracker, step: int) -> None:
     except Exception:
         return
     say(f"[restart] world sizes {summary.pop('world_sizes')}: {summary['goodput/restarts']} restart(s), "
-        f"{summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
+        f"{summary['goodput/preemptions']} preemption(s), {summary['goodput/resizes']} resize(s), {summary['goodput/steps_redone']} step(s) redone, "
         f"{summary['goodput/recovery_s']:.1f}s from the last step before to the first after")
     if tracker:
         tracker.log_metrics(summary, step)

@@ -50,6 +50,12 @@ class LocalSession:
     def preemption_notice(self) -> str | None:
         return None  # one process, no cluster: nothing tells it about preemption
 
+    def agree_max(self, value: int) -> int:
+        return value  # one rank: nothing to agree with
+
+    def sigterm_notice(self, grace_s: float):
+        return None  # the process's own SIGTERM handling is left alone
+
 
 class RaySession:
     """A Ray Train V2 worker: DDP via prepare_model, checkpoints persisted by ray.train.report."""
@@ -147,6 +153,23 @@ class RaySession:
             # or Tune's scheduler stopping the trial); the worker goes with it, not as a failed training step
             return None
         return None if info is None else str(info)
+
+    def sigterm_notice(self, grace_s: float):
+        """This worker process's SIGTERM notice (train/sigterm.py), or None when it cannot be installed."""
+        from orchestrator.train.sigterm import install_in_ray_worker
+
+        return install_in_ray_worker(grace_s)
+
+    def agree_max(self, value: int) -> int:
+        """The largest of every rank's `value` (an all_reduce of one integer; a barrier: every rank, equally often)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return value
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([value], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def ray_node_ranks(world_rank: int, world_size: int) -> tuple[int, int]:

@@ -69,7 +69,8 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
     restored = state.restore(session, rank, world, log=_print_on_rank0(rank))  # one checkpoint for all ranks
     if not restored and job.init_weights_url:
         state.load_init_weights(job.init_weights_url, job.storage_options)
-    group = GroupEvents(session, job, rank, world, state.step, restored, entered)
+    group = GroupEvents(session, job, rank, world, state.step, restored, entered,
+                        on_sigterm=cfg.checkpoint.on_sigterm, sigterm_grace_s=cfg.checkpoint.sigterm_grace_s)
 
     train_model = session.prepare_model(model)
     if cfg.train.compile:

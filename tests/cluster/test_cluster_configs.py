@@ -299,3 +299,60 @@ def test_readme_covers_each_cluster_and_safe_access():
         f"docker build -f cluster/Dockerfile -t {_image_tag()} .",
     ):
         assert needle in text, needle
+
+
+# ------------------------------------------------------------------------- eviction: preStop drain and grace
+
+def _prestop_deadline(container: dict) -> int:
+    """The preStop hook's drain deadline; the hook must be `python -m cluster.drain_self` with one."""
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert isinstance(command, list) and all(isinstance(a, str) for a in command), command
+    assert command[:3] == ["python", "-m", "cluster.drain_self"], command
+    args = command[3:]
+    return int(args[args.index("--deadline-remaining-seconds") + 1])
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_workers_drain_for_preemption_before_sigterm(name):
+    from orchestrator.config.tree import CheckpointSection
+
+    _doc, spec = _kuberay(name)
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        grace = pod["terminationGracePeriodSeconds"]  # a pod field, not a container's
+        assert isinstance(grace, int)
+        for c in _containers(group):
+            assert "terminationGracePeriodSeconds" not in c
+            deadline = _prestop_deadline(c)
+            # the formula in cluster/README.md: the drain deadline covers the notice, the step, the save and the
+            # upload with a safety factor; what is left after it covers the workers' own SIGTERM grace
+            assert 60 <= deadline < grace
+            assert grace - deadline > CheckpointSection().sigterm_grace_s
+    head = spec["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for c in head["containers"] for e in c.get("env", [])}
+    assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) > CheckpointSection().sigterm_grace_s  # `ray job stop`: time to
+    readme = README.read_text()                                                           # checkpoint first
+    assert "terminationGracePeriodSeconds" in readme and "drain_self" in readme
+
+
+def test_prestop_hook_command_drains_its_own_node_with_reason_preemption(monkeypatch):
+    """The hook's command as the manifest runs it: `ray drain-node` for the node its driver is attached to,
+    reason PREEMPTION, the manifest's deadline; the GCS address from KubeRay's environment."""
+    import subprocess
+
+    from cluster import drain_self
+
+    _doc, spec = _kuberay("raycluster.yaml")
+    command = _containers(spec["workerGroupSpecs"][0])[0]["lifecycle"]["preStop"]["exec"]["command"]
+    ran = []
+    monkeypatch.setattr(drain_self, "own_node_id", lambda address: "ab" * 28)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("FQ_RAY_IP", "mixer-head-svc.default.svc.cluster.local")
+    assert drain_self.main([*command[3:], "--no-wait"]) == 0
+    (cmd,) = ran
+    assert cmd[1:] == ["drain-node", "--address", "mixer-head-svc.default.svc.cluster.local:6379",
+                       "--node-id", "ab" * 28, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                       "Kubernetes is terminating the pod", "--deadline-remaining-seconds",
+                       str(_prestop_deadline(_containers(spec["workerGroupSpecs"][0])[0]))]
+    assert drain_self.gcs_address({"RAY_ADDRESS": "ray://10.0.0.1:6379"}) == "10.0.0.1:6379"

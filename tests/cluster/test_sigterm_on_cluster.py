@@ -1,0 +1,275 @@
+"""SIGTERM as a preemption notice (checkpoint.on_sigterm), on a real 2-node Ray cluster through `ray job submit`.
+
+A head (0 CPU) and two 1-CPU worker nodes on 127.0.0.1, token auth on, shared by three short digits runs of 2
+workers, each with the sample keys of every step traced:
+
+1. a training worker process gets SIGTERM mid-epoch: every rank checkpoints the same step boundary, the group
+   restarts and resumes from that checkpoint (no step redone), counted as a preemption; the run completes;
+2. the job's driver gets SIGTERM: the workers checkpoint, the driver exits 143 saying the same run.name resumes,
+   and a second submission resumes from that checkpoint and completes;
+3. rank 1 gets SIGTERM, and rank 0 is SIGKILLed as soon as the checkpoint's upload has started (before Ray Train
+   commits it) while rank 1 waits at the barrier after it (ray#66225's case): the run does not hang (bounded)
+   and completes.
+
+In every case every step's samples (as a multiset of keys, in the last attempt at that step) are exactly those the
+data plan gives that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster.local import LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+SEED, SLOTS, CHUNK = 0, 2, 60  # 120 samples a step over 2 stream slots (2 workers x 1 loader worker)
+EPOCHS = 2
+CASE_TIMEOUT_S = 420  # a hang would run into it; a run takes ~1-2 min on a loaded 2-core box
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sigterm-cluster")
+    c = LocalCluster.up(base / "state", token_file=base / "auth_token", workers=2, cpus_per_node=1, head_cpus=0,
+                        object_store_mb=200, health_check_period_ms=1000)
+    yield c
+    c.down(grace_s=2)
+
+
+@pytest.fixture(scope="module")
+def data_url(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("sigterm-data") / "digits")
+    write = subprocess.run([sys.executable, "-m", "pipelines.write_shards", "digits", url, "--no-progress"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert write.returncode == 0, write.stderr
+    return url
+
+
+def _entry(name: str, data_url: str, tmp: Path) -> list[str]:
+    return ["python", "-m", "orchestrator.pretrain", f"run.name={name}", f"data.url={data_url}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"run.storage_path={tmp / 'runs'}",
+            "optim.global_batch_size=120", f"schedule.epochs={EPOCHS}", "schedule.warmup_steps=2",
+            "eval.every_steps=1000", "checkpoint.every_steps=1000", "checkpoint.num_to_keep=100",
+            "train.log_every_steps=1", f"run.seed={SEED}", "scaling.num_workers=2",
+            f"data.trace_keys_dir={tmp / 'trace'}"]
+
+
+def _train_workers() -> list[psutil.Process]:
+    """The RayTrainWorker processes on this machine (not their DataLoader children)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and \
+                    "RayTrainWorker" not in " ".join(proc.parent().cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _driver(name: str) -> psutil.Process | None:
+    """The job's entrypoint process (the driver), not the `ray job submit` client that names it too."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        args = proc.info["cmdline"] or []
+        if args[1:3] == ["-m", "orchestrator.pretrain"] and f"run.name={name}" in args:
+            return proc
+    return None
+
+
+def _follow(job, on_line) -> str:
+    """Read the job's output to its end, calling on_line(line) for each; the whole text."""
+    lines, deadline = [], time.monotonic() + CASE_TIMEOUT_S
+    for line in job.stdout:
+        lines.append(line)
+        on_line(line)
+        assert time.monotonic() < deadline, "the run hangs:\n" + "".join(lines[-80:])
+    job.wait(timeout=60)
+    return "".join(lines)
+
+
+def _planned(data_url: str) -> list[Counter]:
+    from orchestrator.config.load import load_config
+    from pipelines.loader import ShardLoader
+
+    shuffle = load_config("digits").data.shuffle_buffer
+    loader = ShardLoader(data_url, "train", batch_size=CHUNK, slots=SLOTS, rank=0, world_size=1, num_workers=0,
+                         seed=SEED, shuffle_buffer=shuffle, return_keys=True)
+    steps = []
+    for epoch in range(EPOCHS):
+        loader.set_epoch(epoch)
+        items = [keys for _x, _y, keys in loader]
+        steps += [Counter(k for it in items[i:i + SLOTS] for k in it) for i in range(0, len(items), SLOTS)]
+    return steps
+
+
+def _check_keys(trace: Path, data_url: str, planned_steps: int) -> None:
+    """Every step's samples, in the last attempt at it, are exactly the planned ones."""
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for f in trace.glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step[rec["step"]].append(rec)
+    assert sorted(by_step) == list(range(1, planned_steps + 1))
+    expected = _planned(data_url)
+    for step, recs in by_step.items():
+        recs.sort(key=lambda r: r["time"])
+        last = recs[-recs[-1]["world"]:]
+        assert Counter(k for r in last for k in r["keys"]) == expected[step - 1], f"step {step}: other samples"
+
+
+def _summary(text: str) -> tuple[int, int]:
+    """(restarts, steps redone) from the end summary."""
+    m = re.search(r"restarts\s+(\d+) \(\d+ resizes; world sizes [0-9 >-]+\), (\d+) steps redone", text)
+    assert m, text[-3000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+def _mlflow_runs(tmp: Path, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mixer-digits").experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.runName = '{name}'")
+
+
+def _planned_total(text: str) -> int:
+    return int(re.search(r"step \d+/(\d+)", text).group(1))
+
+
+def test_sigterm_to_a_worker_checkpoints_and_resumes(cluster, data_url, tmp_path):
+    t0, sent = time.monotonic(), {}
+
+    def on_line(line):
+        step = re.search(r"\bstep (\d+)/\d+", line)
+        if not sent and step and int(step.group(1)) >= 4:
+            workers = _train_workers()
+            assert len(workers) == 2, workers
+            workers[0].send_signal(signal.SIGTERM)
+            sent["pid"], sent["step"], sent["time"] = workers[0].pid, int(step.group(1)), time.time()
+
+    job = cluster.submit(_entry("sig-worker", data_url, tmp_path), working_dir=REPO, wait=False)
+    text = _follow(job, on_line)
+    (tmp_path / "job.log").write_text(text)
+    assert job.returncode == 0, text[-6000:]
+    assert re.search(rf"\[preemption\] rank \d \(pid {sent['pid']}\) got SIGTERM", text), text[-4000:]
+    notice = int(re.search(r"\[preemption\] SIGTERM to a worker: checkpoint at step (\d+), then the group restarts",
+                           text).group(1))
+    # the step boundary after the signal: the step in training when it came (the last whose batch was fetched
+    # before it, from the trace), or the next one when it came between the fetch and the boundary's agreement
+    running = max(r["step"] for f in (tmp_path / "trace").glob("rank*.jsonl")
+                  for r in map(json.loads, f.read_text().splitlines()) if r["time"] <= sent["time"])
+    assert running <= notice <= running + 1, (running, notice)
+    resumes = [int(s) for s in re.findall(r"\[resume\] from checkpoint_\S+: step (\d+),", text)]
+    assert resumes == [notice], (resumes, notice)  # the SIGTERM's checkpoint, not an earlier one
+    assert re.search(r"\[restart\] world sizes 2 -> 2: 1 restart\(s\), 1 preemption\(s\)", text), text[-4000:]
+    assert _summary(text) == (1, 0)  # resumed at the step it stopped: no step redone
+    (run,) = _mlflow_runs(tmp_path, "sig-worker")
+    assert run.info.status == "FINISHED" and run.data.metrics["goodput/preemptions"] == 1
+    _check_keys(tmp_path / "trace", data_url, _planned_total(text))
+    print(f"worker SIGTERM case: {time.monotonic() - t0:.0f}s")
+
+
+def test_sigterm_to_the_driver_stops_and_the_next_submission_resumes(cluster, data_url, tmp_path):
+    t0, sent = time.monotonic(), {}
+
+    def on_line(line):
+        step = re.search(r"\bstep (\d+)/\d+", line)
+        if not sent and step and int(step.group(1)) >= 4:
+            driver = _driver("sig-driver")
+            assert driver is not None
+            driver.send_signal(signal.SIGTERM)
+            sent["step"] = int(step.group(1))
+
+    entry = _entry("sig-driver", data_url, tmp_path)
+    job = cluster.submit(entry, working_dir=REPO, wait=False)
+    text = _follow(job, on_line)
+    (tmp_path / "job1.log").write_text(text)
+    assert job.returncode != 0, text[-4000:]
+    notice = int(re.search(r"\[preemption\] SIGTERM to the driver: checkpoint at step (\d+), then the run stops",
+                           text).group(1))
+    assert notice >= sent["step"]
+    assert f"stopped by SIGTERM at step {notice}, after its checkpoint was committed" in text
+    assert "submit again with run.name=sig-driver" in text
+
+    again = cluster.submit(entry, working_dir=REPO, timeout=CASE_TIMEOUT_S)
+    text2 = again.stdout + again.stderr
+    (tmp_path / "job2.log").write_text(text2)
+    assert again.returncode == 0, text2[-6000:]
+    assert re.search(rf"\[resume\] from checkpoint_\S+: step {notice},", text2), text2[-4000:]
+    assert re.search(rf"after step {_planned_total(text2)}\b", text2)
+    _check_keys(tmp_path / "trace", data_url, _planned_total(text2))
+    (run,) = _mlflow_runs(tmp_path, "sig-driver")  # the second submission continued the first's MLflow run
+    assert run.info.status == "FINISHED"
+    print(f"driver SIGTERM case: {time.monotonic() - t0:.0f}s")
+
+
+def _rank0(workers: list[psutil.Process]) -> psutil.Process:
+    """The worker holding rank 0's key trace file open (KeyTrace keeps it open for the run)."""
+    for proc in workers:
+        try:
+            if any(f.path.endswith("rank0.jsonl") for f in proc.open_files()):
+                return proc
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank 0 among {workers}")
+
+
+def _kill_when_upload_starts(run_dir: Path, pid: int, sent: dict) -> threading.Thread:
+    """SIGKILL `pid` as soon as a new checkpoint directory appears in the run's storage: its upload has started
+    and it is not committed yet (Ray's controller takes a report only when it polls, every 2 s)."""
+    before = {p.name for p in run_dir.glob("checkpoint_*")}
+
+    def watch():
+        deadline = time.monotonic() + CASE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            new = {p.name for p in run_dir.glob("checkpoint_*")} - before
+            if new:
+                os.kill(pid, signal.SIGKILL)
+                sent["killed"], sent["checkpoint"] = time.monotonic(), sorted(new)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_rank0_killed_while_its_sigterm_checkpoint_uploads_does_not_hang(cluster, data_url, tmp_path):
+    t0, sent = time.monotonic(), {}
+
+    def on_line(line):
+        step = re.search(r"\bstep (\d+)/\d+", line)
+        if not sent and step and int(step.group(1)) >= 4:
+            workers = _train_workers()
+            rank0 = _rank0(workers)
+            sent["rank0"], sent["step"] = rank0.pid, int(step.group(1))
+            _kill_when_upload_starts(tmp_path / "runs" / "sig-kill", rank0.pid, sent)
+            next(p for p in workers if p.pid != rank0.pid).send_signal(signal.SIGTERM)  # rank 1 takes the notice
+
+    job = cluster.submit(_entry("sig-kill", data_url, tmp_path), working_dir=REPO, wait=False)
+    text = _follow(job, on_line)  # bounded: CASE_TIMEOUT_S
+    (tmp_path / "job.log").write_text(text)
+    assert "killed" in sent, text[-4000:]
+    # rank 0 was killed before its checkpoint was committed: it never got to leave the loop
+    assert not re.search(rf"pid={sent['rank0']}\).*SigtermRestart", text), text[-4000:]
+    assert job.returncode == 0, text[-6000:]
+    assert re.search(rf"after step {_planned_total(text)}\b", text)
+    restarts, redone = _summary(text)
+    assert restarts >= 1 and redone <= _planned_total(text)
+    _check_keys(tmp_path / "trace", data_url, _planned_total(text))
+    print(f"SIGKILL during the SIGTERM checkpoint's upload ({sent['checkpoint']}): {time.monotonic() - t0:.0f}s "
+          f"to the end, {time.monotonic() - sent['killed']:.0f}s after the kill")
