@@ -12,9 +12,10 @@ checked), and renamed into place (``os.replace``: a reader never sees a partial 
 of that shard on the node reads the local copy. One cache directory serves every process of the node
 (the ranks and their DataLoader workers):
 
-- a per-shard lock file (``fcntl.flock``): the fetch happens under an exclusive lock, so two processes
-  asking for the same shard at once download it once (the second waits, then finds it cached); a reader
-  holds a shared lock while the file is open;
+- two lock files per shard (``fcntl.flock``): a fetch holds the shard's fetch lock exclusively, so two
+  processes asking for the same shard at once download it once (the second waits, then finds it cached);
+  a reader holds the shard's read lock shared while its copy is open (readers never wait for each other; a
+  copy is replaced by a rename, so a reader of the old one reads on undisturbed);
 - LRU by size: a hit touches the file's mtime (atime is unreliable under noatime/relatime); after a fetch,
   while the cache holds more than ``max_bytes`` the least recently used shards are deleted, skipping any
   whose lock is held (being read or fetched); one process evicts at a time (a non-blocking directory lock);
@@ -165,24 +166,30 @@ class ShardSource:
         d = self.cache.directory
         name = entry_name(url, self.opts)
         path = os.path.join(d, name)
-        lock_fd = _lock_file(d, name)
+        read_fd = _lock_file(d, name)  # shared while the copy is open: the evictor skips it
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # waits while another process fetches this shard
+            fcntl.flock(read_fd, fcntl.LOCK_SH)
             fetched = False
-            if not _valid(path, size):
-                self._fetch(url, path, size, sha256)
-                fetched = True
-            f = open(path, "rb")  # noqa: SIM115 (closed by the CountingReader)
-            if not fetched:
+            if _valid(path, size, warn=True):
+                f = open(path, "rb")  # noqa: SIM115 (closed by the CountingReader)
                 os.utime(path)  # most recently used
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)  # readers share; the evictor skips a locked entry
+            else:
+                fetch_fd = _lock_file(d, name + ".fetch")
+                try:
+                    fcntl.flock(fetch_fd, fcntl.LOCK_EX)  # one process fetches; the others wait, then find it
+                    if not _valid(path, size):
+                        self._fetch(url, path, size, sha256)
+                        fetched = True
+                    f = open(path, "rb")  # noqa: SIM115
+                finally:
+                    os.close(fetch_fd)
         except BaseException:
-            os.close(lock_fd)
+            os.close(read_fd)
             raise
         if fetched:
             self._evict(keep=name)
         # the bytes of a fetch were counted as they were downloaded: reading the fresh copy is not a cache hit
-        return CountingReader(f, self, None if fetched else "cache", lock_fd)
+        return CountingReader(f, self, None if fetched else "cache", read_fd)
 
     def _fetch(self, url: str, path: str, size: int | None, sha256: str | None) -> None:
         """Download the whole shard next to ``path`` and rename it into place once it checks out."""
@@ -229,17 +236,18 @@ def entry_name(url: str, opts: Mapping[str, Any]) -> str:
 def _lock_file(directory: str, name: str) -> int:
     locks = os.path.join(directory, _LOCKS)
     os.makedirs(locks, exist_ok=True)
-    # lock files stay (empty): deleting one that another process has open would let two hold "the" lock
+    # lock files stay (empty, in .locks/): deleting one another process has open would let two hold "the" lock
     return os.open(os.path.join(locks, name), os.O_RDWR | os.O_CREAT, 0o666)
 
 
-def _valid(path: str, size: int | None) -> bool:
+def _valid(path: str, size: int | None, warn: bool = False) -> bool:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return False
     if size is not None and st.st_size != size:
-        log.warning("cached shard %s has %d bytes, the manifest says %d: fetching it again", path, st.st_size, size)
+        if warn:
+                log.warning("cached shard %s has %d bytes, the manifest says %d: fetching it again", path, st.st_size, size)
         return False
     return True
 

@@ -188,3 +188,30 @@ def test_resume_mid_epoch_through_the_cache(s3_digits, tmp_path):
     assert rest == keys[10:]
     got = resumed.bytes_read()
     assert got[0] == saved[0] and got[1] > saved[1]  # after the resume every shard came from the node's cache
+
+
+def test_readers_of_one_cached_shard_do_not_wait_for_each_other(s3_digits, tmp_path):
+    import concurrent.futures
+
+    url, m = s3_digits
+    s = m.shards("train")[0]
+    cache = CacheConfig(str(tmp_path / "cache"), 2**30)
+    first = ShardSource(resolve_storage_options(url), cache)
+    with first.open(s.url, size=s.size) as f:  # fetched, and held open (its read lock shared)
+        second = ShardSource(resolve_storage_options(url), cache)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            data = pool.submit(lambda: second.open(s.url, size=s.size).read()).result(timeout=20)
+        assert data == f.read()
+    assert second.take_counts() == (0, s.size)
+
+
+def test_unusable_cache_dir_reads_storage_directly(s3_digits, tmp_path, caplog):
+    url, m = s3_digits
+    s = m.shards("train")[0]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    src = ShardSource(resolve_storage_options(url), CacheConfig(str(blocker / "cache"), 2**30))
+    with src.open(s.url, size=s.size) as f:
+        assert len(f.read()) == s.size
+    assert src.take_counts() == (s.size, 0)
+    assert "cannot be used" in caplog.text
