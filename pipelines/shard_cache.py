@@ -7,8 +7,8 @@
 
 A remote shard (any fsspec URL but a local path: caching a local file would only copy it) is fetched whole
 with fsspec (``fs.get_file``) into a temporary file in the cache directory, checked against the manifest's
-size and SHA-256 (when the manifest has them; older manifests have neither, then the store's own size is
-checked), and renamed into place (``os.replace``: a reader never sees a partial shard). Every later open
+size and SHA-256 (when the manifest has them; older manifests have neither: then the store's own size checks
+the fetch, and a hit is not checked), and renamed into place (``os.replace``: a reader never sees a partial shard). Every later open
 of that shard on the node reads the local copy. One cache directory serves every process of the node
 (the ranks and their DataLoader workers):
 
@@ -194,6 +194,8 @@ class ShardSource:
     def _fetch(self, url: str, path: str, size: int | None, sha256: str | None) -> None:
         """Download the whole shard next to ``path`` and rename it into place once it checks out."""
         fs, rpath = get_fs(url, self.opts, resolved=True)
+        if size is None:  # a manifest without sizes: the store's own (one HEAD request)
+            size = int(fs.size(rpath))
         tmp = os.path.join(os.path.dirname(path), f"{_TMP}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
         try:
             for attempt in (1, 2):

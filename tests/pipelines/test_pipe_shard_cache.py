@@ -215,3 +215,16 @@ def test_unusable_cache_dir_reads_storage_directly(s3_digits, tmp_path, caplog):
         assert len(f.read()) == s.size
     assert src.take_counts() == (s.size, 0)
     assert "cannot be used" in caplog.text
+
+
+def test_manifest_without_sizes_still_fetches_once(s3_digits, recorder, tmp_path):
+    """An older manifest (no size, no sha256): the store's size checks the fetch; hits are served as usual."""
+    url, m = s3_digits
+    s = m.shards("train")[0]
+    src = ShardSource(resolve_storage_options(url), CacheConfig(str(tmp_path / "cache"), 2**30))
+    with recorder:
+        for _ in range(2):
+            with src.open(s.url) as f:
+                assert len(f.read()) == s.size
+    assert src.take_counts() == (s.size, s.size)
+    assert sum(recorder.shard_gets().values()) == 1
