@@ -47,6 +47,10 @@ from its first step (samples already seen in that epoch are seen again; this is 
 ``resume_note``); ``on_plan_change='error'`` raises ResumeMismatchError. World size and loader workers are
 not plan inputs.
 
+With ``cache_dir`` every remote shard is read through the node-local shard cache (pipelines/shard_cache.py:
+whole shards, fetched once per node, LRU within ``cache_max_gb``); ``bytes_read()`` gives the epoch's bytes
+from storage and from the cache on this rank (carried in the position like the bad-sample counts).
+
 Where each part lives: pipelines/shard_reader.py reads a shard into checked raw samples,
 pipelines/slot_stream.py produces one slot's chunks, pipelines/bad_samples.py keeps the bad-sample tally and
 its budget, pipelines/position.py the position and the data state; this module holds the rank's iteration.
@@ -76,6 +80,7 @@ from .mixup import MixupConfig, mixup_batch
 from .plan import EpochPlan, derive_seed, owned_slots, plan_canonical_epoch, plan_epoch, worker_position
 from .position import SHUFFLE, STATE_VERSION, RankPosition, ResumeMismatchError, plan_changes, restart_note
 from .position import merge_state_dicts as _merge
+from .shard_cache import CacheConfig
 from .slot_stream import RankDataset, RankSpec
 from .storage import check_dataset_reachable, resolve_storage_options
 from .transforms import decode_image, default_transform, identity
@@ -121,6 +126,8 @@ class ShardLoader:
         device: torch.device | str | None = None,
         decode_crop_on_device: tuple[int, str] | None = None,
         slots: int | None = None,
+        cache_dir: str | None = None,
+        cache_max_gb: float = 100.0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -166,6 +173,8 @@ class ShardLoader:
         if isinstance(mixup, int | float):
             mixup = MixupConfig(alpha=float(mixup))
         self.mixup = mixup
+        # remote shards read through the node-local cache (pipelines/shard_cache.py); local datasets never are
+        self.cache = CacheConfig.from_gb(cache_dir, cache_max_gb)
         opts_url = self.source if "://" in self.source else "file://"
         self._opts = resolve_storage_options(opts_url, storage_options)
 
@@ -302,6 +311,10 @@ class ShardLoader:
         """This epoch's bad samples on this rank: kind -> {shard URL: count}; plus 'padded' -> {'': n}."""
         return self._pos.tally.by_kind()
 
+    def bytes_read(self) -> tuple[int, int]:
+        """This epoch's (bytes from storage, bytes from the node-local shard cache) on this rank."""
+        return self._pos.bytes_read()
+
     # -------------------------------------------------------------------------------- iteration
     def __iter__(self):
         plan = self.plan()
@@ -325,6 +338,7 @@ class ShardLoader:
             opts=self._opts, transform=self.transform, num_classes=self.num_classes, decoder=self.decoder,
             batch_stage=self.batch_stage, stage_on_host=self.augment_on == "host",
             device_decode_size=self.decode_crop_on_device[0] if self.decode_crop_on_device else None,
+            cache=self.cache, checks=tuple((s.size, s.sha256) for s in self.shards),
         )
         return self._iterate(spec, k, total)
 

@@ -1,4 +1,5 @@
-"""The dataset manifest: shard URLs, sample counts, class names, format version.
+"""The dataset manifest: shard URLs, sample counts (and, since the shard cache, byte sizes and SHA-256
+digests), class names, format version.
 
 A dataset is a directory (local or object storage) holding ``manifest.json`` and shard tars::
 
@@ -7,8 +8,9 @@ A dataset is a directory (local or object storage) holding ``manifest.json`` and
     <root>/val/val-000000.tar ...
 
 The manifest is written last, so a half-written dataset has no manifest and is never taken for a whole
-one. Shard URLs are stored relative to the root, so a dataset can be copied or moved; ``load_manifest``
-resolves them to absolute URLs. ``dataset_from_pattern`` makes a manifest for a brace pattern of shard URLs.
+one. ``size``/``sha256`` per shard are optional (older manifests lack them; the dataset's fingerprint does
+not include them): the node-local shard cache checks its copies against them. Shard URLs are stored
+relative to the root, so a dataset can be copied or moved; ``load_manifest`` resolves them to absolute URLs. ``dataset_from_pattern`` makes a manifest for a brace pattern of shard URLs.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ class ManifestNotFoundError(DatasetNotFoundError):
 class ShardInfo:
     url: str
     num_samples: int
+    size: int | None = None  # bytes; what a cached copy is checked against (pipelines/shard_cache.py)
+    sha256: str | None = None  # hex digest of the shard's bytes; manifests written before it have neither
+
+    def to_doc(self, url: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {"url": url, "num_samples": self.num_samples}
+        if self.size is not None:
+            doc["size"] = self.size
+        if self.sha256 is not None:
+            doc["sha256"] = self.sha256
+        return doc
 
 
 @dataclass
@@ -93,7 +105,7 @@ class Manifest:
             "class_names": list(self.class_names),
             "image_format": self.image_format,
             "splits": {
-                k: [{"url": rel(s.url), "num_samples": s.num_samples} for s in v] for k, v in self.splits.items()
+                k: [s.to_doc(rel(s.url)) for s in v] for k, v in self.splits.items()
             },
             **self.extra,
         }
@@ -111,7 +123,9 @@ class Manifest:
             splits = {}
             for name, shards in doc["splits"].items():
                 splits[name] = [
-                    ShardInfo(_resolve(root, s["url"]), int(s["num_samples"])) for s in shards
+                    ShardInfo(_resolve(root, s["url"]), int(s["num_samples"]),
+                              int(s["size"]) if s.get("size") is not None else None, s.get("sha256"))
+                    for s in shards
                 ]
             extra = {
                 k: v for k, v in doc.items() if k not in ("format_version", "class_names", "splits", "image_format")

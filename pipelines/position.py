@@ -1,9 +1,10 @@
 """A rank's position in a training epoch over its canonical slots, and the data state a checkpoint holds.
 
 The position is (epoch, steps consumed) plus, per canonical slot, the raw samples its stream took
-(``raw_pos``: a resume skips raw bytes without decoding) and its bad-sample/padded tallies. A rank saves the
-slots it owns; merge_state_dicts joins all ranks' states by slot id, so a checkpoint holds every slot and a
-restart at any world size continues it: each rank picks its (new) owned slots out of it. Slots are only at
+(``raw_pos``: a resume skips raw bytes without decoding), its bad-sample/padded tallies and the bytes it read
+from storage and from the node-local shard cache. A rank saves the slots it owns; merge_state_dicts joins all
+ranks' states by slot id, so a checkpoint holds every slot and a restart at any world size continues it: each
+rank picks its (new) owned slots out of it. Slots are only at
 the same chunk at a step boundary, so a state is only taken there.
 """
 
@@ -34,6 +35,7 @@ class RankPosition:
         self.raw_pos: dict[int, int | None] = {k: 0 for k in owned}
         self.slot_tally: dict[int, BadSampleTally] = {}
         self.tally = BadSampleTally(rank, max_bad_fraction)  # the rank's: the sum of its slots'
+        self.slot_bytes: dict[int, list[int]] = {}  # slot -> [bytes from storage, bytes from cache]
         self.just_loaded = False
 
     def add_bad(self, slot: int, bad: Iterable[Sequence[Any]], padded: int = 0) -> None:
@@ -43,9 +45,19 @@ class RankPosition:
             self.slot_tally[slot] = BadSampleTally(self.rank, self.max_bad_fraction)
         self.slot_tally[slot].add(bad, padded)
 
+    def add_bytes(self, slot: int, read: Sequence[int]) -> None:
+        b = self.slot_bytes.setdefault(slot, [0, 0])
+        b[0] += int(read[0])
+        b[1] += int(read[1])
+
+    def bytes_read(self) -> tuple[int, int]:
+        """(bytes from storage, bytes from the node-local cache) this rank's streams read in the epoch."""
+        return sum(b[0] for b in self.slot_bytes.values()), sum(b[1] for b in self.slot_bytes.values())
+
     def took(self, meta: Mapping[str, Any]) -> None:
         """One item handed out: its slot's raw position and the bad samples its stream met."""
         self.add_bad(meta["slot"], meta["bad"], meta["padded"])
+        self.add_bytes(meta["slot"], meta.get("bytes", (0, 0)))
         self.raw_pos[meta["slot"]] = meta["raw_pos"]
         self.items += 1
 
@@ -56,6 +68,8 @@ class RankPosition:
             entry: dict[str, Any] = {"bad": t.triples() if t else [], "padded": t.padded if t else 0}
             if raw is not None:
                 entry["raw_pos"] = raw
+            if any(self.slot_bytes.get(k, ())):
+                entry["bytes"] = list(self.slot_bytes[k])
             slots[str(k)] = entry
         return {"version": STATE_VERSION, "epoch": epoch, "steps_consumed": steps, "plan": dict(plan_inputs),
                 "slots": slots}
@@ -72,6 +86,7 @@ class RankPosition:
             self.raw_pos[k] = 0 if steps == 0 else (int(entry["raw_pos"]) if entry and "raw_pos" in entry else None)
             if entry:
                 self.add_bad(k, entry.get("bad", []), entry.get("padded", 0))
+                self.add_bytes(k, entry.get("bytes", (0, 0)))
         self.just_loaded = True
 
 

@@ -68,16 +68,19 @@ def iter_piece(
     opts: Mapping[str, Any],
     on_bad: Callable[[str, str, int], None],
     num_classes: int | None = None,
+    open_shard: Callable[[str], Any] | None = None,
 ) -> Iterator[RawSample]:
     """Structurally valid samples with index ``start <= i < stop`` of one shard; problems go to on_bad.
 
+    ``open_shard(url)`` opens the shard (default: straight from storage; the loader passes its ShardSource,
+    which reads through the node-local cache, pipelines/shard_cache.py).
     Transient S3 errors, a body broken off mid-read included, are retried by the client (storage.READ_RETRIES);
     what still fails counts the rest of the piece as unreadable_shard or truncated_tar.
     """
     idx = 0  # next group index to look at
     seen: set[str] = set()
     try:
-        f = open_url(url, "rb", opts)
+        f = open_shard(url) if open_shard is not None else open_url(url, "rb", opts)
     except FileNotFoundError:
         on_bad("missing_shard", url, stop - start)
         return

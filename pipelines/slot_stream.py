@@ -5,7 +5,7 @@ torch DataLoader worker, or in the rank's process with ``num_workers=0``, which 
 round-robin. Every seeded draw (shuffle buffer, augmentation, batch stage) is a function of the slot id and
 the chunk index, never of the rank or the worker, so a chunk is the same whichever rank reads it. Each chunk
 carries its metadata (slot, chunk index, raw samples taken, bad samples seen since the previous chunk, padded
-samples, keys) so the rank's ShardLoader can keep the position and the bad-sample tally (pipelines/loader.py).
+samples, bytes read from storage and from the node-local shard cache since the previous chunk, keys) so the rank's ShardLoader can keep the position and the bad-sample tally (pipelines/loader.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .bad_samples import DataError
 from .batch_stage import BatchStage
 from .plan import SlotPlan, derive_seed, epoch_rng
 from .redaction import redact_url
+from .shard_cache import CacheConfig, ShardSource
 from .shard_reader import RawSample, iter_piece
 from .transforms import decode_image
 
@@ -50,6 +51,8 @@ class RankSpec:
     batch_stage: BatchStage | None = None  # uint8 batch -> float batch (pipelines/batch_stage.py)
     stage_on_host: bool = True  # False: the batch leaves uint8 with its draws; the loader runs the stage on the device
     device_decode_size: int | None = None  # decode_on='device': the decoder ships JPEG bytes (pipelines/device_decode)
+    cache: CacheConfig | None = None  # the node-local shard cache (pipelines/shard_cache.py); None: read storage
+    checks: tuple[tuple[int | None, str | None], ...] = ()  # per URL: (size, sha256) from the manifest, if known
 
 
 class RankDataset(IterableDataset):
@@ -88,6 +91,11 @@ class SlotWorker:
         self.plan = spec.slots[q]
         self.counting = True
         self.bad: Counter = Counter()
+        self.source = ShardSource(spec.opts, spec.cache)  # bytes read from storage / cache, taken per chunk
+
+    def _open(self, shard: int):
+        size, sha256 = self.s.checks[shard] if self.s.checks else (None, None)
+        return self.source.open(self.s.urls[shard], size=size, sha256=sha256)
 
     def _on_bad(self, kind: str, url: str, n: int) -> None:
         if self.counting and n > 0:
@@ -98,7 +106,8 @@ class SlotWorker:
 
         def raw():
             for pc in self.plan.pieces:
-                yield from iter_piece(s.urls[pc.shard], pc.start, pc.stop, s.opts, self._on_bad, s.num_classes)
+                yield from iter_piece(s.urls[pc.shard], pc.start, pc.stop, s.opts, self._on_bad, s.num_classes,
+                                      open_shard=lambda _url, i=pc.shard: self._open(i))
 
         if not s.training:
             return raw()
@@ -206,6 +215,7 @@ class SlotWorker:
                 "raw_pos": pos,
                 "bad": [(k, u, n) for (k, u), n in self.bad.items()],
                 "padded": padded,
+                "bytes": self.source.take_counts(),  # (from storage, from cache) since the previous chunk
                 "keys": keys,
             }
             if s.device_decode_size:

@@ -7,7 +7,9 @@
 SOURCE is ``digits`` (scikit-learn's bundled 8x8 handwritten digits, written as RGB images) or an image
 folder tree with one sub-folder per class. If the folder holds ``train/`` and ``val/`` sub-trees (the
 ImageNet layout) those are the splits; otherwise a seeded stratified split with ``--val-fraction`` is made.
-DEST is any fsspec URL. Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text).
+DEST is any fsspec URL. Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text). The
+manifest lists each shard's sample count, size in bytes and SHA-256 (what a node-local cached copy is checked
+against, pipelines/shard_cache.py).
 Unreadable inputs are reported with their paths (stderr and the manifest's ``unreadable`` list) and the
 command exits with status 2 when there were any. Bad arguments (a missing SOURCE, a DEST that cannot be
 written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before anything is written.
@@ -16,6 +18,7 @@ written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import os
@@ -141,6 +144,21 @@ def _encode(item: _Item, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+class _Digest:
+    """A write-only file that passes bytes on and keeps their count and SHA-256 (for the manifest)."""
+
+    def __init__(self, f):
+        self._f, self.size, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        self.size += len(b)
+        return self._f.write(b)
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 class _ShardSink:
     """Writes ``<dest>/<split>/<split>-NNNNNN.tar`` with webdataset's TarWriter, rotating on count/size.
 
@@ -163,7 +181,8 @@ class _ShardSink:
             _, path = get_fs(self._url, self.opts, resolved=True)
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         self._shard_file = ExitStack()  # the open atomic write: closing it publishes the shard
-        file = self._shard_file.enter_context(atomic_write(self._url, self.opts))
+        file = _Digest(self._shard_file.enter_context(atomic_write(self._url, self.opts)))
+        self._digest = file
         # mtime a fixed int: reproducible bytes, and no PAX header per member (a float mtime makes Python's tarfile
         # write one), which would double the header parsing every reader pays per sample
         self._writer = wds.TarWriter(file, mtime=0)
@@ -184,7 +203,7 @@ class _ShardSink:
             return
         self._writer.close()  # ends the tar; the file it was given stays open
         self._shard_file.close()
-        self.shards.append(ShardInfo(self._url, self._count))
+        self.shards.append(ShardInfo(self._url, self._count, self._digest.size, self._digest.sha256.hexdigest()))
         self._writer = None
 
     def close(self) -> list[ShardInfo]:

@@ -14,6 +14,10 @@ RandAugment(2, 15), [-1, 1]). Cases, interleaved in rounds over the same images:
   loopback S3 server (moto's ThreadedMotoServer on 127.0.0.1, through s3fs as a real bucket);
 - ``feed`` table (orchestrator/benchmark/feed.py): host CPU per image for each placement of the recipe
   (``augment_on=host``, ``augment_on=device``, ``decode_on=device``) and the device stage's rate;
+- ``cache`` table (S3 only): epoch 2 vs epoch 1 with the node-local shard cache on (``data.cache_dir``,
+  pipelines/shard_cache.py), a fresh cache directory per round: the raw data path (shards read and split into
+  samples, no decode: what the cache changes) in MB/s and samples/s, and the whole ShardLoader (with the
+  train transform) in img/s; epoch 1 fetches every shard from S3 into the cache, epoch 2 reads local copies;
 - ``wds recommended local`` / ``s3``: the pipeline the webdataset documentation recommends for the same
   work, ``wds.WebDataset(urls, shardshuffle=100).shuffle(1000).decode("torchrgb").to_tuple("jpg", "cls")
   .map_tuple(transform, identity).batched(batch)``; webdataset 1.0.2 has no s3:// handler, so for S3 an
@@ -136,6 +140,7 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
             "ShardLoader local": shard_loader(root),
             "wds recommended local": wds_pipeline(local_urls),
         }
+        cache = None
         with contextlib.ExitStack() as stack:
             if s3:
                 try:
@@ -154,6 +159,7 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
                 except ImportError as e:
                     notes.append(f"S3 cases skipped: {e}")
             rates = interleaved(cases, repeats, warmup=1)
+            cache = cache_epochs(s3_root, opts, shards, tf, bs, repeats, tmp) if "ShardLoader s3" in cases else None
         feed = bench_feed.run(root, repeats=repeats, batch=bs, input_size=input_size, device=device)
     finally:
         torch.set_num_threads(saved_threads)
@@ -170,6 +176,8 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
         "notes": notes,
         "feed": feed,
     }
+    if cache is not None:
+        result["cache"] = cache
     for name in rates:
         if name != "decode only":
             result["ratios"][f"{name}/decode only"] = summary(ratios(rates[name], rates["decode only"]))
@@ -184,6 +192,57 @@ def run(repeats: int = 5, quick: bool = False, images: int | None = None, s3: bo
     return result
 
 
+def cache_epochs(s3_root: str, opts: dict, shards, tf, bs: int, repeats: int, tmp: str) -> dict[str, Any]:
+    """Epoch 1 (cold cache: every shard fetched from S3) vs epoch 2 (warm: local copies), a fresh cache per round.
+
+    ``data path``: every shard read through a ShardSource and split into raw samples (no decode);
+    ``ShardLoader``: the loader with the train transform, epochs 0 and 1 of one loader."""
+    import time
+
+    from pipelines.loader import ShardLoader
+    from pipelines.shard_cache import CacheConfig, ShardSource
+    from pipelines.shard_reader import iter_piece
+
+    urls = [s3_root + "/" + s.url.split("/shards/", 1)[1] for s in shards]
+    total = sum(s.size for s in shards)
+    samples = sum(s.num_samples for s in shards)
+    runs: dict[str, list[float]] = {k: [] for k in ("raw1", "raw2", "img1", "img2")}
+    counted: list[tuple[int, int]] = []
+    for r in range(repeats + 1):  # the first round warms the S3 client and the imports, untimed
+        cache = CacheConfig(os.path.join(tmp, f"cache-raw-{r}"), 2**30)
+        src = ShardSource(opts, cache)
+        for epoch in (1, 2):
+            t0 = time.perf_counter()
+            for u, s in zip(urls, shards, strict=True):
+                for _ in iter_piece(u, 0, s.num_samples, opts, lambda *a: None,
+                                    open_shard=lambda _u, u=u, s=s, src=src: src.open(u, size=s.size, sha256=s.sha256)):
+                    pass
+            if r:
+                runs[f"raw{epoch}"].append(total / (time.perf_counter() - t0))
+            if r and epoch == 2:
+                counted.append(src.take_counts())
+            src.take_counts()
+        loader = ShardLoader(s3_root, batch_size=bs, num_workers=0, transform=tf, storage_options=opts,
+                             shuffle_buffer=SHUFFLE, cache_dir=os.path.join(tmp, f"cache-loader-{r}"), cache_max_gb=1)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            n = sum(x.shape[0] for x, _ in loader)
+            if r:
+                runs[f"img{epoch + 1}"].append(n / (time.perf_counter() - t0))
+    mb = {k: [v / 1e6 for v in runs[k]] for k in ("raw1", "raw2")}
+    return {
+        "shards": len(shards), "bytes": total, "samples": samples,
+        "data_path_mb_per_s": {"epoch1": summary(mb["raw1"]), "epoch2": summary(mb["raw2"]),
+                               "epoch2/epoch1": summary(ratios(runs["raw2"], runs["raw1"]))},
+        "data_path_samples_per_s": {"epoch1": summary([v * samples / total for v in runs["raw1"]]),
+                                    "epoch2": summary([v * samples / total for v in runs["raw2"]])},
+        "loader_img_per_s": {"epoch1": summary(runs["img1"]), "epoch2": summary(runs["img2"]),
+                             "epoch2/epoch1": summary(ratios(runs["img2"], runs["img1"]))},
+        "epoch2_bytes_from_storage_cache": counted[-1] if counted else None,
+    }
+
+
 def tables(result: dict[str, Any]):
     rows = []
     for name, c in result["cases"].items():
@@ -192,5 +251,16 @@ def tables(result: dict[str, Any]):
         vs_wds = result["ratios"].get(f"{name}/wds recommended {where}")
         rows.append([name, spread(c["img_per_s_per_core"]), spread(vs_decode) + "x" if vs_decode else "",
                      spread(vs_wds) + "x" if vs_wds else ""])
-    return [(["case", "img/s/core median [min-max]", "vs decode only", "vs wds recommended"], rows),
-            bench_feed.table(result["feed"])]
+    out = [(["case", "img/s/core median [min-max]", "vs decode only", "vs wds recommended"], rows),
+           bench_feed.table(result["feed"])]
+    c = result.get("cache")
+    if c:
+        dp, sp, ld = c["data_path_mb_per_s"], c["data_path_samples_per_s"], c["loader_img_per_s"]
+        out.append((["shard cache on loopback S3", "epoch 1 (cold)", "epoch 2 (cached)", "epoch 2 / epoch 1"], [
+            ["data path MB/s (read + split, no decode)", spread(dp["epoch1"]), spread(dp["epoch2"]),
+             spread(dp["epoch2/epoch1"]) + "x"],
+            ["data path samples/s", spread(sp["epoch1"]), spread(sp["epoch2"]), ""],
+            ["ShardLoader img/s (train transform)", spread(ld["epoch1"]), spread(ld["epoch2"]),
+             spread(ld["epoch2/epoch1"]) + "x"],
+        ]))
+    return out

@@ -52,6 +52,7 @@ def validate(cfg: Config) -> None:
     require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
     require(d.num_train_samples is None or d.num_train_samples >= 1, "data.num_train_samples", d.num_train_samples,
             "null or an integer >= 1")
+    _check_cache(cfg)
     _check_placement(cfg)
     require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "a non-empty name")
     require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
@@ -70,6 +71,23 @@ def validate(cfg: Config) -> None:
         get_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 10))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def _check_cache(cfg: Config) -> None:
+    """data.cache_max_gb > 0; data.cache_dir null (off) or a local directory this user can create or write (checked
+    here, on the node that starts the run; every node needs it: a node-local disk, pipelines/shard_cache.py)."""
+    from pipelines.storage import StorageError, check_writable_target, protocol_of
+
+    d = cfg.data
+    require(d.cache_max_gb > 0, "data.cache_max_gb", d.cache_max_gb, "a number of GB > 0")
+    if d.cache_dir is None:
+        return
+    require(bool(str(d.cache_dir).strip()) and protocol_of(str(d.cache_dir)) in ("file", "local"), "data.cache_dir",
+            d.cache_dir, "null (no cache) or a node-local directory path")
+    try:
+        check_writable_target(str(d.cache_dir), what="data.cache_dir")
+    except StorageError as e:
+        raise ConfigError(f"{e}; data.cache_dir is null (no cache) or a node-local directory") from None
 
 
 def augment_on(cfg: Config) -> str:

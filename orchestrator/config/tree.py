@@ -73,6 +73,8 @@ class DataSection:
     trace_keys_dir: str | None = None  # debug: each rank appends the sample keys of its batches here
     augment_on: Literal["auto", "host", "device"] = "auto"  # batch augmentation; auto: device when use_gpu
     decode_on: Literal["host", "device"] = "host"  # device: JPEGs decoded on the GPU (nvJPEG); needs augment on device
+    cache_dir: str | None = None  # node-local shard cache (a local dir on every node); None: read storage each epoch
+    cache_max_gb: float = 100.0  # the cache's bound per node; least recently used shards are evicted past it
 
 
 @dataclass

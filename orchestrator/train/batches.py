@@ -48,6 +48,8 @@ def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, devic
         storage_options=job.storage_options,
         max_bad_fraction=cfg.data.max_bad_fraction,
         pin_memory=cfg.scaling.use_gpu,
+        cache_dir=cfg.data.cache_dir,
+        cache_max_gb=cfg.data.cache_max_gb,
     )
     mixup = None
     if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:

@@ -1,4 +1,5 @@
-"""Bad, padded and dropped samples of an epoch summed over the ranks: what rank 0 logs, and the run's totals.
+"""Bad, padded and dropped samples and bytes read (from storage, from the node-local shard cache) of an epoch
+summed over the ranks: what rank 0 logs, and the run's totals.
 
 Every rank's loader counts only the samples it read (pipelines/bad_samples.py). `epoch_counts` sums them with
 torch.distributed.all_reduce, a collective: every rank calls it at the same point (the loop does so when an
@@ -27,6 +28,8 @@ class DataCounts:
     bad: Counter = field(default_factory=Counter)  # (kind, shard URL) -> samples skipped
     padded: int = 0  # samples a short worker re-read to fill its planned batches
     dropped: int = 0  # samples of the split left out so that every rank gets equal batches
+    bytes_from_storage: int = 0  # read from object storage (whole shards fetched into the node-local cache)
+    bytes_from_cache: int = 0  # read from the node-local shard cache (data.cache_dir) instead
 
     def total_bad(self) -> int:
         return sum(self.bad.values())
@@ -48,26 +51,33 @@ class DataCounts:
                 for url, c in per_shard.most_common(n)]
 
     def metrics(self) -> dict[str, float]:
-        """data/bad_samples, data/bad/<kind> (kinds seen), data/padded_samples, data/dropped_samples."""
+        """data/bad_samples, data/bad/<kind> (kinds seen), data/padded_samples, data/dropped_samples,
+        data/bytes_from_storage, data/bytes_from_cache."""
         return {
             "data/bad_samples": self.total_bad(),
             **{f"data/bad/{kind}": n for kind, n in self.by_kind().items()},
             "data/padded_samples": self.padded,
             "data/dropped_samples": self.dropped,
+            "data/bytes_from_storage": self.bytes_from_storage,
+            "data/bytes_from_cache": self.bytes_from_cache,
         }
 
     def __add__(self, other: DataCounts) -> DataCounts:
-        return DataCounts(self.bad + other.bad, self.padded + other.padded, self.dropped + other.dropped)
+        return DataCounts(self.bad + other.bad, self.padded + other.padded, self.dropped + other.dropped,
+                          self.bytes_from_storage + other.bytes_from_storage,
+                          self.bytes_from_cache + other.bytes_from_cache)
 
     def state(self) -> dict[str, Any]:
         """For the checkpoint: plain lists and ints (torch.load(weights_only=True) safe)."""
-        return {"bad": [[k, u, n] for (k, u), n in self.bad.items()], "padded": self.padded, "dropped": self.dropped}
+        return {"bad": [[k, u, n] for (k, u), n in self.bad.items()], "padded": self.padded, "dropped": self.dropped,
+                "bytes_from_storage": self.bytes_from_storage, "bytes_from_cache": self.bytes_from_cache}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None) -> DataCounts:
         state = state or {}
         return cls(Counter({(k, u): int(n) for k, u, n in state.get("bad", [])}),
-                   int(state.get("padded", 0)), int(state.get("dropped", 0)))
+                   int(state.get("padded", 0)), int(state.get("dropped", 0)),
+                   int(state.get("bytes_from_storage", 0)), int(state.get("bytes_from_cache", 0)))
 
     def worst_shards_tag(self, epoch: int) -> dict[str, str]:
         """The epoch's worst shards as a tag (JSON), or nothing when it had no bad sample."""
@@ -85,11 +95,12 @@ def epoch_counts(loader: ShardLoader, device: torch.device) -> DataCounts:
 
     urls = [s.url for s in loader.shards]
     kinds = list(BAD_KINDS)
-    # one vector: (kind, shard) counts in row-major order, then padded
-    local = torch.zeros(len(kinds) * len(urls) + 1, dtype=torch.int64)
+    # one vector: (kind, shard) counts in row-major order, then padded, bytes from storage, bytes from cache
+    local = torch.zeros(len(kinds) * len(urls) + 3, dtype=torch.int64)
+    local[-2:] = torch.tensor(loader.bytes_read(), dtype=torch.int64)
     for kind, per_url in loader.bad_sample_counts().items():
         if kind == "padded":
-            local[-1] = per_url[""]
+            local[-3] = per_url[""]
             continue
         for url, n in per_url.items():
             local[kinds.index(kind) * len(urls) + urls.index(url)] += n
@@ -99,5 +110,6 @@ def epoch_counts(loader: ShardLoader, device: torch.device) -> DataCounts:
         local = local.cpu()
     counts = local.tolist()
     bad = Counter({(kinds[i // len(urls)], urls[i % len(urls)]): n
-                   for i, n in enumerate(counts[:-1]) if n})
-    return DataCounts(bad, padded=counts[-1], dropped=loader.dropped_samples)
+                   for i, n in enumerate(counts[:-3]) if n})
+    return DataCounts(bad, padded=counts[-3], dropped=loader.dropped_samples, bytes_from_storage=counts[-2],
+                      bytes_from_cache=counts[-1])

@@ -103,6 +103,11 @@ def test_data_quick_measures_every_case_including_loopback_s3(tmp_path):
     assert _positive(data["ratios"]["decode only (PIL)/decode only"]["median"])
     assert _positive(data["ratios"]["ShardLoader s3/wds recommended s3"]["median"])
     assert "decode only (PIL)" in r.stdout
+    cache = data["cache"]  # epoch 2 vs epoch 1 with the node-local shard cache on loopback S3
+    assert cache["epoch2_bytes_from_storage_cache"][0] == 0 and cache["epoch2_bytes_from_storage_cache"][1] > 0
+    assert _positive(cache["data_path_mb_per_s"]["epoch2/epoch1"]["median"])
+    assert _positive(cache["loader_img_per_s"]["epoch2/epoch1"]["median"])
+    assert "shard cache on loopback S3" in r.stdout
     feed = data["feed"]  # host CPU per image for each placement of the recipe, and the device stage's rate
     assert set(feed["host_img_per_cpu_s"]) == {"before", "host", "device_aug", "device_decode"}
     for placement, s in feed["host_img_per_cpu_s"].items():

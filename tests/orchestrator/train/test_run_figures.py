@@ -67,11 +67,13 @@ def test_accelerators_held():
 
 def test_data_counts_metrics_state_and_totals():
     a = DataCounts(Counter({("corrupt_image", "s3://key:secret@b/t-1.tar"): 2, ("missing_label", "/d/t-2.tar"): 1}),
-                   padded=3, dropped=5)
-    b = DataCounts(Counter({("corrupt_image", "s3://key:secret@b/t-1.tar"): 1}), padded=1, dropped=5)
+                   padded=3, dropped=5, bytes_from_storage=100)
+    b = DataCounts(Counter({("corrupt_image", "s3://key:secret@b/t-1.tar"): 1}), padded=1, dropped=5,
+                   bytes_from_cache=100)
     total = a + b
     assert total.metrics() == {"data/bad_samples": 4, "data/bad/corrupt_image": 3, "data/bad/missing_label": 1,
-                               "data/padded_samples": 4, "data/dropped_samples": 10}
+                               "data/padded_samples": 4, "data/dropped_samples": 10,
+                               "data/bytes_from_storage": 100, "data/bytes_from_cache": 100}
     assert DataCounts.from_state(json.loads(json.dumps(total.state()))) == total
     assert DataCounts.from_state(None) == DataCounts()
     worst = total.worst_shards()
