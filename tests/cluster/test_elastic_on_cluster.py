@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 import s3fs
+from planned_keys import planned_steps
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -80,22 +81,6 @@ def _final_attempts(trace: Path) -> dict[int, list[dict]]:
         out[step] = recs[-world:]
         assert {r["world"] for r in out[step]} == {world}, (step, recs)
     return out
-
-
-def _planned_steps(data_url: str, epochs: int, storage_options: dict) -> list[Counter]:
-    """The keys of every step as the data plan gives them, read in one process (world size 1, all slots)."""
-    from orchestrator.config.load import load_config
-    from pipelines.loader import ShardLoader
-
-    shuffle = load_config("digits").data.shuffle_buffer
-    loader = ShardLoader(data_url, "train", batch_size=CHUNK, slots=SLOTS, rank=0, world_size=1, num_workers=0,
-                         seed=SEED, shuffle_buffer=shuffle, return_keys=True, storage_options=storage_options)
-    steps = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        items = [keys for _x, _y, keys in loader]
-        steps += [Counter(k for it in items[i:i + SLOTS] for k in it) for i in range(0, len(items), SLOTS)]
-    return steps
 
 
 def _events(lines: list[str]) -> str:
@@ -185,7 +170,8 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     # the data: every step's keys as planned, whatever the world size that trained it
     steps = _final_attempts(trace)
     assert sorted(steps) == list(range(1, planned + 1))
-    expected = _planned_steps(data_url, epochs=8, storage_options={"endpoint_url": s3_server})
+    expected = planned_steps(data_url, epochs=8, slots=SLOTS, chunk=CHUNK, seed=SEED,
+                             storage_options={"endpoint_url": s3_server})
     worlds = set()
     for s, recs in steps.items():
         worlds.add(recs[0]["world"])

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from planned_keys import planned_steps
 
 from cluster.local import LocalCluster
 
@@ -101,30 +102,15 @@ def _follow(job, on_line) -> str:
     return "".join(lines)
 
 
-def _planned(data_url: str) -> list[Counter]:
-    from orchestrator.config.load import load_config
-    from pipelines.loader import ShardLoader
-
-    shuffle = load_config("digits").data.shuffle_buffer
-    loader = ShardLoader(data_url, "train", batch_size=CHUNK, slots=SLOTS, rank=0, world_size=1, num_workers=0,
-                         seed=SEED, shuffle_buffer=shuffle, return_keys=True)
-    steps = []
-    for epoch in range(EPOCHS):
-        loader.set_epoch(epoch)
-        items = [keys for _x, _y, keys in loader]
-        steps += [Counter(k for it in items[i:i + SLOTS] for k in it) for i in range(0, len(items), SLOTS)]
-    return steps
-
-
-def _check_keys(trace: Path, data_url: str, planned_steps: int) -> None:
+def _check_keys(trace: Path, data_url: str, total_steps: int) -> None:
     """Every step's samples, in the last attempt at it, are exactly the planned ones."""
     by_step: dict[int, list[dict]] = defaultdict(list)
     for f in trace.glob("rank*.jsonl"):
         for line in f.read_text().splitlines():
             rec = json.loads(line)
             by_step[rec["step"]].append(rec)
-    assert sorted(by_step) == list(range(1, planned_steps + 1))
-    expected = _planned(data_url)
+    assert sorted(by_step) == list(range(1, total_steps + 1))
+    expected = planned_steps(data_url, epochs=EPOCHS, slots=SLOTS, chunk=CHUNK, seed=SEED)
     for step, recs in by_step.items():
         recs.sort(key=lambda r: r["time"])
         last = recs[-recs[-1]["world"]:]

@@ -118,6 +118,12 @@ PRETRAIN = [
     ("torchvision-randaug-on-device", ["data.transform=inception", "reg.randaug_magnitude=15",
                                        "reg.randaug_impl=torchvision", "data.augment_on=device"],
      ["reg.randaug_impl='torchvision'", "'big_vision'", "data.augment_on: host"]),
+    ("cache-max-gb-0", ["data.cache_max_gb=0"], ["data.cache_max_gb=0", "> 0"]),
+    ("cache-max-gb-negative", ["data.cache_max_gb=-5"], ["data.cache_max_gb=-5", "> 0"]),
+    ("cache-dir-on-s3", ["data.cache_dir=s3://bucket/cache"],
+     ["data.cache_dir='s3://bucket/cache'", "node-local directory"]),
+    ("cache-dir-under-a-file", ["data.cache_dir={file}/cache"], ["data.cache_dir", "{file}/cache", "regular file"]),
+    ("cache-dir-is-a-file", ["data.cache_dir={file}"], ["data.cache_dir", "is a regular file", "null (no cache)"]),
 ]
 
 

@@ -1,54 +1,8 @@
-"""data.cache_dir / data.cache_max_gb: bad values exit 2 before anything starts (in the style of
-test_bad_inputs.py), and a 2-epoch digits run over loopback S3 logs each epoch's data/bytes_from_storage and
-data/bytes_from_cache (a sqlite MLflow store)."""
+"""The node-local shard cache in a training run: a 2-epoch digits run over loopback S3 logs each epoch's
+data/bytes_from_storage and data/bytes_from_cache (a sqlite MLflow store). Bad data.cache_* values are cases
+of tests/orchestrator/test_bad_inputs.py."""
 
 from __future__ import annotations
-
-import pytest
-
-from orchestrator import pretrain
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    home, ray_tmp = tmp_path / "home", tmp_path / "ray"
-    monkeypatch.setenv("MIXER_HOME", str(home))
-    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    regular = tmp_path / "a_regular_file"
-    regular.write_text("not a directory")
-    return {"home": home, "ray": ray_tmp, "file": str(regular)}
-
-
-BAD = [
-    ("max-gb-0", ["data.cache_max_gb=0"], ["data.cache_max_gb=0", "> 0"]),
-    ("max-gb-negative", ["data.cache_max_gb=-5"], ["data.cache_max_gb=-5", "> 0"]),
-    ("dir-on-s3", ["data.cache_dir=s3://bucket/cache"], ["data.cache_dir='s3://bucket/cache'", "node-local directory"]),
-    ("dir-under-a-file", ["data.cache_dir={file}/cache"], ["data.cache_dir", "{file}/cache", "regular file"]),
-    ("dir-is-a-file", ["data.cache_dir={file}"], ["data.cache_dir", "is a regular file", "null (no cache)"]),
-]
-
-
-@pytest.mark.parametrize("case_id, argv, words", BAD, ids=[c[0] for c in BAD])
-def test_bad_cache_settings_exit_2(case_id, argv, words, isolated, capsys):
-    import ray
-
-    argv = [a.format(**isolated) for a in argv]
-    try:
-        code = pretrain.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    assert code == 2, f"exit {code}\n{out}\n{err}"
-    message = [line for line in err.splitlines() if "error: " in line]
-    assert len(message) == 1, err
-    for word in words:
-        assert word.format(**isolated) in message[0], message[0]
-    assert "Traceback" not in out + err
-    assert not ray.is_initialized()
-    assert not isolated["home"].exists()  # nothing written: no store, no runs, no data
-    assert not isolated["ray"].exists()
 
 
 def test_two_epoch_run_logs_bytes_from_storage_and_cache(s3_server, s3_bucket, tmp_path, monkeypatch):
