@@ -265,7 +265,7 @@ def test_server_outage_buffers_retries_and_reports(mlflow_server, caplog):
         t.log_metrics({"train/loss": 1.0 / (step + 1)}, step)  # must neither raise nor block
         slowest = max(slowest, time.monotonic() - t0)
         step += 1
-        time.sleep(0.02)
+        time.sleep(0.02)  # deliberate: a training loop's pace of logging through the outage
     t.log_params({"late.param": 1})
     assert t.is_down
     assert slowest < 2.0, f"a logging call blocked {slowest:.1f} s"

@@ -208,7 +208,7 @@ def _agreeing_rank(rank: int, world: int, store: str, run: str, out: str) -> Non
 
     def candidates():
         if rank == 0 and not (Path(run) / "checkpoint_00000008").exists():
-            time.sleep(1.0)
+            time.sleep(1.0)  # deliberate: the upload lands late, after the other ranks started (the race tested)
             runs.commit(Path(run).parent / "staged_8", 8)  # the late upload lands
         return runs.candidates()
 

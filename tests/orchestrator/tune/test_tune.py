@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from waiting import wait_until
 
 from orchestrator.config.load import load_config
 from orchestrator.config.search_space import load_space
@@ -326,7 +327,10 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
                 done = [c for c in children if c.info.status == "FINISHED"]
                 finished = done[0] if done else None
         assert finished is not None, log_path.read_text()[-5000:]
-        time.sleep(8)  # let Tune record the trial as terminated
+        # Tune has recorded the trial as terminated once its reporter prints it (in the same controller step)
+        completed = f"Trial run_trial_{finished.data.tags['mixer.tune_trial_id']} completed after"
+        wait_until(lambda: completed in log_path.read_text(), 120,
+                   lambda: f"{completed!r} in the log:\n{log_path.read_text()[-5000:]}", interval=0.5)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:
