@@ -49,7 +49,7 @@ def use_bounded_http_retries() -> None:
 
 
 # MLflow's async queue logs each failed batch with the request URL, which carries any user:password of the
-# tracking URI (logger name checked against MLflow 3.17.2; tests/orchestrator/test_tracking.py pins it).
+# tracking URI (logger name checked against MLflow 3.17.2; tests/orchestrator/tracking/test_tracking.py pins it).
 ASYNC_QUEUE_LOGGER = "mlflow.utils.async_logging.async_logging_queue"
 
 

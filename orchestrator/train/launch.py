@@ -280,7 +280,7 @@ def ray_current_cluster_file() -> Path:
 
     Checked against Ray 2.60.0, which has no public API for it: ray._common.utils.get_ray_address_file(None)
     is ``<RAY_TMPDIR, else TMPDIR, else /tmp>/ray/ray_current_cluster``.
-    tests/orchestrator/test_ray_startup.py fails when a Ray upgrade moves it.
+    tests/orchestrator/train/test_ray_startup.py fails when a Ray upgrade moves it.
     """
     base = os.environ["RAY_TMPDIR"] if "RAY_TMPDIR" in os.environ else os.environ.get("TMPDIR", "/tmp")
     return Path(base) / "ray" / "ray_current_cluster"

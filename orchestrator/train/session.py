@@ -198,7 +198,7 @@ def quiet_per_report_logs() -> None:
     Checked against Ray 2.60.0, which has no public setting for it: the line comes from a logger named after
     the file ray/train/v2/_internal/execution/context.py (``logging.getLogger(__file__)``), outside the
     "ray.train" hierarchy that RunConfig(logging_config=LoggingConfig(...)) filters, and the worker's root
-    logger prints INFO. tests/orchestrator/test_train_session.py fails when a Ray upgrade moves it; here a
+    logger prints INFO. tests/orchestrator/train/test_train_session.py fails when a Ray upgrade moves it; here a
     missing module only means noisier logs.
     """
     import logging

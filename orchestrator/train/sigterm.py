@@ -126,7 +126,7 @@ def install_in_ray_worker(grace_s: float) -> SigtermNotice | None:
     process exits, a failure to Ray Train). The actor's `execute(fn)` method (RayTrainWorker, what Ray's own
     backends use to run set-up on every worker) runs `fn` on the main thread; called on the actor itself, it
     installs our handler there, with Ray's kept as the previous one. No public API does this;
-    tests/orchestrator/test_sigterm.py fails when a Ray upgrade moves it, and here it only means no notice.
+    tests/orchestrator/train/test_sigterm.py fails when a Ray upgrade moves it, and here it only means no notice.
     """
     import ray
 

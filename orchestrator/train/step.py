@@ -7,7 +7,7 @@ last micro-batch only (no_sync on the others), so the global batch stays fixed w
 Ranks may hold unequal shares of the global batch (an elastic run at a world size that does not divide the
 data's stream slots). Each micro-batch's mean loss is then weighted by ``weights[i]`` = its samples / global
 batch x world size: DDP averages the ranks' gradients, so the update is the mean over the whole global batch,
-exactly what one process would compute on all of it (tests/orchestrator/test_train_step.py).
+exactly what one process would compute on all of it (tests/orchestrator/train/test_train_step.py).
 
 With a ``timer`` (orchestrator/observe/step_timer.py StepTimer, or anything with ``phase(name)`` returning a
 context manager), the micro-batches' forward+backward run in its "forward_backward" phase (DDP's gradient
