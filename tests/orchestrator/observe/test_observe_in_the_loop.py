@@ -105,6 +105,6 @@ def test_data_wait_fraction_rises_when_the_loader_is_slowed(digits, tmp_path):
 
 def test_off_costs_nothing(digits, tmp_path):
     """observe.step_breakdown=false: no perf/* figures; system metrics off: no sampler."""
-    final = _run(digits, tmp_path, "tracking.enabled=false", "observe.step_breakdown=false",
+    final = _run(digits, tmp_path, "tracking.enabled=false", "train.max_steps=2", "observe.step_breakdown=false",
                  "observe.system_metrics=false")
     assert not [k for k in final if k.startswith("perf/")]
