@@ -27,6 +27,7 @@ import torch
 from orchestrator.config.tree import Config
 from orchestrator.observe.profiler import ProfileWindow, profile_window
 from orchestrator.observe.system_metrics import SystemMetricsSampler
+from pipelines.cli import say
 
 PROFILE_ARTIFACT_DIR = "profile"
 
@@ -73,8 +74,8 @@ class Observers:
         if not files:
             return
         where = f"logged to MLflow under {PROFILE_ARTIFACT_DIR}/" if self.tracker else "not logged (no tracking)"
-        print(f"[profile] steps {self.window.start_step + 1}-{self.window.stop_step}: "
-              f"{', '.join(f.name for f in files)} in {files[0].parent}, {where}", flush=True)
+        say(f"[profile] steps {self.window.start_step + 1}-{self.window.stop_step}: "
+            f"{', '.join(f.name for f in files)} in {files[0].parent}, {where}")
         for f in files if self.tracker else []:
             self.tracker.log_artifact(str(f), PROFILE_ARTIFACT_DIR)
 
