@@ -73,6 +73,7 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self._train = ray.train
         self._unconfirmed = False  # a checkpoint reported, its upload not yet known to be committed
+        self._cpu_group = None  # agree_max's gloo group when the training backend is NCCL
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -166,9 +167,12 @@ class RaySession:
 
         if self.world_size == 1 or not dist.is_initialized():
             return value
-        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([value], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._cpu_group is None and dist.get_backend() != "gloo":
+            # a CUDA tensor's .item() would make the host wait for the step's GPU work every step: a gloo group
+            # of the same ranks (created by every rank at its first call, equally often) keeps it on the host
+            self._cpu_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([value], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return int(flag.item())
 
 
