@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,9 +28,11 @@ import torch
 from orchestrator.config.tree import Config
 from orchestrator.observe.profiler import ProfileWindow, profile_window
 from orchestrator.observe.system_metrics import SystemMetricsSampler
-from pipelines.cli import say
+from pipelines.cli import first_line, say
 
 PROFILE_ARTIFACT_DIR = "profile"
+
+logger = logging.getLogger(__name__)
 
 
 class Observers:
@@ -57,13 +60,23 @@ class Observers:
     def before_step(self, step: int) -> None:
         """`step`: the steps completed so far."""
         if self.window:
-            self.window.before_step(step)
+            self._profiling(self.window.before_step, step)
 
     def after_step(self, step: int) -> None:
         """`step`: the steps completed now."""
-        if self.window and (files := self.window.after_step(step)):
-            self._log_profile(files)
+        if self.window and (files := self._profiling(self.window.after_step, step)):
+            self._profiling(self._log_profile, files)
         self._send_kept()
+
+    def _profiling(self, fn, arg):
+        """A diagnostic must not end the run (rank 0 alone would fail, the others wait in a collective): a
+        profiler that cannot start, write (a full disk) or hand over its files is a warning, and is switched off."""
+        try:
+            return fn(arg)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("[profile] switched off: %s: %s", type(e).__name__, first_line(e))
+            self.window = None
+            return None
 
     def _send_kept(self) -> None:
         if self.sampler and self.sampler.sink is None:

@@ -318,3 +318,44 @@ def test_observers_send_kept_samples_log_the_profile_once_and_stop(digits, tmp_p
     cfg.observe.profile_steps = None
     off = build_observers(cfg, session, digits.job, None, torch.device("cpu"), None, lambda: 0)
     assert off.sampler is None and off.window is None
+
+
+def test_a_preemption_step_checkpoints_first_and_skips_its_evaluation(digits, tmp_path, monkeypatch):
+    """The grace after a notice is short: the step that checkpoints for it does not evaluate first (the run's last
+    step still does)."""
+    from orchestrator.config.load import load_config
+    from orchestrator.train.loop import run_training
+
+    monkeypatch.setenv("MIXER_HOME", str(tmp_path / "home"))
+    cfg = load_config("digits", ["scaling.num_workers=1", "data.loader_workers=0", "tracking.enabled=false",
+                                 "train.max_steps=4", "eval.every_steps=2", "checkpoint.every_steps=100"])
+    session = LocalSession(str(tmp_path / "run"), device="cpu")
+    asked = []
+    session.preemption_notice = lambda: (asked.append(1), "node n1 drained" if len(asked) >= 2 else None)[1]
+    run_training(cfg, session, digits.job)
+    by_step = {r["step"]: r for r in session.reports}
+    assert sorted(by_step) == [2, 4]
+    assert "val/top1" not in by_step[2]  # the preemption step: checkpoint, no evaluation
+    assert "val/top1" in by_step[4]  # the run's last step evaluates
+    assert "checkpoint_00000002" in {c.name for c in session.restore_candidates()}  # the notice's checkpoint
+
+
+def test_a_failing_profiler_is_a_warning_not_the_end_of_the_run(caplog):
+    """Only rank 0 profiles: were its failure an exception, rank 0 alone would fail and the others wait."""
+    from orchestrator.train.observers import Observers
+
+    class FullDisk:
+        def before_step(self, step):
+            pass
+
+        def after_step(self, step):
+            raise OSError(28, "No space left on device")
+
+    tracker = _Tracker()
+    observers = Observers(sampler=None, window=FullDisk(), tracker=tracker)
+    with observers:
+        observers.before_step(0)
+        observers.after_step(1)  # does not raise
+        observers.after_step(2)
+    assert observers.window is None  # switched off after the first failure
+    assert "[profile] switched off: OSError" in caplog.text and "No space left on device" in caplog.text
