@@ -116,7 +116,9 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         trainer = launch.build_trainer(cfg, job)
         mark(marks, "fit")
         # from here a SIGTERM is a preemption notice: the workers checkpoint, then the run stops (before: it ends)
-        with stop_on_sigterm(ledger if cfg.checkpoint.on_sigterm else None, cfg.checkpoint.sigterm_grace_s) as sigterm:
+        # no deadline of its own (0): the workers' checkpoint and its commit take what they take; a second SIGTERM,
+        # or `ray job stop`'s SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, ends it now
+        with stop_on_sigterm(ledger if cfg.checkpoint.on_sigterm else None, 0) as sigterm:
             result = trainer.fit()
     except launch.ClusterTooSmallError as e:
         code = report_error(e)

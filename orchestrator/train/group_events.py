@@ -100,13 +100,13 @@ class GroupEvents:
         """After a SIGTERM's checkpoint (rank 0 has waited until it is committed): every rank waits for rank 0,
         rank 0 tells the ledger, then every rank raises SigtermRestart (a worker's SIGTERM: Ray Train restarts
         the group, which resumes from the checkpoint) or returns (the driver's: the run ends here)."""
-        self.session.agree_max(GO_ON)  # a barrier: nobody leaves before the checkpoint is committed
         reason = "SIGTERM to the driver" if self.stopping == END else "SIGTERM to a worker"
-        if self.ledger is not None:
+        if self.ledger is not None:  # rank 0, before the barrier: once past it, Ray may tear this worker down
             import ray
 
             with contextlib.suppress(Exception):
                 ray.get(self.ledger.preempted.remote(step, reason), timeout=30)
+        self.session.agree_max(GO_ON)  # a barrier: nobody leaves before the checkpoint is committed
         if self.stopping == RESTART:
             raise SigtermRestart(f"{reason}: the checkpoint of step {step} is committed; the worker group "
                                  "restarts from it")

@@ -88,13 +88,17 @@ class SigtermNotice:
 
     def uninstall(self) -> None:
         if self._installed and self.received is None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGTERM, self._restorable())
         self._installed = False
+
+    def _restorable(self):
+        """The handler to put back: signal.signal returns None for one installed from C (not restorable)."""
+        return self._previous if self._previous is not None else signal.SIG_DFL
 
     def _handle(self, signum, frame) -> None:
         # Python runs this between bytecodes of the main thread: flag, hand SIGTERM back, arm the deadline
         self.received = time.time()
-        signal.signal(signal.SIGTERM, self._previous)
+        signal.signal(signal.SIGTERM, self._restorable())
         if self.grace_s > 0:
             timer = threading.Timer(self.grace_s, os.kill, (os.getpid(), signal.SIGTERM))
             timer.daemon = True
