@@ -132,6 +132,7 @@ class ShardSource:
         self.cache = cache
         self.counts = {"storage": 0, "cache": 0}
         self._disabled = False  # the cache directory failed once in this process: read directly from then on
+        self._trusted = False  # the directory was checked to be this user's own
 
     def _count(self, kind: str | None, n: int) -> None:
         if kind is not None:
@@ -164,6 +165,9 @@ class ShardSource:
     # ------------------------------------------------------------------------------------------ cache
     def _cached(self, url: str, size: int | None, sha256: str | None) -> CountingReader:
         d = self.cache.directory
+        if not self._trusted:
+            _check_private(d)
+            self._trusted = True
         name = entry_name(url, self.opts)
         path = os.path.join(d, name)
         read_fd = _lock_file(d, name)  # shared while the copy is open: the evictor skips it
@@ -235,11 +239,21 @@ def entry_name(url: str, opts: Mapping[str, Any]) -> str:
     return f"{hashlib.sha256(key.encode()).hexdigest()[:20]}-{base}"
 
 
+def _check_private(directory: str) -> None:
+    """The cache directory is created 0700 and must be this user's and writable by nobody else: a hit is checked
+    by size only, so another local user able to write there could plant shards (a shared /tmp path)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(errno.EPERM, f"not used: owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}; "
+                              "a shard cache must be this user's own and writable by nobody else", directory)
+
+
 def _lock_file(directory: str, name: str) -> int:
     locks = os.path.join(directory, _LOCKS)
     os.makedirs(locks, exist_ok=True)
     # lock files stay (empty, in .locks/): deleting one another process has open would let two hold "the" lock
-    return os.open(os.path.join(locks, name), os.O_RDWR | os.O_CREAT, 0o666)
+    return os.open(os.path.join(locks, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
 
 
 def _valid(path: str, size: int | None, warn: bool = False) -> bool:
@@ -270,7 +284,7 @@ def evict(cache: CacheConfig, keep: str | None = None) -> list[str]:
     whose lock is held); also remove killed fetches' temporary files. Returns the names deleted."""
     d = cache.directory
     try:
-        guard = os.open(os.path.join(d, _EVICT_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        guard = os.open(os.path.join(d, _EVICT_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         return []
     try:
@@ -311,7 +325,7 @@ def evict(cache: CacheConfig, keep: str | None = None) -> list[str]:
 def _try_remove(directory: str, name: str, path: str) -> bool:
     """Remove ``path`` if the lock of entry ``name`` can be taken now (nobody reads or fetches it)."""
     try:
-        fd = os.open(os.path.join(directory, _LOCKS, name), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(os.path.join(directory, _LOCKS, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         return False
     try:

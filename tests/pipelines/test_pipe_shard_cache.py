@@ -228,3 +228,24 @@ def test_manifest_without_sizes_still_fetches_once(s3_digits, recorder, tmp_path
                 assert len(f.read()) == s.size
     assert src.take_counts() == (s.size, s.size)
     assert sum(recorder.shard_gets().values()) == 1
+
+
+def test_a_cache_dir_others_can_write_is_not_used(s3_digits, tmp_path, caplog):
+    """A hit is checked by size only: a directory another local user could write to (a shared /tmp path) is not
+    trusted; shards are read from storage, with a warning naming the directory."""
+    url, m = s3_digits
+    s = m.shards("train")[0]
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    shared.chmod(0o777)
+    src = ShardSource(resolve_storage_options(url), CacheConfig(str(shared), 2**30))
+    with src.open(s.url, size=s.size) as f:
+        assert len(f.read()) == s.size
+    assert src.take_counts() == (s.size, 0)
+    assert "cannot be used" in caplog.text and "writable by nobody else" in caplog.text
+    assert not any(p.name.endswith(s.url.rsplit("/", 1)[-1]) for p in shared.iterdir())  # nothing cached there
+    private = tmp_path / "private-cache"
+    src = ShardSource(resolve_storage_options(url), CacheConfig(str(private), 2**30))
+    with src.open(s.url, size=s.size) as f:
+        f.read()
+    assert private.stat().st_mode & 0o777 == 0o700  # created for this user only
