@@ -172,7 +172,7 @@ def observe_overhead(tmp: Path, data_url: str, steps: int, rounds: int, log_ever
     import contextlib
     import io
 
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
     from orchestrator.tracking.tracker import RunTracker
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training

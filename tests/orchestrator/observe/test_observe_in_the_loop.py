@@ -30,7 +30,7 @@ def digits(tmp_path_factory):
 
 
 def _config(home: Path, *overrides: str):
-    from orchestrator.config.tree import load_config
+    from orchestrator.config.load import load_config
 
     return load_config("digits", [
         f"run.storage_path={home / 'runs'}", "scaling.num_workers=1", "data.loader_workers=0",
