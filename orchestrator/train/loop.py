@@ -87,8 +87,8 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                 # the run's figures so far (data counts summed over ranks and epochs): the driver's end summary
                 report = {"step": step, "epoch": batch.epoch, **state.clock.metrics(), **run.log.run_figures(step),
                           **(state.run_counts + last_epoch_counts).metrics()}
-                if not (preempted and step < plan.total_steps):  # the checkpoint first: the grace is short
-                    report.update(run.evaluator.maybe_run(step))
+                # a preemption's checkpoint first, the grace is short: its step does not evaluate (unless the last)
+                report.update(run.evaluator.maybe_run(step, skip=preempted and step < plan.total_steps))
                 run.log.exclude(run.evaluator.seconds)  # evaluation time is not training throughput
                 directory = run.checkpointer.maybe_save(step, preempted)
                 run.checkpointer.report(report, directory, preempted)

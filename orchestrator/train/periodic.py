@@ -35,10 +35,10 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
 
-    def maybe_run(self, step: int) -> dict[str, float]:
-        """`val/*` when due (a collective), else {}."""
+    def maybe_run(self, step: int, skip: bool = False) -> dict[str, float]:
+        """`val/*` when due and not skipped (a collective: every rank decides alike), else {}."""
         self.seconds = 0.0
-        if not self.due(step):
+        if skip or not self.due(step):
             return {}
         t0 = time.perf_counter()
         with self.timer.phase("eval"):

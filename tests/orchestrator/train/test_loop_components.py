@@ -145,6 +145,8 @@ def test_evaluator_runs_when_due_and_keeps_the_best(digits):
                    compute=lambda step: {"compute/flops": float(step)})
     assert [s for s in range(1, 13) if ev.due(s)] == [5, 10, 12]
     assert ev.maybe_run(4) == {} and ev.seconds == 0.0
+    ev.seconds = 1.0
+    assert ev.maybe_run(5, skip=True) == {} and ev.seconds == 0.0  # skipped: no stale time taken out of a window
     out = ev.maybe_run(5)
     assert set(out) == {"val/top1", "val/top5", "val/loss"} and 0.0 <= out["val/top1"] <= 1.0
     assert ev.best_top1 == out["val/top1"] and ev.seconds > 0
