@@ -103,9 +103,9 @@ class RaySession:
         by_age = sorted(steps, reverse=True)  # checkpoint names sort by age (see run_checkpoints)
         order = [n for n in by_age if n > latest_name] + [latest_name] + [n for n in by_age if n < latest_name]
         return [
-            RestoreCandidate(latest_name, steps.get(latest_name), latest.as_directory) if name == latest_name
+            RestoreCandidate(latest_name, steps.get(latest_name), _own_copy(latest)) if name == latest_name
             else RestoreCandidate(name, steps[name],
-                                  self._train.Checkpoint(f"{run_dir}/{name}", latest.filesystem).as_directory)
+                                  _own_copy(self._train.Checkpoint(f"{run_dir}/{name}", latest.filesystem)))
             for name in order
         ]
 
@@ -174,6 +174,33 @@ class RaySession:
         flag = torch.tensor([value], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return int(flag.item())
+
+
+def _own_copy(checkpoint):
+    """A context manager yielding the checkpoint as a local directory this process alone reads.
+
+    Checkpoint.as_directory shares one temp directory per checkpoint among a node's processes and deletes it
+    when the last reader leaves; on nodes that share /tmp (a local multi-node cluster, several pods on one
+    host path) a rank could read it while another rank's exit was deleting it ("file read failed", seen as a
+    damaged checkpoint and a failed restart). A remote checkpoint is downloaded into this process's own
+    directory instead; a local one is read where it lies."""
+    import contextlib
+    import shutil
+
+    import pyarrow.fs
+
+    @contextlib.contextmanager
+    def opened():
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            yield checkpoint.path
+            return
+        own = tempfile.mkdtemp(prefix="restore_")
+        try:
+            yield checkpoint.to_directory(own)
+        finally:
+            shutil.rmtree(own, ignore_errors=True)
+
+    return opened
 
 
 def ray_node_ranks(world_rank: int, world_size: int) -> tuple[int, int]:

@@ -4,6 +4,7 @@ it fails here, loudly, instead of silently flooding the training logs."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -114,3 +115,28 @@ def test_node_ranks_count_ray_nodes_in_world_rank_order(monkeypatch):
     assert ranks == [(0, 0), (1, 0), (0, 1), (2, 0)]
     assert ray_node_ranks(0, 1) == (0, 0)
     assert (LocalSession.node_rank, LocalSession.local_rank) == (0, 0)
+
+
+def test_a_remote_checkpoint_is_restored_from_this_process_own_copy(tmp_path):
+    """Checkpoint.as_directory shares one temp dir per checkpoint among a node's processes and deletes it when the
+    last reader leaves; ranks on nodes sharing /tmp read it while another's exit deleted it. Each restore gets
+    its own download, removed after; a local checkpoint is read where it lies."""
+    import fsspec
+    import pyarrow.fs
+    import ray.train
+
+    from orchestrator.train.session import _own_copy
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/ckpts/checkpoint_1/state.pt", b"weights")
+    remote = ray.train.Checkpoint("/ckpts/checkpoint_1",
+                                  pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(mem)))
+    with _own_copy(remote)() as a, _own_copy(remote)() as b:
+        assert a != b  # two readers, two copies
+        assert open(f"{a}/state.pt", "rb").read() == open(f"{b}/state.pt", "rb").read() == b"weights"
+    assert not os.path.exists(a) and not os.path.exists(b)  # removed with the context
+    (tmp_path / "c").mkdir()
+    local = ray.train.Checkpoint(str(tmp_path / "c"))
+    with _own_copy(local)() as path:
+        assert path == str(tmp_path / "c")
+    assert (tmp_path / "c").exists()  # a local checkpoint is not copied nor removed
