@@ -47,10 +47,8 @@ from its first step (samples already seen in that epoch are seen again; this is 
 ``resume_note``); ``on_plan_change='error'`` raises ResumeMismatchError. World size and loader workers are
 not plan inputs.
 
-With ``cache_dir`` every remote shard is read through the node-local shard cache (pipelines/shard_cache.py:
-whole shards, fetched once per node, LRU within ``cache_max_gb``); ``bytes_read()`` gives the epoch's bytes
-from storage and from the cache on this rank (carried in the position like the bad-sample counts).
-
+With ``cache_dir`` remote shards are read through the node-local cache (pipelines/shard_cache.py; local datasets
+never are); ``bytes_read()``: the epoch's bytes from storage and from the cache on this rank (in the position).
 Where each part lives: pipelines/shard_reader.py reads a shard into checked raw samples,
 pipelines/slot_stream.py produces one slot's chunks, pipelines/bad_samples.py keeps the bad-sample tally and
 its budget, pipelines/position.py the position and the data state; this module holds the rank's iteration.
@@ -173,7 +171,6 @@ class ShardLoader:
         if isinstance(mixup, int | float):
             mixup = MixupConfig(alpha=float(mixup))
         self.mixup = mixup
-        # remote shards read through the node-local cache (pipelines/shard_cache.py); local datasets never are
         self.cache = CacheConfig.from_gb(cache_dir, cache_max_gb)
         opts_url = self.source if "://" in self.source else "file://"
         self._opts = resolve_storage_options(opts_url, storage_options)
