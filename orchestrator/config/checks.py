@@ -52,10 +52,20 @@ def validate(cfg: Config) -> None:
     require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
     require(d.num_train_samples is None or d.num_train_samples >= 1, "data.num_train_samples", d.num_train_samples,
             "null or an integer >= 1")
+    require(0 <= d.minival_fraction < 0.5, "data.minival_fraction", d.minival_fraction,
+            "a number in [0, 0.5): the share of the training split held out for choices (0: none)")
+    require(0 < d.train_fraction <= 1, "data.train_fraction", d.train_fraction,
+            "a number in (0, 1]: the share of the training split trained on")
     _check_cache(cfg)
     _check_placement(cfg)
     require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "a non-empty name")
     require(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "an integer >= 0")
+    e = cfg.eval
+    require(e.fewshot_every_steps >= 0, "eval.fewshot_every_steps", e.fewshot_every_steps, "an integer >= 0 (0: off)")
+    require(len(e.fewshot_shots) >= 1 and all(k >= 1 for k in e.fewshot_shots), "eval.fewshot_shots",
+            e.fewshot_shots, "a non-empty list of integers >= 1 (examples per class)")
+    ema = cfg.train.ema_decay
+    require(ema is None or 0 < ema < 1, "train.ema_decay", ema, "null (off) or a number in (0, 1), e.g. 0.9999")
     require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
     require(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, "an integer >= 1")
     require(math.isfinite(cfg.checkpoint.sigterm_grace_s) and cfg.checkpoint.sigterm_grace_s > 0,

@@ -75,6 +75,12 @@ class DataSection:
     decode_on: Literal["host", "device"] = "host"  # device: JPEGs decoded on the GPU (nvJPEG); needs augment on device
     cache_dir: str | None = None  # node-local shard cache (a local dir on every node); None: read storage each epoch
     cache_max_gb: float = 100.0  # the cache's bound per node; least recently used shards are evicted past it
+    # held out of the training split for every choice (Tune, early stopping, best checkpoint): a class-stratified
+    # slice chosen by sample key (pipelines/subsets.py), never trained on; evaluated as minival/*
+    minival_fraction: float = 0.0
+    train_fraction: float = 1.0  # train on this nested, key-chosen subset of the (rest of the) training split
+    permute: Literal["none", "patch_pixel", "global"] = "none"  # one fixed input permutation (the paper's study)
+    permute_seed: int = 0  # draws data.permute's permutation: the same for every image, rank and resume
 
 
 @dataclass
@@ -113,6 +119,8 @@ class RegSection:
 @dataclass
 class EvalSection:
     every_steps: int = 0  # 0 -> once per epoch
+    fewshot_every_steps: int = 0  # few-shot linear probe on frozen features every N steps (0: off)
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # examples per class, per probe
 
 
 @dataclass
@@ -142,6 +150,7 @@ class TrainSection:
     compile: bool = False
     log_every_steps: int = 10
     max_steps: int | None = None  # cap the planned steps (smoke runs)
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.9999), evaluated as ema/*; null: off
 
 
 @dataclass

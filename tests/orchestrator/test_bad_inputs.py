@@ -124,6 +124,15 @@ PRETRAIN = [
      ["data.cache_dir='s3://bucket/cache'", "node-local directory"]),
     ("cache-dir-under-a-file", ["data.cache_dir={file}/cache"], ["data.cache_dir", "{file}/cache", "regular file"]),
     ("cache-dir-is-a-file", ["data.cache_dir={file}"], ["data.cache_dir", "is a regular file", "null (no cache)"]),
+    ("minival-fraction-half", ["data.minival_fraction=0.5"], ["data.minival_fraction=0.5", "[0, 0.5)"]),
+    ("minival-fraction-negative", ["data.minival_fraction=-0.1"], ["data.minival_fraction=-0.1", "[0, 0.5)"]),
+    ("train-fraction-0", ["data.train_fraction=0"], ["data.train_fraction=0.0", "(0, 1]"]),
+    ("train-fraction-above-1", ["data.train_fraction=1.5"], ["data.train_fraction=1.5", "(0, 1]"]),
+    ("permute-unknown", ["data.permute=pixels"], ["data.permute='pixels'", "['none', 'patch_pixel', 'global']"]),
+    ("ema-decay-1", ["train.ema_decay=1"], ["train.ema_decay=1.0", "(0, 1)"]),
+    ("ema-decay-0", ["train.ema_decay=0"], ["train.ema_decay=0.0", "(0, 1)"]),
+    ("fewshot-every-negative", ["eval.fewshot_every_steps=-1"], ["eval.fewshot_every_steps=-1", ">= 0"]),
+    ("fewshot-shots-0", ["eval.fewshot_shots=[0, 5]"], ["eval.fewshot_shots=[0, 5]", "integers >= 1"]),
 ]
 
 
