@@ -10,7 +10,7 @@ Both run in the step timer's phases (`eval`; `checkpoint`: the gather, the save 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -22,13 +22,19 @@ from pipelines.cli import say
 
 
 class Evaluator:
-    def __init__(self, model: torch.nn.Module, loader, device: torch.device, autocast: torch.dtype | None,
-                 every: int, total_steps: int, rank: int, tracker, compute: Callable[[int], dict[str, float]],
-                 timer: StepTimer | None = None):
+    """Evaluates every named set (`val` first; `minival`, the `eval.sets`, ... beside it) when due. `select_on` names
+    the set whose top-1 is the run's `best_top1`: the figure choices are made on (minival when the run holds one)."""
+
+    def __init__(self, model: torch.nn.Module, sets: Mapping[str, Iterable], device: torch.device,
+                 autocast: torch.dtype | None, every: int, total_steps: int, rank: int, tracker,
+                 compute: Callable[[int], dict[str, float]], timer: StepTimer | None = None, select_on: str = "val"):
+        if select_on not in sets:
+            raise ValueError(f"select_on={select_on!r} is not among the evaluated sets {list(sets)}")
         self.compute = compute  # the run's compute at a step, logged beside the evaluation
         self.timer = timer or StepTimer(enabled=False)
-        self.model, self.loader, self.device, self.autocast = model, loader, device, autocast
+        self.model, self.sets, self.device, self.autocast = model, dict(sets), device, autocast
         self.every, self.total_steps, self.rank, self.tracker = every, total_steps, rank, tracker
+        self.select_on = select_on
         self.best_top1 = 0.0
         self.seconds = 0.0  # the last evaluation's wall time (not training throughput)
 
@@ -36,21 +42,25 @@ class Evaluator:
         return step % self.every == 0 or step == self.total_steps
 
     def maybe_run(self, step: int, skip: bool = False) -> dict[str, float]:
-        """`val/*` when due and not skipped (a collective: every rank decides alike), else {}."""
+        """`<set>/top1|top5|loss` of every set when due and not skipped (a collective: every rank decides alike),
+        else {}."""
         self.seconds = 0.0
         if skip or not self.due(step):
             return {}
         t0 = time.perf_counter()
+        out: dict[str, float] = {}
         with self.timer.phase("eval"):
-            val = evaluate(self.model, self.loader, self.device, self.autocast)
+            for name, loader in self.sets.items():
+                result = evaluate(self.model, loader, self.device, self.autocast)
+                out.update({f"{name}/{k}": result[k] for k in ("top1", "top5", "loss")})
+                if self.rank == 0:
+                    where = "" if name == "val" else f" {name}"  # the val line reads as it always has
+                    say(f"eval step {step}{where}: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
+                        f"loss {result['loss']:.4f} ({result['count']} images)")
         self.seconds = time.perf_counter() - t0
-        self.best_top1 = max(self.best_top1, val["top1"])
-        out = {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["loss"]}
-        if self.rank == 0:
-            say(f"eval step {step}: top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} "
-                f"loss {val['loss']:.4f} ({val['count']} images)")
-            if self.tracker:
-                self.tracker.log_metrics({**out, **self.compute(step)}, step)
+        self.best_top1 = max(self.best_top1, out[f"{self.select_on}/top1"])
+        if self.rank == 0 and self.tracker:
+            self.tracker.log_metrics({**out, **self.compute(step)}, step)
         return out
 
 

@@ -92,7 +92,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
                              cfg.observe.data_delay_s),
         log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
-        evaluator=Evaluator(model, val_loader, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
+        evaluator=Evaluator(model, {"val": val_loader}, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
                                                            **clock.metrics()}, timer=timer),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,

@@ -141,7 +141,7 @@ def test_step_logger_logs_each_window_and_leaves_evaluation_time_out(digits, cap
 def test_evaluator_runs_when_due_and_keeps_the_best(digits):
     _, val = _loaders(digits)
     tracker = _Tracker()
-    ev = Evaluator(digits.model, val, torch.device("cpu"), None, every=5, total_steps=12, rank=0, tracker=tracker,
+    ev = Evaluator(digits.model, {"val": val}, torch.device("cpu"), None, every=5, total_steps=12, rank=0, tracker=tracker,
                    compute=lambda step: {"compute/flops": float(step)})
     assert [s for s in range(1, 13) if ev.due(s)] == [5, 10, 12]
     assert ev.maybe_run(4) == {} and ev.seconds == 0.0
@@ -217,7 +217,7 @@ def test_fetch_evaluation_and_checkpoint_run_in_their_phases(digits, tmp_path):
     fetcher = BatchFetcher(train, torch.device("cpu"), 0, False, timer=timer)
     fetcher.next(1)
     assert timer.opened == ["data_wait"]
-    ev = Evaluator(digits.model, val, torch.device("cpu"), None, every=1, total_steps=1, rank=0, tracker=None,
+    ev = Evaluator(digits.model, {"val": val}, torch.device("cpu"), None, every=1, total_steps=1, rank=0, tracker=None,
                    compute=dict, timer=timer)
     ev.maybe_run(1)
     session = LocalSession(str(tmp_path / "run"), device="cpu")
@@ -361,3 +361,24 @@ def test_a_failing_profiler_is_a_warning_not_the_end_of_the_run(caplog):
         observers.after_step(2)
     assert observers.window is None  # switched off after the first failure
     assert "[profile] switched off: OSError" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_evaluator_logs_every_named_set_and_keeps_the_best_of_the_selection_set(digits, capsys):
+    _, val = _loaders(digits)
+    tracker = _Tracker()
+    with pytest.raises(ValueError, match="select_on='minival' is not among the evaluated sets"):
+        Evaluator(digits.model, {"val": val}, torch.device("cpu"), None, every=1, total_steps=1, rank=0,
+                  tracker=None, compute=dict, select_on="minival")
+    ev = Evaluator(digits.model, {"val": val, "other": val}, torch.device("cpu"), None, every=1, total_steps=2,
+                   rank=0, tracker=tracker, compute=lambda step: {}, select_on="other")
+    ev.best_top1 = 2.0  # not a top-1: shows max() keeps the larger, then a fresh evaluator shows the value comes
+    ev.maybe_run(1)     # from the selection set
+    assert ev.best_top1 == 2.0
+    ev = Evaluator(digits.model, {"val": val, "other": val}, torch.device("cpu"), None, every=1, total_steps=2,
+                   rank=0, tracker=tracker, compute=lambda step: {}, select_on="other")
+    out = ev.maybe_run(1)
+    assert set(out) == {f"{n}/{k}" for n in ("val", "other") for k in ("top1", "top5", "loss")}
+    assert ev.best_top1 == out["other/top1"] and tracker.metrics[-1] == (out, 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("eval step 1: top-1") for line in lines)  # the val line reads as it always has
+    assert any(line.startswith("eval step 1 other: top-1") for line in lines)
