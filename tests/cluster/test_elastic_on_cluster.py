@@ -112,7 +112,11 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     ]
     entry = ["python", "-m", "orchestrator.pretrain", "run.name=elastic", *common, "scaling.num_workers=[1,3]",
              "scaling.elastic_resize_interval_s=5", "checkpoint.every_steps=4", "checkpoint.num_to_keep=100",
-             f"data.trace_keys_dir={trace}"]
+             f"data.trace_keys_dir={trace}",
+             # Each step slowed on purpose: the phases wait on wall-clock events (a node starting, a resize check,
+             # the drain CLI and the watcher's poll) while steps are ~0.15-0.45 s; unslowed, a slow machine ran
+             # the 88 steps out before the drain reached the run (CI: grown back at step 72, no notice by step 88).
+             "observe.data_delay_s=0.4"]
     job = cluster.submit(entry, working_dir=REPO, wait=False)
     lines, phase, killed, drained, notice_step = [], 0, None, None, None
     deadline = time.monotonic() + 900
