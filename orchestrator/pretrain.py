@@ -162,6 +162,9 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     print("\n=== done ===")
     if "val/top1" in metrics:
         print(f"top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  after step {metrics.get('step')}")
+    if "ema/val/top1" in metrics:  # train.ema_decay: the EMA of the weights, measured beside them
+        print(f"EMA top-1 {metrics['ema/val/top1']:.4f}  top-5 {metrics['ema/val/top5']:.4f}  "
+              f"(train.ema_decay={cfg.train.ema_decay})")
     print(f"checkpoint      {checkpoint_path}")
     for line in figures_lines(metrics):
         print(line)
