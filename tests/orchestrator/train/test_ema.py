@@ -8,7 +8,8 @@
   both ranks hold the same EMA although their models were initialised differently (DDP's broadcast comes
   first), every checkpoint's EMA is the previous one's plus one update with that step's weights, a resume
   restores exactly the saved EMA at another world size, and a checkpoint without one starts it from its
-  weights with a note.
+  weights with a note;
+- evaluate and finetune read the EMA with --weights ema and exit 2 naming the flag where a checkpoint has none.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -263,3 +265,60 @@ def test_a_checkpoint_without_an_ema_starts_it_from_its_weights_with_a_note(chai
     assert "[ema] checkpoint_00000005 holds no EMA of the weights" in chain.on_printed
     assert "the EMA starts from its weights at step 5" in chain.on_printed
     _assert_one_update(chain.run_dir, 6, previous_ema=_state(chain.run_dir, 5)["model"])
+
+
+# ------------------------------------------------------------------------------------ evaluate, finetune ---
+
+
+def test_evaluate_and_finetune_read_the_ema_with_weights_ema(chain, tmp_path, monkeypatch, capsys):
+    from orchestrator import evaluate, finetune
+    from orchestrator.eval.sources import load_source
+
+    latest = _state(chain.run_dir, 6)
+    assert _equal(load_source(str(chain.run_dir), weights="ema").state_dict, latest["ema"])
+    assert _equal(load_source(str(chain.run_dir)).state_dict, latest["model"])
+
+    args = ["--from", str(chain.run_dir), "--data", chain.data_url, "--no-tracking"]
+    assert evaluate.main(args + ["--weights", "ema"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_00000006/state.pt" in out and "step 6, EMA weights" in out
+    ema_top1 = float(re.search(r"top-1 ([0-9.]+)", out.split("\ndata")[1]).group(1))
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    assert "EMA weights" not in out and float(re.search(r"\ntop-1 ([0-9.]+)", out).group(1)) != ema_top1
+
+    src = load_source(str(chain.run_dir), weights="ema")
+    results = evaluate.Results(src, chain.data_url, "val", {"top1": 0.5, "top5": 1.0, "loss": 2.0}, {5: 0.4},
+                               None, None, 0.0)
+    assert set(evaluate._metrics(results, per_split=False)) == {"ema/eval/top1", "ema/eval/top5", "ema/eval/loss",
+                                                                "ema/fewshot/5shot"}
+    assert "ema/eval/val/top1" in evaluate._metrics(results, per_split=True)
+
+    monkeypatch.setenv("MIXER_HOME", str(chain.home))
+    assert finetune.main(["--from", str(chain.run_dir), "--weights", "ema", "--dry-run"]) == 0
+    assert "step 6, EMA weights" in capsys.readouterr().out
+    assert finetune.source_tags(src, 2, True)["finetune.source_weights"] == "ema"
+
+
+def test_weights_ema_without_an_ema_exits_2_naming_the_flag(chain, tmp_path, monkeypatch, capsys):
+    from orchestrator import evaluate, finetune
+
+    # a run directory whose latest complete checkpoint has no EMA: never an older one that has
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (4, 5):
+        shutil.copytree(chain.run_dir / f"checkpoint_{step:08d}", run / f"checkpoint_{step:08d}")
+    plain = tmp_path / "plain.pt"
+    torch.save(_state(chain.run_dir, 6)["model"], plain)
+    monkeypatch.setenv("MIXER_HOME", str(chain.home))
+    for source, what in ((run, "checkpoint_00000005 holds no EMA"), (plain, "a plain state dict")):
+        for main, extra in ((evaluate.main, ["--data", chain.data_url, "--no-tracking"]),
+                            (finetune.main, ["--dry-run"])):
+            assert main(["--from", str(source), "--weights", "ema", *extra]) == 2
+            out, err = capsys.readouterr()
+            assert err.startswith("error: --weights ema: ") and what in err, err
+            assert "accepted: --weights raw (the default)" in err and "train.ema_decay" in err
+            assert "Traceback" not in err and "top-1" not in out
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--from", str(run), "--weights", "average"])
+    assert e.value.code == 2 and "invalid choice: 'average'" in capsys.readouterr().err
