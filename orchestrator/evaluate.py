@@ -4,11 +4,15 @@
     python -m orchestrator.evaluate --from ~/.mixer/runs/digits --fewshot          # + 1/5/10/25-shot, 3 seeds
     python -m orchestrator.evaluate --from Mixer-B_16.npz --data s3://bucket/imagenet1k --split val
     python -m orchestrator.evaluate --from s3://bucket/runs/b16 --data s3://bucket/cifar10 --fewshot --fewshot-only
+    python -m orchestrator.evaluate --from ~/.mixer/runs/digits --weights ema      # its EMA (train.ema_decay)
 
 --from is anything orchestrator.finetune accepts (see orchestrator/eval/sources.py). A run directory may belong
 to a run in progress: only complete checkpoints are read. --data defaults to the dataset the checkpoint was
 trained on (when it records one). Images are preprocessed as in the training run's evaluation (the
 checkpoint's model name and data.transform; official .npz/timm weights: inception crop, bicubic, [-1, 1]).
+
+--weights raw (the default) evaluates the checkpoint's trained weights, --weights ema their exponential moving
+average (kept by a run that set train.ema_decay; a checkpoint without one exits 2 before anything loads).
 
 Few-shot (big_vision's protocol, orchestrator/eval/fewshot.py): frozen pre-logits of --train-split images (no
 augmentation) give k shots per class, ridge regression with l2 = 2^10, tested on --split; mean over seeds.
@@ -18,7 +22,9 @@ named eval-<checkpoint>, tagged eval.source / eval.source_checkpoint / eval.sour
 eval.source_run_id (the run that wrote the checkpoint), with metrics eval/top1, eval/top5, eval/loss and
 fewshot/<k>shot at the checkpoint's step. --log-to-source-run instead adds the metrics (eval/<split>/top1, ...,
 fewshot/<k>shot) to the run that wrote the checkpoint, at its step, without changing that run's status, so a
-run in progress can be followed in place. --no-tracking logs nothing.
+run in progress can be followed in place. With --weights ema every metric name starts with ema/ (ema/eval/top1,
+ema/fewshot/<k>shot, ...: never mistaken for the raw weights' in the same run) and the run is tagged
+eval.weights. --no-tracking logs nothing.
 Exit status: 2 for a bad flag, checkpoint, dataset or tracking store (flags are checked before anything loads).
 """
 
@@ -30,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from orchestrator.eval.sources import Source, load_source
+from orchestrator.eval.sources import WEIGHTS, Source, load_source
 from pipelines.cli import InputError, entry_point
 from pipelines.redaction import redact
 
@@ -47,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m orchestrator.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
                    help="checkpoint dir, run dir, official .npz or state-dict file (path or fsspec URL)")
+    p.add_argument("--weights", choices=WEIGHTS, default="raw",
+                   help="the checkpoint's trained weights (raw, default) or their EMA (ema: a run that set "
+                   "train.ema_decay)")
     p.add_argument("--data", default=None, help="dataset root URL (default: the checkpoint's own dataset)")
     p.add_argument("--split", default="val", help="split to evaluate (and to test few-shot on)")
     p.add_argument("--train-split", default="train", help="split the few-shot examples are drawn from")
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     shots = _parse_shots(args.shots)
-    src = load_source(args.source)
+    src = load_source(args.source, weights=args.weights)
     results = run(args, src, shots)
     print_results(results)
     return 0
@@ -207,12 +216,13 @@ def run(args: argparse.Namespace, src: Source, shots: list[int]) -> Results:
 
 
 def _metrics(results: Results, per_split: bool) -> dict[str, float]:
-    prefix = f"eval/{results.split}/" if per_split else "eval/"
+    weights = "ema/" if results.source.weights == "ema" else ""  # as training logs the EMA's: ema/<name>
+    prefix = f"{weights}eval/{results.split}/" if per_split else f"{weights}eval/"
     out = {}
     if results.top:
         out.update({f"{prefix}{k}": results.top[k] for k in ("top1", "top5", "loss")})
     for k, acc in (results.fewshot or {}).items():
-        out[f"fewshot/{k}shot"] = acc
+        out[f"{weights}fewshot/{k}shot"] = acc
     return out
 
 
@@ -248,7 +258,7 @@ def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
     name = src.resolved.rstrip("/").removesuffix("/state.pt").rsplit("/", 1)[-1]
     tags = {
         "eval.source": src.url, "eval.source_kind": src.kind, "eval.source_checkpoint": src.resolved,
-        "eval.data": data_url, "eval.split": args.split,
+        "eval.data": data_url, "eval.split": args.split, "eval.weights": src.weights,
     }
     if src.step is not None:
         tags["eval.source_step"] = str(src.step)
@@ -256,7 +266,8 @@ def _open_tracking(args: argparse.Namespace, src: Source, data_url: str):
         tags["eval.source_run_id"] = src.mlflow_run_id
     if src.model_name:
         tags["model_name"] = src.model_name
-    tracker = RunTracker(uri, experiment, f"eval-{name}", tags=tags)
+    suffix = "-ema" if src.weights == "ema" else ""
+    tracker = RunTracker(uri, experiment, f"eval-{name}{suffix}", tags=tags)
     try:
         tracker.start()
     except Exception as e:

@@ -12,12 +12,14 @@ orchestrator/eval/sources.py. The architecture comes from the checkpoint: size f
 (e.g. model.patch_size) are expectations that it must meet; model.img_size is the fine-tuning resolution, an
 integer multiple K of the checkpoint's (App. C: token-mixing weights become K^2 block-diagonal copies). The
 head is replaced by a zero-initialised one for the dataset's classes (--keep-head keeps a fitting one).
+--weights ema starts from the checkpoint's EMA of the weights (a run that set train.ema_decay) instead of its
+trained weights (--weights raw, the default); a checkpoint without one exits 2 before anything starts.
 
 The adapted weights are written to <run.storage_path>/<run.name>/init_weights.pt and every Ray Train worker
 starts from them; from then on it is a training run like pretraining (same checkpoints, recovery, resume by
 run name, MLflow tracking). The MLflow run is tagged finetune.source (what --from named),
-finetune.source_checkpoint (the file read), finetune.pretrain_run_id (the MLflow run that wrote the
-checkpoint, when it says), finetune.resolution_factor and finetune.head_replaced.
+finetune.source_checkpoint (the file read), finetune.source_weights (raw or ema), finetune.pretrain_run_id (the
+MLflow run that wrote the checkpoint, when it says), finetune.resolution_factor and finetune.head_replaced.
 Exit status: 2 for a bad config or checkpoint (before any cluster resource is requested), 3 when the cluster
 is too small, 1 when training fails.
 """
@@ -30,7 +32,14 @@ import sys
 from orchestrator.config.checks import validate
 from orchestrator.config.load import load_config
 from orchestrator.config.tree import Config, list_presets, model_overrides
-from orchestrator.eval.sources import CheckpointError, Source, adapt_for_finetune, load_source, target_config
+from orchestrator.eval.sources import (
+    WEIGHTS,
+    CheckpointError,
+    Source,
+    adapt_for_finetune,
+    load_source,
+    target_config,
+)
 from pipelines.cli import entry_point, say
 
 DEFAULT_PRESET = "digits_finetune"
@@ -49,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help=f"preset name or YAML file (default: {DEFAULT_PRESET})")
     parser.add_argument("--keep-head", action="store_true",
                         help="keep the checkpoint's head (its class count must equal the dataset's)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="raw",
+                        help="the checkpoint's trained weights (raw, default) or their EMA (ema: a run that set "
+                        "train.ema_decay)")
     parser.add_argument("--dry-run", action="store_true", help="check the checkpoint, print config and plan, exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.01")
     return parser.parse_args(argv)
@@ -61,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_progress_lines_whole()  # before anything imports Ray
     args = parse_args(argv)
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
-    src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run)
+    src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run, weights=args.weights)
     if args.dry_run:
         from orchestrator.pretrain import dry_run
 
@@ -72,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prepare(cfg: Config, source_url: str, *, allow_unreachable: bool = False) -> tuple[Source, int]:
+def prepare(cfg: Config, source_url: str, *, allow_unreachable: bool = False,
+            weights: str = "raw") -> tuple[Source, int]:
     """Load the source and point cfg.model at the fine-tuning architecture (in place); nothing touches Ray."""
     from orchestrator.train.launch import check_storage_target, resolve_data, storage_options
 
     if not allow_unreachable:  # the adapted weights are written there first
         check_storage_target(cfg)
-    src = load_source(source_url, storage_options(cfg, source_url))
+    src = load_source(source_url, storage_options(cfg, source_url), weights=weights)
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
     apply_source_architecture(cfg, src)
     return src, data.num_classes
@@ -139,6 +152,7 @@ def source_tags(src: Source, factor: int, head_replaced: bool) -> dict[str, str]
         "finetune.source": src.url,
         "finetune.source_kind": src.kind,
         "finetune.source_checkpoint": src.resolved,
+        "finetune.source_weights": src.weights,
         "finetune.source_img_size": str(src.model_cfg.img_size),
         "finetune.resolution_factor": str(factor),
         "finetune.head_replaced": str(head_replaced).lower(),

@@ -165,6 +165,9 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     if "minival/top1" in metrics:  # held out of training: what choices are made on (val is only reported)
         print(f"minival top-1 {metrics['minival/top1']:.4f}  (held out of the training split; choices are made "
               "on it, val is reported)")
+    if "ema/val/top1" in metrics:  # train.ema_decay: the EMA of the weights, measured beside them
+        print(f"EMA top-1 {metrics['ema/val/top1']:.4f}  top-5 {metrics['ema/val/top5']:.4f}  "
+              f"(train.ema_decay={cfg.train.ema_decay})")
     print(f"checkpoint      {checkpoint_path}")
     for line in figures_lines(metrics):
         print(line)

@@ -1,8 +1,9 @@
 """What a checkpoint holds and how it is written and read.
 
 A checkpoint is a directory with one file, ``state.pt``: model, optimizer, schedule, step, data-stream
-position, every rank's RNG state, the MLflow run id and the resolved config. It holds only tensors and
-plain Python values, so it loads with ``torch.load(weights_only=True)`` and never executes pickled code.
+position, every rank's RNG state, the MLflow run id and the resolved config (and "ema", the EMA of the weights
+in the model's keys, when the run set train.ema_decay). It holds only tensors and plain Python values, so it
+loads with ``torch.load(weights_only=True)`` and never executes pickled code.
 It never holds secrets: the resolved config carries no credentials (they come from the environment).
 """
 

@@ -4,6 +4,7 @@
     src = load_source("/runs/digits")                  # a run dir: its latest complete checkpoint
     src = load_source("s3://bucket/Mixer-B_16.npz")    # an official JAX/Flax .npz
     src = load_source("mixer_b16.pth")                 # a timm / plain state dict (.pt, .pth, .bin, .safetensors)
+    src = load_source("/runs/digits", weights="ema")   # its EMA of the weights (a run with train.ema_decay set)
     model = src.build_model()                          # the checkpoint's own architecture, weights loaded
     adapted = adapt_for_finetune(src, img_size=448, num_classes=10)   # App. C + new head
 
@@ -16,6 +17,12 @@ A source is a local path or any fsspec URL:
 - a state dict in timm's / this project's key layout, read with ``torch.load(weights_only=True)`` (optionally
   wrapped as {"state_dict": ...} or {"model": ...}) or safetensors.
 Nothing here executes pickled code. Every failure is a CheckpointError naming the source and the problem.
+
+`weights` chooses which weights of a project checkpoint are read: "raw" (the default, its "model") or "ema" (its
+"ema", the exponential moving average kept when the run set train.ema_decay; orchestrator/train/ema.py). Asking
+for "ema" from a checkpoint without one (an older run, a run without train.ema_decay, an .npz or a plain state
+dict) is a CheckpointError naming `--weights` and what is accepted; a run directory's latest complete checkpoint
+is the one asked, never an older one that happens to hold an EMA.
 """
 
 from __future__ import annotations
@@ -34,10 +41,15 @@ from orchestrator.checkpoint.runs import run_checkpoints
 from pipelines.cli import InputError, first_line
 
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHTS = ("raw", "ema")  # which weights of a checkpoint: the trained ones, or their EMA (train.ema_decay)
 
 
 class CheckpointError(InputError, ValueError):
     """A checkpoint source cannot be used; the message names the source and the problem."""
+
+
+class NoEmaError(CheckpointError):
+    """`--weights ema` from a checkpoint that holds no EMA of the weights."""
 
 
 @dataclass
@@ -50,6 +62,7 @@ class Source:
     config: dict | None = None  # project checkpoints: the resolved training config
     mlflow_run_id: str | None = None  # project checkpoints: the run that wrote it
     step: int | None = None
+    weights: str = "raw"  # "raw": the trained weights; "ema": their EMA (train.ema_decay)
 
     @property
     def model_name(self) -> str | None:
@@ -77,17 +90,20 @@ class Source:
         c = self.model_cfg
         return (f"{self.kind} checkpoint {self.resolved}: img {c.img_size}, patch {c.patch_size}, depth {c.depth}, "
                 f"C {c.hidden_dim}, D_S {c.tokens_mlp_dim}, D_C {c.channels_mlp_dim}, {c.num_classes} classes"
-                + (f", step {self.step}" if self.step is not None else ""))
+                + (f", step {self.step}" if self.step is not None else "")
+                + (", EMA weights" if self.weights == "ema" else ""))
 
 
 # ------------------------------------------------------------------------------------------ loading ---
 
 
-def load_source(url: str, storage_options: dict | None = None) -> Source:
+def load_source(url: str, storage_options: dict | None = None, weights: str = "raw") -> Source:
     """Read a checkpoint source (see the module docstring); CheckpointError on anything unusable."""
     from pipelines.redaction import redact_url
     from pipelines.storage import get_fs
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS}")
     url = str(url)
     shown = redact_url(url)
     try:
@@ -97,7 +113,7 @@ def load_source(url: str, storage_options: dict | None = None) -> Source:
         raise CheckpointError(f"checkpoint {shown} cannot be opened: {type(e).__name__}: {e}") from None
     if not exists:
         raise CheckpointError(f"checkpoint {shown} does not exist")
-    src = _load_directory(fs, path, shown) if fs.isdir(path) else _load_file(fs, path, shown)
+    src = _load_directory(fs, path, shown, weights) if fs.isdir(path) else _load_file(fs, path, shown, weights)
     src.url = shown  # what the user named; src.resolved is the file actually read
     proto = url.split("://", 1)[0] + "://" if "://" in url else ""
     if proto and not src.resolved.startswith(proto):
@@ -109,9 +125,9 @@ def _join(path: str, name: str) -> str:
     return path.rstrip("/") + "/" + name
 
 
-def _load_directory(fs, path: str, shown: str) -> Source:
+def _load_directory(fs, path: str, shown: str, weights: str) -> Source:
     if fs.exists(_join(path, STATE_FILE)):
-        return _load_project(fs, _join(path, STATE_FILE), shown)
+        return _load_project(fs, _join(path, STATE_FILE), shown, weights)
     candidates = [name for name, _ in run_checkpoints(fs, path)]
     if not candidates:
         raise CheckpointError(
@@ -121,7 +137,9 @@ def _load_directory(fs, path: str, shown: str) -> Source:
     problems = []
     for name in candidates:  # newest first; a partly copied state.pt of an in-flight checkpoint is skipped
         try:
-            return _load_project(fs, _join(_join(path, name), STATE_FILE), f"{shown.rstrip('/')}/{name}")
+            return _load_project(fs, _join(_join(path, name), STATE_FILE), f"{shown.rstrip('/')}/{name}", weights)
+        except NoEmaError:
+            raise  # the latest complete checkpoint is the one asked for: an older one is not picked for its EMA
         except CheckpointError as e:
             problems.append(str(e))
     raise CheckpointError(f"no checkpoint of run directory {shown} can be loaded: {'; '.join(problems)}")
@@ -150,18 +168,24 @@ def _torch_load(fs, path: str, shown: str) -> Any:
         ) from None
 
 
-def _load_project(fs, path: str, shown: str) -> Source:
+def _load_project(fs, path: str, shown: str, weights: str = "raw") -> Source:
     state = _torch_load(fs, path, shown)
     if not isinstance(state, dict) or "model" not in state or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {shown} is not one of this project's checkpoints: expected a dict with "
             f"format_version {FORMAT_VERSION} and 'model'"
         )
+    if weights == "ema" and "ema" not in state:
+        raise NoEmaError(
+            f"--weights ema: checkpoint {shown} holds no EMA of the weights (written with train.ema_decay off); "
+            "accepted: --weights raw (the default), or --weights ema with a checkpoint of a run that set "
+            "train.ema_decay"
+        )
     config = state.get("config")
-    sd = _tensor_dict(state["model"], shown)
+    sd = _tensor_dict(state["model" if weights == "raw" else "ema"], shown)
     model_cfg = _infer_config(sd, shown, config=config)
     return _checked(Source(shown, path, "project", model_cfg, sd, config=config,
-                           mlflow_run_id=state.get("mlflow_run_id"), step=state.get("step")))
+                           mlflow_run_id=state.get("mlflow_run_id"), step=state.get("step"), weights=weights))
 
 
 def _checked(src: Source) -> Source:
@@ -169,13 +193,15 @@ def _checked(src: Source) -> Source:
     return src
 
 
-def _load_file(fs, path: str, shown: str) -> Source:
+def _load_file(fs, path: str, shown: str, weights: str = "raw") -> Source:
     head = fs.cat_file(path, start=0, end=4) if fs.size(path) >= 4 else b""
     if path.endswith(".npz") or (head.startswith(b"PK") and not path.endswith(_STATE_DICT_SUFFIXES)):
+        _only_raw(weights, "an .npz", shown)
         return _load_npz(fs, path, shown)
     obj = _torch_load(fs, path, shown)
     if isinstance(obj, dict) and obj.get("format_version") == FORMAT_VERSION and "model" in obj:
-        return _load_project(fs, path, shown)
+        return _load_project(fs, path, shown, weights)
+    _only_raw(weights, "a plain state dict", shown)
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(wrapper), dict):
@@ -184,6 +210,15 @@ def _load_file(fs, path: str, shown: str) -> Source:
     sd = _tensor_dict(obj, shown)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped state dicts
     return _checked(Source(shown, path, "state_dict", _infer_config(sd, shown), sd))
+
+
+def _only_raw(weights: str, what: str, shown: str) -> None:
+    if weights == "ema":
+        raise NoEmaError(
+            f"--weights ema: checkpoint {shown} is {what}, which holds one set of weights and no EMA; accepted: "
+            "--weights raw (the default), or --weights ema with one of this project's checkpoints of a run that "
+            "set train.ema_decay"
+        )
 
 
 def _load_npz(fs, path: str, shown: str) -> Source:

@@ -4,10 +4,11 @@
 `run_training(cfg, session, job)` is the same loop with an explicit Session, so it also runs without Ray.
 The step itself lives in orchestrator/train/step.py. The loop hands every other concern to a component,
 built before the first step by train/setup.py: the batch of each step (batches.py), the training state a
-checkpoint holds (state.py), the window's metrics and progress line (step_log.py), evaluation and
-checkpoints (periodic.py), start-up, restarts, preemption notices and SIGTERM (group_events.py), system metrics and
-the profiler (observers.py); the step timer (orchestrator/observe/step_timer.py) is handed to those that time
-a phase of the step (the batch fetch, train_step, evaluation, checkpoints) and reduced by the step logger.
+checkpoint holds (state.py; with train.ema_decay the EMA of the weights, ema.py, updated after every step), the
+window's metrics and progress line (step_log.py), evaluation and checkpoints (periodic.py), start-up, restarts,
+preemption notices and SIGTERM (group_events.py), system metrics and the profiler (observers.py); the step timer
+(orchestrator/observe/step_timer.py) is handed to those that time a phase of the step (the batch fetch,
+train_step, evaluation, checkpoints) and reduced by the step logger.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                 micro_batches = batch.micro_batches(plan.micro_batch_size)
                 result = train_step(run.train_model, micro_batches, state.optimizer, state.scheduler,
                                     **run.step_kwargs(micro_batches))
+                if state.ema is not None:  # train.ema_decay: ema = decay * ema + (1 - decay) * w
+                    state.ema.update()
             state.step += 1
             step = state.step
             run.observers.after_step(step)

@@ -23,11 +23,13 @@ from pipelines.cli import say
 
 class Evaluator:
     """Evaluates every named set (`val` first; `minival`, the `eval.sets`, ... beside it) when due. `select_on` names
-    the set whose top-1 is the run's `best_top1`: the figure choices are made on (minival when the run holds one)."""
+    the set whose top-1 is the run's `best_top1`: the figure choices are made on (minival when the run holds one).
+    `ema`: the EMA of the weights (train/ema.py), evaluated on every set after the raw weights as `ema/<set>/*`."""
 
     def __init__(self, model: torch.nn.Module, sets: Mapping[str, Iterable], device: torch.device,
                  autocast: torch.dtype | None, every: int, total_steps: int, rank: int, tracker,
-                 compute: Callable[[int], dict[str, float]], timer: StepTimer | None = None, select_on: str = "val"):
+                 compute: Callable[[int], dict[str, float]], timer: StepTimer | None = None, select_on: str = "val",
+                 ema: torch.nn.Module | None = None):
         if select_on not in sets:
             raise ValueError(f"select_on={select_on!r} is not among the evaluated sets {list(sets)}")
         self.compute = compute  # the run's compute at a step, logged beside the evaluation
@@ -35,6 +37,7 @@ class Evaluator:
         self.model, self.sets, self.device, self.autocast = model, dict(sets), device, autocast
         self.every, self.total_steps, self.rank, self.tracker = every, total_steps, rank, tracker
         self.select_on = select_on
+        self.ema = ema
         self.best_top1 = 0.0
         self.seconds = 0.0  # the last evaluation's wall time (not training throughput)
 
@@ -42,7 +45,7 @@ class Evaluator:
         return step % self.every == 0 or step == self.total_steps
 
     def maybe_run(self, step: int, skip: bool = False) -> dict[str, float]:
-        """`<set>/top1|top5|loss` of every set when due and not skipped (a collective: every rank decides alike),
+        """`<set>/top1|top5|loss` (and `ema/<set>/...`) of every set when due and not skipped (a collective: every rank decides alike),
         else {}."""
         self.seconds = 0.0
         if skip or not self.due(step):
@@ -57,6 +60,12 @@ class Evaluator:
                     where = "" if name == "val" else f" {name}"  # the val line reads as it always has
                     say(f"eval step {step}{where}: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
                         f"loss {result['loss']:.4f} ({result['count']} images)")
+                if self.ema is not None:  # best_top1 stays the raw weights'
+                    ema = evaluate(self.ema, loader, self.device, self.autocast)
+                    out.update({f"ema/{name}/{k}": ema[k] for k in ("top1", "top5", "loss")})
+                    if self.rank == 0:
+                        say(f"eval step {step} ema {name}: top-1 {ema['top1']:.4f} top-5 {ema['top5']:.4f} "
+                            f"loss {ema['loss']:.4f} ({ema['count']} images)")
         self.seconds = time.perf_counter() - t0
         self.best_top1 = max(self.best_top1, out[f"{self.select_on}/top1"])
         if self.rank == 0 and self.tracker:

@@ -20,6 +20,7 @@ from orchestrator.config.tree import Config, model_overrides
 from orchestrator.observe.step_timer import StepTimer
 from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders, time_device_stage
 from orchestrator.train.compute import ComputeClock
+from orchestrator.train.ema import WeightEma
 from orchestrator.train.group_events import GroupEvents
 from orchestrator.train.observers import Observers, build_observers
 from orchestrator.train.optim import build_optimizer, build_scheduler
@@ -65,8 +66,9 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
     plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
+    ema = WeightEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None  # of the plain model
     state = TrainingState(model, optimizer, build_scheduler(optimizer, plan.total_steps, cfg.schedule),
-                          train_loader, clock, job.mlflow_run_id)
+                          train_loader, clock, job.mlflow_run_id, ema=ema)
     restored = state.restore(session, rank, world, log=_print_on_rank0(rank))  # one checkpoint for all ranks
     if not restored and job.init_weights_url:
         state.load_init_weights(job.init_weights_url, job.storage_options)
@@ -74,6 +76,8 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
                         on_sigterm=cfg.checkpoint.on_sigterm, sigterm_grace_s=cfg.checkpoint.sigterm_grace_s)
 
     train_model = session.prepare_model(model)
+    if ema is not None and not ema.restored:  # from the weights every rank now holds (DDP broadcast rank 0's)
+        ema.reset()
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     group.ready()
@@ -88,6 +92,8 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
     observers = build_observers(cfg, session, job, state.run_id, device, tracker, current_step=lambda: state.step)
     timer = StepTimer(device, cfg.observe.step_breakdown)  # last: its first window starts with the loop
     time_device_stage(train_loader, timer)
+    if ema is not None:
+        ema.timer = timer  # its update is optimizer work
     return Run(
         cfg=cfg, plan=plan, state=state, train_model=train_model,
         batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
@@ -96,7 +102,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         evaluator=Evaluator(model, eval_sets, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
                                                            **clock.metrics()}, timer=timer,
-                            select_on=selection_split(cfg)),
+                            select_on=selection_split(cfg), ema=ema.module if ema is not None else None),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,
                                   cfg.to_dict(), timer),
         group=group, tracker=tracker, autocast=autocast, world=world, timer=timer, observers=observers,

@@ -36,7 +36,7 @@ PHASES = {"process": "job_start", "main": "driver_imports", "checks": "checks", 
 
 # Lines the run prints that Ray's log deduplication must pass through whole: progress, evaluation, and the
 # bracketed reports ([resume], [restart], [preemption], [startup], [data], ...).
-PROGRESS_LINES = r"^(step \d+/\d+ |eval step \d+: |\[[a-z-]+\] )"
+PROGRESS_LINES = r"^(step \d+/\d+ |eval step \d+[: ]|\[[a-z-]+\] )"  # also "eval step N ema val: ..."
 
 
 def keep_progress_lines_whole() -> None:

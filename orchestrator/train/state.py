@@ -1,8 +1,8 @@
 """What a checkpoint holds and a resume restores: the training state of one worker.
 
 `TrainingState` is the single place that says what goes into a checkpoint (model, optimizer, schedule,
-step, every rank's data position and RNG state, MLflow run id, compute clock, data counts, resolved config)
-and how a restored checkpoint is put back.
+step, every rank's data position and RNG state, MLflow run id, compute clock, data counts, resolved config,
+and the EMA of the weights when `train.ema_decay` is set) and how a restored checkpoint is put back.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from orchestrator.checkpoint.format import save_checkpoint
 from orchestrator.train.checkpoints import load_agreed, rng_state, set_rng_state
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts
+from orchestrator.train.ema import WeightEma
 from pipelines.loader import ShardLoader
 
 
@@ -31,6 +32,7 @@ class TrainingState:
     start_epoch: int = 0
     resumed: bool = False
     run_counts: DataCounts = field(default_factory=DataCounts)  # finished epochs, all ranks (checkpointed)
+    ema: WeightEma | None = None  # train.ema_decay: the EMA of model's weights (checkpointed as "ema")
 
     def restore(self, session, rank: int, world: int, log) -> bool:
         """Load the checkpoint every rank agrees on (rank 0 chooses); False when there is none."""
@@ -52,6 +54,11 @@ class TrainingState:
             set_rng_state(rngs[rank])
         log(f"[resume] from {source.name}: step {self.step}, data at epoch {self.start_epoch} batch "
             f"{self.loader.batches_consumed}")
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # setup starts it from the restored weights once every rank holds them
+            log(f"[ema] {source.name} holds no EMA of the weights (written with train.ema_decay off): the EMA "
+                f"starts from its weights at step {self.step}")
         return True
 
     def load_init_weights(self, url: str, storage_options: dict) -> None:
@@ -78,6 +85,7 @@ class TrainingState:
             **self.clock.state(),  # accelerator_hours (held), productive_hours
             "data_counts": self.run_counts.state(),
             "config": config,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         })
 
 

@@ -151,6 +151,10 @@ FINETUNE = [
      ["model.img_size=24", "integer factor", "[16, 32, 48, 64]"]),
     ("batch-larger-than-epoch", ["--from", "{weights}", DATA, "optim.global_batch_size=100000"],
      ["optim.global_batch_size=100000", "larger than one epoch"]),
+    ("weights-ema-absent", ["--from", "{weights}", DATA, "--weights", "ema"],
+     ["--weights ema", "{weights}", "no EMA", "accepted: --weights raw"]),
+    ("weights-choice", ["--from", "{weights}", DATA, "--weights", "average"],
+     ["--weights", "'average'", "'raw', 'ema'"]),
 ]
 
 
@@ -174,6 +178,10 @@ EVALUATE = [
     ("tracking-unreachable", ["--from", "{weights}", "--data", "{data}", "--tracking-uri", "{dead}"],
      ["--tracking-uri", "{dead}", "unreachable"]),
     ("transform-choice", ["--from", "{weights}", "--transform", "bogus"], ["--transform", "bogus", "digits"]),
+    ("weights-ema-absent", ["--from", "{weights}", "--data", "{data}", "--weights", "ema"],
+     ["--weights ema", "{weights}", "no EMA", "accepted: --weights raw"]),
+    ("weights-choice", ["--from", "{weights}", "--weights", "average"],
+     ["--weights", "'average'", "'raw', 'ema'"]),
 ]
 
 
