@@ -124,7 +124,7 @@ def test_evaluator_measures_the_ema_beside_the_raw_weights(digits, capsys):
         ema.head.weight.zero_()  # a constant head: its loss is exactly ln(10), unlike the raw model's
         ema.head.bias.zero_()
         model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
-    _, val = build_loaders(digits.cfg, digits.job, model.cfg, 0, 1, torch.device("cpu"))
+    val = build_loaders(digits.cfg, digits.job, model.cfg, 0, 1, torch.device("cpu"))[1]["val"]
     tracker = _Tracker()
     ev = Evaluator(model, {"val": val}, torch.device("cpu"), None, every=5, total_steps=5, rank=0, tracker=tracker,
                    compute=lambda step: {}, ema=ema)
