@@ -42,6 +42,8 @@ class Job:
     progress_actor: str | None = None
     # The driver's start-up marks (orchestrator/train/startup.py); rank 0 adds its own and logs the phases.
     startup: dict | None = None
+    # eval.sets as the driver checked them (orchestrator/eval/sets.py ResolvedEvalSet, as dicts)
+    eval_sets: list[dict] | None = None
 
 
 def train_worker(payload: dict[str, Any]) -> None:

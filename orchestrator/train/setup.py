@@ -17,7 +17,13 @@ import torch
 from model import create_model
 from orchestrator.config.tree import Config, model_overrides
 from orchestrator.observe.step_timer import StepTimer
-from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders, time_device_stage
+from orchestrator.train.batches import (
+    BatchFetcher,
+    KeyTrace,
+    build_eval_sets,
+    build_loaders,
+    time_device_stage,
+)
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.group_events import GroupEvents
 from orchestrator.train.observers import Observers, build_observers
@@ -61,6 +67,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
     train_loader, val_loader = build_loaders(cfg, job, model.cfg, rank, world, device)
+    eval_sets = {"val": val_loader, **build_eval_sets(cfg, job, model.cfg, rank, world)}  # + eval.sets
     plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -92,7 +99,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
                              cfg.observe.data_delay_s),
         log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
-        evaluator=Evaluator(model, {"val": val_loader}, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
+        evaluator=Evaluator(model, eval_sets, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
                                                            **clock.metrics()}, timer=timer),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,
