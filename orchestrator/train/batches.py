@@ -90,6 +90,19 @@ def build_eval_sets(cfg: Config, job, model_cfg, rank: int, world_size: int) -> 
     return out
 
 
+def build_probe_loaders(cfg: Config, job, model_cfg) -> tuple[ShardLoader, ShardLoader]:
+    """Rank 0's few-shot probe data (eval.fewshot_every_steps, train/fewshot_probe.py): the training and val splits
+    read whole by one rank, in order, preprocessed as val is (no augmentation)."""
+    data_cfg = pretrained_data_config(cfg.model.name)
+    eval_tf = eval_transform(data_cfg, input_size=model_cfg.img_size, preset=cfg.data.transform)
+    return tuple(ShardLoader(  # type: ignore[return-value]
+        job.dataset_url, split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf, training=False,
+        num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=job.storage_options,
+        max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=cfg.scaling.use_gpu, cache_dir=cfg.data.cache_dir,
+        cache_max_gb=cfg.data.cache_max_gb,
+    ) for split in (cfg.data.train_split, cfg.data.val_split))
+
+
 @dataclass
 class StepBatch:
     """One step's share of the global batch on this rank, on the training device."""
