@@ -232,6 +232,9 @@ def parse_param(key: str, spec: Any) -> Param:
     _check_key(key, key)
     if key in NOT_SEARCHABLE:
         raise SpaceError(f"space key {key} cannot be searched: orchestrator.tune sets it for every trial")
+    if key == "data.minival_fraction":
+        raise SpaceError(f"space key {key} cannot be searched: it decides the held-out split every trial is "
+                         "compared on; set it once (in the base config or the space's overrides)")
     if not isinstance(spec, dict):
         raise SpaceError(
             f"space key {key}: {spec!r} is not accepted; expected a mapping like {{choice: [a, b]}} or "

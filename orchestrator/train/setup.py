@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model import create_model
+from orchestrator.config.checks import selection_split
 from orchestrator.config.tree import Config, model_overrides
 from orchestrator.observe.step_timer import StepTimer
 from orchestrator.train.batches import (
@@ -69,8 +70,8 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
     torch.manual_seed(cfg.run.seed * 1000 + rank)
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
-    train_loader, val_loader = build_loaders(cfg, job, model.cfg, rank, world, device)
-    eval_sets = {"val": val_loader, **build_eval_sets(cfg, job, model.cfg, rank, world)}  # + eval.sets
+    train_loader, eval_sets = build_loaders(cfg, job, model.cfg, rank, world, device)
+    eval_sets.update(build_eval_sets(cfg, job, model.cfg, rank, world))  # + eval.sets, after val (and minival)
     plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -105,7 +106,8 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
         evaluator=Evaluator(model, eval_sets, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
-                                                           **clock.metrics()}, timer=timer),
+                                                           **clock.metrics()}, timer=timer,
+                            select_on=selection_split(cfg)),
         fewshot=FewShotProbe(model, probe_loaders, device, autocast, cfg.eval.fewshot_every_steps, plan.total_steps,
                              rank, tracker, session, job.num_classes, cfg.eval.fewshot_shots, timer),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,

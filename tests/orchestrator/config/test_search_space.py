@@ -185,3 +185,8 @@ def test_invalid_values_and_combinations_name_the_key(params, names):
         validate_space(space, _digits())
     for name in names:
         assert name in str(e.value), str(e.value)
+
+
+def test_the_minival_fraction_cannot_be_searched():
+    with pytest.raises(SpaceError, match="data.minival_fraction cannot be searched: it decides the held-out split"):
+        _space({"data.minival_fraction": {"choice": [0.05, 0.1]}})
