@@ -13,7 +13,8 @@ torchvision.datasets.folder's find_classes / make_dataset).
 - Keys: the image's path relative to SRC_DIR without its extension, '/'-separated, dots in the file name as '_'
   (webdataset splits a member name at its first dot): ``n01440764/ILSVRC2012_val_00000293``. The same on every
   write of the same folder, whatever the shard size or order; two images with one key exit 2.
-- Samples are written in a seeded order (``--seed``), as ``<key>.<png|jpg>`` + ``<key>.cls`` like write_shards.
+- Samples are written in a seeded order (``--seed``), as ``<key>.<png|jpg>`` + ``<key>.cls`` like write_shards,
+  with the split's sample index (``index/<split>.json``, pipelines/sample_index.py).
   A manifest already at URL with the same class names keeps its other splits (write train and val one by one);
   with other class names it exits 2.
 Unreadable images are listed (stderr, the manifest's ``unreadable``) and exit 2 after the rest is written; every
@@ -32,6 +33,7 @@ import numpy as np
 
 from .manifest import FORMAT_VERSION, Manifest, ManifestNotFoundError, load_manifest, write_manifest
 from .redaction import redact_url
+from .sample_index import SampleIndex, write_sample_index
 from .storage import check_writable_target, join_url, resolve_storage_options
 from .write_shards import ShardInputError, _encode, _Item, _ShardSink, check_shard_options
 
@@ -113,6 +115,8 @@ def write_folder_split(src: str, dest: str, split: str = "val", *, class_names_f
     manifest = Manifest(FORMAT_VERSION, class_names, splits, root=dest, image_format=fmt,
                         extra={"source": os.path.abspath(src), "seed": seed, "unreadable": unreadable,
                                **({"class_names_from": redact_url(class_names_from)} if class_names_from else {})})
+    index = SampleIndex(split, manifest.fingerprint(split), tuple(sink.index))
+    write_sample_index(index, dest, opts)  # before the manifest, which comes last
     write_manifest(manifest, dest, opts)
     return manifest
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from orchestrator.config.tree import ConfigError, EvalSetSpec
 from orchestrator.eval.real import load_label_file
-from pipelines.manifest import load_manifest
+from pipelines.manifest import Manifest, load_manifest
 from pipelines.redaction import redact_url
+from pipelines.sample_index import load_sample_index
 from pipelines.storage import check_dataset_reachable
 
 LABELS_ACCEPTED = ("null, or the path/URL of a JSON object mapping the set's sample keys to lists of class indices "
@@ -64,18 +65,18 @@ def _resolve(key: str, spec: EvalSetSpec, class_names: list[str],
     resolved = ResolvedEvalSet(spec.name, url, spec.split, opts)
     if spec.labels is not None:
         resolved.labels, resolved.labels_options = spec.labels, options_for(spec.labels)
-        _check_labels(f"{key}.labels", spec.labels, resolved, len(class_names))
+        _check_labels(f"{key}.labels", spec.labels, resolved, manifest, len(class_names))
     return resolved
 
 
-def _check_labels(key: str, labels_url: str, s: ResolvedEvalSet, num_classes: int) -> None:
+def _check_labels(key: str, labels_url: str, s: ResolvedEvalSet, manifest: Manifest, num_classes: int) -> None:
     where = f"{key}={redact_url(labels_url)!r}"
     try:
         check_dataset_reachable(labels_url, s.labels_options)  # seconds, not the reads' retries, when it is away
         labels = load_label_file(labels_url, s.labels_options, num_classes)
     except Exception as e:  # LabelFileError, or the storage's own error
         raise ConfigError(f"{where} cannot be used: {e}; expected {LABELS_ACCEPTED}") from None
-    keys = sample_keys(s.url, s.split, s.storage_options)
+    keys = sample_keys(s.url, s.split, s.storage_options, manifest)
     strangers = sorted(set(labels) - keys)
     if strangers:
         shown = ", ".join(repr(k) for k in strangers[:3]) + (", ..." if len(strangers) > 3 else "")
@@ -83,15 +84,10 @@ def _check_labels(key: str, labels_url: str, s: ResolvedEvalSet, num_classes: in
                           f"{redact_url(s.url)} ({shown}); expected {LABELS_ACCEPTED}")
 
 
-def sample_keys(url: str, split: str, storage_options: dict) -> set[str]:
-    """The sample keys of a split. Interim: its shards are read once (pipelines/sample_index.py's
-    load_sample_index(url, split, options).key_set() replaces this when it lands)."""
-    from pipelines.shard_reader import iter_piece
-
-    keys: set[str] = set()
-    for shard in load_manifest(url, storage_options).shards(split):
-        keys.update(s.key for s in iter_piece(shard.url, 0, shard.num_samples, storage_options, lambda *bad: None))
-    return keys
+def sample_keys(url: str, split: str, storage_options: dict, manifest=None) -> set[str]:
+    """The sample keys of a split: its sample index (pipelines/sample_index.py; the shards are read once when the
+    dataset has none)."""
+    return load_sample_index(url, split, storage_options, manifest=manifest).key_set()
 
 
 def _classes(names: Sequence[str]) -> str:

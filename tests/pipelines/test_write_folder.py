@@ -41,7 +41,7 @@ def _samples(url: str, split: str) -> dict[str, int]:
     return out
 
 
-def test_writes_a_split_with_path_keys_and_the_training_classes(tmp_path, trained_on, capsys):
+def test_writes_a_split_with_path_keys_and_the_training_classes(tmp_path, trained_on, capsys, caplog):
     src = _folder(tmp_path, {"class_d": ["x1.png", "img.v2.png"], "class_b": ["y.png"], "class_b/more": ["z.png"]})
     dest = str(tmp_path / "v2")
     assert main(["folder", src, dest, "--split", "val", "--class-names-from", trained_on, "--maxcount", "2",
@@ -50,6 +50,11 @@ def test_writes_a_split_with_path_keys_and_the_training_classes(tmp_path, traine
     m = load_manifest(dest)
     assert m.class_names == CLASSES and list(m.splits) == ["val"]
     assert _samples(dest, "val") == {"class_d/x1": 3, "class_d/img_v2": 3, "class_b/y": 1, "class_b/more/z": 1}
+    from pipelines.sample_index import index_url, load_sample_index
+
+    assert (tmp_path / "v2" / "index" / "val.json").exists() and index_url(dest, "val").endswith("index/val.json")
+    assert load_sample_index(dest, "val").key_set() == set(_samples(dest, "val"))
+    assert "no sample index" not in caplog.text  # the index written with the shards, not a scan
     # the same keys on another write, whatever the order and the shard size; a second split joins the first
     assert main(["folder", src, dest, "--split", "test", "--class-names-from", trained_on, "--seed", "5",
                  "--no-progress"]) == 0
