@@ -46,6 +46,7 @@ def test_every_set_is_evaluated_and_reported(digits, tmp_path):
     cfg = load_config("digits", [
         f"data.url={url}", "scaling.num_workers=1", "data.loader_workers=0", "optim.global_batch_size=64",
         "train.max_steps=2", "eval.every_steps=2", "schedule.warmup_steps=1", "tracking.enabled=false",
+        "data.minival_fraction=0",
         f"eval.sets=[{{name: again, url: '{url}'}}, {{name: real, url: '{url}', labels: '{labels}'}}]",
     ])
     data = resolve_data(cfg)

@@ -48,7 +48,7 @@ def test_probe_every_n_steps_and_at_the_end_logs_fewshot_keys(digits, tmp_path, 
     monkeypatch.setattr(setup, "start_tracker", lambda cfg, job, run_id: tracker)  # rank 0's tracker, in memory
     cfg = load_config("digits", [
         f"data.url={digits}", "scaling.num_workers=1", "data.loader_workers=0", "optim.global_batch_size=16",
-        "train.max_steps=3", "eval.every_steps=100", "schedule.warmup_steps=1",
+        "train.max_steps=3", "eval.every_steps=100", "schedule.warmup_steps=1", "data.minival_fraction=0",
         "eval.fewshot_every_steps=2", "eval.fewshot_shots=[1, 5]",
     ])
     data = resolve_data(cfg)
