@@ -103,8 +103,10 @@ def build_eval_sets(cfg: Config, job, model_cfg, rank: int, world_size: int) -> 
             pin_memory=cfg.scaling.use_gpu, cache_dir=cfg.data.cache_dir, cache_max_gb=cfg.data.cache_max_gb,
             return_keys=s["labels"] is not None,
         )
-        labels = s["labels"] and load_label_file(s["labels"], s["labels_options"], job.num_classes)
-        out[s["name"]] = ReaLSet(loader, labels) if labels is not None else loader
+        if s["labels"] is None:
+            out[s["name"]] = loader
+        else:
+            out[s["name"]] = ReaLSet(loader, load_label_file(s["labels"], s["labels_options"], job.num_classes))
     return out
 
 
