@@ -1,5 +1,5 @@
 """eval.sets through the driver's checks (resolve_data) into the training loop, without Ray (LocalSession): every set
-is evaluated at every evaluation beside val and reported as <name>/top1|top5|loss; a set with a label file is scored
+is evaluated at every evaluation beside val, logged and reported as <name>/top1|top5|loss; a set with a label file is scored
 ReaL-style. Each set's URL reaches the run's params (flatten_config), where the tracker redacts it."""
 
 from __future__ import annotations
@@ -27,9 +27,21 @@ def digits(tmp_path_factory):
     return home, root
 
 
-def test_every_set_is_evaluated_and_reported(digits, tmp_path):
+class _Tracker:
+    def __init__(self):
+        self.metrics = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((dict(metrics), step))
+
+    def __getattr__(self, name):  # log_params, flush, unlogged_summary, ...: nothing to keep
+        return lambda *args, **kwargs: None
+
+
+def test_every_set_is_evaluated_logged_and_reported(digits, tmp_path, monkeypatch):
     from orchestrator.config.load import load_config
     from orchestrator.eval.sets import sample_keys
+    from orchestrator.train import setup
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession
@@ -54,10 +66,14 @@ def test_every_set_is_evaluated_and_reported(digits, tmp_path):
     job = Job(data.url, data.num_classes, data.train_samples, None, None, data.storage_options,
               eval_sets=data.eval_sets)
     session = LocalSession(str(tmp_path / "run"), device="cpu")
+    tracker = _Tracker()
+    monkeypatch.setattr(setup, "start_tracker", lambda cfg, job, run_id: tracker)  # rank 0's tracker, in memory
     final = run_training(cfg, session, job)
+    (logged,) = [m for m, step in tracker.metrics if "val/top1" in m and step == 2]
     (report,) = [r for r in session.reports if "val/top1" in r]
     for name in ("val", "again", "real"):
-        assert {f"{name}/{m}" for m in ("top1", "top5", "loss")} <= set(report), name
+        keys = {f"{name}/{m}" for m in ("top1", "top5", "loss")}
+        assert keys <= set(report) and {k: logged[k] for k in keys} == {k: report[k] for k in keys}, name
     assert report["again/top1"] == report["val/top1"] and report["again/loss"] == report["val/loss"]
     assert report["real/top1"] == pytest.approx(report["val/top1"]) and report["real/top5"] == pytest.approx(
         report["val/top5"])
