@@ -101,6 +101,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         tracking_uri=tracking_uri,
         storage_options=data.storage_options,
         init_weights_url=init_weights_url,
+        eval_sets=data.eval_sets,
     )
     # Once the MLflow run is open, every way out ends it: FAILED (or KILLED) with the reason as a tag, and
     # what never reached MLflow is kept next to the checkpoints for the replay command.

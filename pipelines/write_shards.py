@@ -2,14 +2,18 @@
 
     python -m pipelines.write_shards digits /tmp/digits-wds
     python -m pipelines.write_shards /data/imagenet s3://bucket/imagenet-wds --maxcount 1000 --format jpg
+    python -m pipelines.write_shards folder /data/imagenetv2 s3://bucket/imagenet-v2 --split val \
+        --class-names-from s3://bucket/imagenet-wds          # one split, the classes of another dataset
     FSSPEC_S3_ENDPOINT_URL=http://127.0.0.1:9000 python -m pipelines.write_shards digits s3://bucket/digits
 
 SOURCE is ``digits`` (scikit-learn's bundled 8x8 handwritten digits, written as RGB images) or an image
 folder tree with one sub-folder per class. If the folder holds ``train/`` and ``val/`` sub-trees (the
 ImageNet layout) those are the splits; otherwise a seeded stratified split with ``--val-fraction`` is made.
-DEST is any fsspec URL. Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text). The
-manifest lists each shard's sample count, size in bytes and SHA-256 (what a node-local cached copy is checked
-against, pipelines/shard_cache.py); ``index/<split>.json`` lists every sample's key and label (pipelines/sample_index.py).
+``folder SRC_DIR URL --split S [--class-names-from DATA_URL]`` writes one split of an image folder with keys
+from the images' relative paths (pipelines/write_folder.py). DEST is any fsspec URL. Each sample is
+``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text). The manifest lists each shard's sample count,
+size in bytes and SHA-256 (what a node-local cached copy is checked against, pipelines/shard_cache.py);
+``index/<split>.json`` lists every sample's key and label (pipelines/sample_index.py).
 Unreadable inputs are reported with their paths (stderr and the manifest's ``unreadable`` list) and the
 command exits with status 2 when there were any. Bad arguments (a missing SOURCE, a DEST that cannot be
 written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before anything is written.
@@ -295,15 +299,9 @@ class ShardInputError(InputError, ValueError):
 def check_inputs(source: str, dest: str, *, maxcount: int | None, maxsize: int | None, val_fraction: float | None,
                  fmt: str, seed: int, storage_options: Mapping[str, Any] | None) -> None:
     """Every argument checked before anything is read or written (StorageError for an unusable DEST)."""
-    for flag, value in (("--maxcount", maxcount), ("--maxsize", maxsize)):
-        if value is not None and value < 1:
-            raise ShardInputError(f"{flag}={value} is not accepted; expected an integer >= 1 (or leave it unset)")
-    if seed < 0:
-        raise ShardInputError(f"--seed={seed} is not accepted; expected an integer >= 0")
+    check_shard_options(maxcount=maxcount, maxsize=maxsize, fmt=fmt, seed=seed)
     if val_fraction is not None and not 0 <= val_fraction < 1:
         raise ShardInputError(f"--val-fraction={val_fraction} is not accepted; expected a number in [0, 1)")
-    if fmt not in ("png", "jpg"):
-        raise ShardInputError(f"--format={fmt!r} is not accepted; expected 'png' or 'jpg'")
     if source != "digits":
         if not os.path.isdir(source):
             raise ShardInputError(f"SOURCE={source!r} is not accepted: no such directory; expected 'digits' or a "
@@ -318,6 +316,17 @@ def check_inputs(source: str, dest: str, *, maxcount: int | None, maxsize: int |
     check_writable_target(str(dest), storage_options, what="DEST")
 
 
+def check_shard_options(*, maxcount: int | None, maxsize: int | None, fmt: str, seed: int) -> None:
+    """The shard options every source takes (ShardInputError naming the flag)."""
+    for flag, value in (("--maxcount", maxcount), ("--maxsize", maxsize)):
+        if value is not None and value < 1:
+            raise ShardInputError(f"{flag}={value} is not accepted; expected an integer >= 1 (or leave it unset)")
+    if seed < 0:
+        raise ShardInputError(f"--seed={seed} is not accepted; expected an integer >= 0")
+    if fmt not in ("png", "jpg"):
+        raise ShardInputError(f"--format={fmt!r} is not accepted; expected 'png' or 'jpg'")
+
+
 def _iter_lines(manifest: Manifest) -> Iterator[str]:
     for split, shards in manifest.splits.items():
         yield f"{split}: {len(shards)} shards, {sum(s.num_samples for s in shards)} samples"
@@ -325,6 +334,11 @@ def _iter_lines(manifest: Manifest) -> Iterator[str]:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["folder"]:  # one split of an image folder: pipelines/write_folder.py
+        from .write_folder import folder_cli
+
+        return folder_cli(argv[1:])
     p = argparse.ArgumentParser(prog="python -m pipelines.write_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("source", metavar="SOURCE", help="'digits' or an image folder tree (one sub-folder per class)")
     p.add_argument("dest", metavar="DEST", help="fsspec URL: local path, s3://bucket/prefix, ...")

@@ -7,6 +7,7 @@ the batch split); the run's plan (orchestrator/train/plan.py) takes them from he
 from __future__ import annotations
 
 import math
+import re
 
 from orchestrator.config.tree import Config, ConfigError, model_overrides, require
 
@@ -64,6 +65,7 @@ def validate(cfg: Config) -> None:
     require(e.fewshot_every_steps >= 0, "eval.fewshot_every_steps", e.fewshot_every_steps, "an integer >= 0 (0: off)")
     require(len(e.fewshot_shots) >= 1 and all(k >= 1 for k in e.fewshot_shots), "eval.fewshot_shots",
             e.fewshot_shots, "a non-empty list of integers >= 1 (examples per class)")
+    _check_eval_sets(cfg)
     ema = cfg.train.ema_decay
     require(ema is None or 0 < ema < 1, "train.ema_decay", ema, "null (off) or a number in (0, 1), e.g. 0.9999")
     require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "an integer >= 0")
@@ -81,6 +83,30 @@ def validate(cfg: Config) -> None:
         get_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 10))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+# metric namespaces of a run (the training loop's, the report's): an eval set named so would mix with them
+RESERVED_SET_NAMES = ("train", "val", "minival", "ema", "fewshot", "eval", "compute", "data", "perf", "goodput",
+                      "system", "startup", "best", "final")
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_eval_sets(cfg: Config) -> None:
+    """eval.sets: unique names usable as an MLflow metric prefix (<name>/top1), none of the run's own; a URL each.
+    Whether the data and label files are there is checked by the driver (orchestrator/eval/sets.py)."""
+    seen: set[str] = set()
+    for i, spec in enumerate(cfg.eval.sets):
+        key = f"eval.sets[{i}]"
+        require(bool(SET_NAME.fullmatch(spec.name)), f"{key}.name", spec.name,
+                "1-64 letters, digits, '_', '.' or '-' (it prefixes the set's metrics: <name>/top1)")
+        require(spec.name not in RESERVED_SET_NAMES, f"{key}.name", spec.name,
+                f"a name other than {', '.join(RESERVED_SET_NAMES)} (metric prefixes of the run itself)")
+        require(spec.name not in seen, f"{key}.name", spec.name, "a name no other set of eval.sets has")
+        seen.add(spec.name)
+        require(bool(spec.url.strip()), f"{key}.url", spec.url, "a dataset root URL (with manifest.json)")
+        require(bool(spec.split.strip()), f"{key}.split", spec.split, "a split name of that dataset, e.g. val")
+        require(spec.labels is None or bool(spec.labels.strip()), f"{key}.labels", spec.labels,
+                "null or the path/URL of a JSON file mapping sample keys to lists of labels")
 
 
 def _check_cache(cfg: Config) -> None:

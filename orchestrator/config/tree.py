@@ -117,8 +117,19 @@ class RegSection:
 
 
 @dataclass
+class EvalSetSpec:
+    """One more evaluation set (eval.sets), logged as <name>/top1|top5|loss at every evaluation."""
+
+    name: str
+    url: str  # dataset root (with manifest.json) whose class indices are the training dataset's
+    split: str = "val"
+    labels: str | None = None  # ReaL-style label file (JSON: sample key -> list of acceptable labels); path or URL
+
+
+@dataclass
 class EvalSection:
     every_steps: int = 0  # 0 -> once per epoch
+    sets: list[EvalSetSpec] = field(default_factory=list)  # more named sets evaluated beside val
     fewshot_every_steps: int = 0  # few-shot linear probe on frozen features every N steps (0: off)
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # examples per class, per probe
 
@@ -320,6 +331,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{key}={value!r}: expected null")
+    if dataclasses.is_dataclass(hint):
+        return _coerce_record(key, value, hint)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -342,6 +355,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}={value!r} is not accepted; expected {_describe(hint)}")
 
 
+def _coerce_record(key: str, value: Any, cls: type) -> Any:
+    """A small dataclass (one of eval.sets) from a mapping, each field checked under its own key (eval.sets[1].url)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} is not accepted; expected {_describe(cls)}")
+    for name in sorted(set(value) - set(fields))[:1]:
+        raise ConfigError(f"unknown config key {key}.{name}; accepted keys in {key}: {', '.join(fields)}")
+    for name in [n for n, f in fields.items() if _required(f) and n not in value][:1]:
+        raise ConfigError(f"{key}.{name} is missing; expected {_describe(cls)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{n: _coerce(f"{key}.{n}", v, hints[n]) for n, v in value.items()})
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -352,6 +382,9 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     if hint is type(None):
         return "null"
+    if dataclasses.is_dataclass(hint):
+        fields = [f.name if _required(f) else f"{f.name} (optional)" for f in dataclasses.fields(hint)]
+        return "a mapping {" + ", ".join(fields) + "}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

@@ -2,11 +2,13 @@
 
 Frozen pre-logits, standardised with the shots' own mean/std, plus a constant bias feature; closed-form ridge
 regression onto {-1, +1} one-hot targets with l2 = 2^10; k shots per class; accuracy averaged over seeds.
+`probe` is the same on a model in training: the shots are drawn from the first examples of each class only (as
+big_vision's ImageNet few-shot draws from train[:65000]), so a probe does not read the whole training split.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -67,3 +69,38 @@ def extract_features(model, batches, device) -> tuple[torch.Tensor, torch.Tensor
         feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
         labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)
+
+
+POOL_PER_SHOT = 4  # probe: the shots are drawn from the first POOL_PER_SHOT x max(shots) examples of each class
+
+
+def probe(model, train_batches: Iterable, test_batches: Iterable, device: torch.device, num_classes: int,
+          shots: Iterable[int] = DEFAULT_SHOTS, seeds: Iterable[int] = (0, 1, 2),
+          autocast_dtype: torch.dtype | None = None) -> dict[int, float]:
+    """fewshot_accuracy of a model in training: pre-logits of the first POOL_PER_SHOT x max(shots) examples of each
+    class of `train_batches` (read in order until every class has them, or to its end) against all of
+    `test_batches`. The model's train/eval mode is kept."""
+    shots = list(shots)
+    per_class = POOL_PER_SHOT * max(shots)
+    was_training = model.training
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            batches = iter(train_batches)
+            try:
+                train_x, train_y = extract_features(model, _until_full(batches, num_classes, per_class), device)
+            finally:
+                getattr(batches, "close", lambda: None)()  # a loader's iterator: its worker processes go now
+            test_x, test_y = extract_features(model, test_batches, device)
+    finally:
+        model.train(was_training)
+    keep = torch.cat([(train_y == c).nonzero().flatten()[:per_class] for c in train_y.unique().tolist()])
+    return fewshot_accuracy(train_x[keep], train_y[keep], test_x, test_y, shots=shots, seeds=seeds)
+
+
+def _until_full(batches: Iterator, num_classes: int, per_class: int) -> Iterator:
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, *_ in batches:
+        yield x, y
+        counts += torch.bincount(y.cpu(), minlength=num_classes)[:num_classes]
+        if counts.min() >= per_class:
+            return

@@ -21,11 +21,15 @@ RUN_NAME_TAG = "mixer.run_name"
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, str]:
-    """Nested dict -> {"a.b.c": "value"}; lists and scalars are stringified; empty dicts are kept as "{}"."""
+    """Nested dict -> {"a.b.c": "value"}; lists and scalars are stringified; empty dicts are kept as "{}"; a list
+    of named records (eval.sets) gives one key per record and field: "eval.sets.<name>.url"."""
     out: dict[str, str] = {}
     for k, v in cfg.items():
         if isinstance(v, dict) and v:
             out.update(flatten_config(v, prefix=f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
+            for x in v:
+                out.update(flatten_config({f: y for f, y in x.items() if f != "name"}, prefix=f"{prefix}{k}.{x['name']}."))
         else:
             out[f"{prefix}{k}"] = "{}" if isinstance(v, dict) else stringify(v)
     return out

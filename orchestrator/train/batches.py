@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from model import pretrained_data_config
 from orchestrator.config.checks import augment_on, stream_slots
 from orchestrator.config.tree import Config
+from orchestrator.eval.real import ReaLSet, load_label_file
 from orchestrator.observe.step_timer import StepTimer, delayed
 from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.plan import chunk_size, micro_batch_size
@@ -86,6 +87,40 @@ def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, devic
             training=False, subset=subset_spec(cfg, "minival"), sample_index=index, **loader_args,
         )
     return train, sets
+
+
+def build_eval_sets(cfg: Config, job, model_cfg, rank: int, world_size: int) -> dict[str, Iterable]:
+    """eval.sets as the driver resolved them (Job.eval_sets), each read as val is (every rank its share); a set
+    with a label file yields its sample keys and is scored ReaL-style (orchestrator/eval/real.py)."""
+    data_cfg = pretrained_data_config(cfg.model.name)
+    eval_tf = eval_transform(data_cfg, input_size=model_cfg.img_size, preset=cfg.data.transform)
+    out: dict[str, Iterable] = {}
+    for s in job.eval_sets or []:
+        loader = ShardLoader(
+            s["url"], s["split"], batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf, training=False,
+            rank=rank, world_size=world_size, num_workers=cfg.data.loader_workers, seed=cfg.run.seed,
+            storage_options=s["storage_options"], max_bad_fraction=cfg.data.max_bad_fraction,
+            pin_memory=cfg.scaling.use_gpu, cache_dir=cfg.data.cache_dir, cache_max_gb=cfg.data.cache_max_gb,
+            return_keys=s["labels"] is not None,
+        )
+        if s["labels"] is None:
+            out[s["name"]] = loader
+        else:
+            out[s["name"]] = ReaLSet(loader, load_label_file(s["labels"], s["labels_options"], job.num_classes))
+    return out
+
+
+def build_probe_loaders(cfg: Config, job, model_cfg) -> tuple[ShardLoader, ShardLoader]:
+    """Rank 0's few-shot probe data (eval.fewshot_every_steps, train/fewshot_probe.py): the training and val splits
+    read whole by one rank, in order, preprocessed as val is (no augmentation)."""
+    data_cfg = pretrained_data_config(cfg.model.name)
+    eval_tf = eval_transform(data_cfg, input_size=model_cfg.img_size, preset=cfg.data.transform)
+    return tuple(ShardLoader(  # type: ignore[return-value]
+        job.dataset_url, split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf, training=False,
+        num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=job.storage_options,
+        max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=cfg.scaling.use_gpu, cache_dir=cfg.data.cache_dir,
+        cache_max_gb=cfg.data.cache_max_gb,
+    ) for split in (cfg.data.train_split, cfg.data.val_split))
 
 
 @dataclass

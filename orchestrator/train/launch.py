@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ResolvedData:
     train_samples: int
     steps_per_epoch: int | None  # the data plan's (the same at every world size)
     minival_samples: int = 0  # held out of the training split (data.minival_fraction)
+    eval_sets: list[dict] = field(default_factory=list)  # eval.sets, checked (orchestrator/eval/sets.py)
 
 
 def storage_options(cfg: Config, url: str) -> dict[str, Any]:
@@ -87,12 +88,14 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
             f"model.num_classes={cfg.model.num_classes} but the dataset at {url} has {manifest.num_classes} "
             "classes; leave model.num_classes unset (null) to take it from the dataset"
         )
+    from orchestrator.eval.sets import resolve_eval_sets
     from orchestrator.train.batches import subset_spec
     from orchestrator.train.plan import make_plan
     from pipelines.loader import ShardLoader
     from pipelines.sample_index import load_sample_index
     from pipelines.subsets import select
 
+    eval_sets = resolve_eval_sets(cfg.eval.sets, manifest.class_names, lambda u: storage_options(cfg, u))
     probe = ShardLoader(
         url, cfg.data.train_split, batch_size=chunk_size(cfg), slots=stream_slots(cfg), rank=0, world_size=1,
         num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts, subset=subset_spec(cfg),
@@ -103,7 +106,7 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         index = load_sample_index(url, cfg.data.train_split, opts, manifest=manifest)
         minival = select(index, subset_spec(cfg, "minival")).num_samples
     make_plan(cfg, manifest.num_classes, train_samples)  # the plan words a batch larger than an epoch
-    return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch, minival)
+    return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch, minival, eval_sets)
 
 
 def resolve_run(cfg: Config, *, allow_unreachable: bool = False):

@@ -5,10 +5,10 @@
 The step itself lives in orchestrator/train/step.py. The loop hands every other concern to a component,
 built before the first step by train/setup.py: the batch of each step (batches.py), the training state a
 checkpoint holds (state.py; with train.ema_decay the EMA of the weights, ema.py, updated after every step), the
-window's metrics and progress line (step_log.py), evaluation and checkpoints (periodic.py), start-up, restarts,
-preemption notices and SIGTERM (group_events.py), system metrics and the profiler (observers.py); the step timer
-(orchestrator/observe/step_timer.py) is handed to those that time a phase of the step (the batch fetch,
-train_step, evaluation, checkpoints) and reduced by the step logger.
+window's metrics and progress line (step_log.py), evaluation and checkpoints (periodic.py), the few-shot probe
+(fewshot_probe.py), start-up, restarts, preemption notices and SIGTERM (group_events.py), system metrics and the
+profiler (observers.py); the step timer (orchestrator/observe/step_timer.py) is handed to those that time a phase
+of the step (the batch fetch, train_step, evaluation, checkpoints) and reduced by the step logger.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class Job:
     progress_actor: str | None = None
     # The driver's start-up marks (orchestrator/train/startup.py); rank 0 adds its own and logs the phases.
     startup: dict | None = None
+    # eval.sets as the driver checked them (orchestrator/eval/sets.py ResolvedEvalSet, as dicts)
+    eval_sets: list[dict] | None = None
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -96,6 +98,8 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                 directory = run.checkpointer.maybe_save(step, preempted)
                 run.checkpointer.report(report, directory, preempted)
                 final.update(report)
+            final.update(run.fewshot.maybe_run(step, skip=preempted and step < plan.total_steps))  # rank 0 probes
+            run.log.exclude(run.fewshot.seconds)
             if run.group.stopping and step < plan.total_steps:  # a SIGTERM: its checkpoint is committed; restart
                 run.group.leave(step)  # from it, or end the run here
                 break

@@ -18,9 +18,17 @@ from model import create_model
 from orchestrator.config.checks import selection_split
 from orchestrator.config.tree import Config, model_overrides
 from orchestrator.observe.step_timer import StepTimer
-from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders, time_device_stage
+from orchestrator.train.batches import (
+    BatchFetcher,
+    KeyTrace,
+    build_eval_sets,
+    build_loaders,
+    build_probe_loaders,
+    time_device_stage,
+)
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.ema import WeightEma
+from orchestrator.train.fewshot_probe import FewShotProbe
 from orchestrator.train.group_events import GroupEvents
 from orchestrator.train.observers import Observers, build_observers
 from orchestrator.train.optim import build_optimizer, build_scheduler
@@ -40,6 +48,7 @@ class Run:
     batches: BatchFetcher
     log: StepLogger
     evaluator: Evaluator
+    fewshot: FewShotProbe
     checkpointer: Checkpointer
     group: GroupEvents
     tracker: Any  # rank 0's RunTracker / RelayedTracker, else None
@@ -63,6 +72,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
     train_loader, eval_sets = build_loaders(cfg, job, model.cfg, rank, world, device)
+    eval_sets.update(build_eval_sets(cfg, job, model.cfg, rank, world))  # + eval.sets, after val (and minival)
     plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -90,6 +100,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
     trace = KeyTrace(cfg.data.trace_keys_dir, rank, world) if cfg.data.trace_keys_dir else None
     observers = build_observers(cfg, session, job, state.run_id, device, tracker, current_step=lambda: state.step)
+    probe_loaders = build_probe_loaders(cfg, job, model.cfg) if rank == 0 and cfg.eval.fewshot_every_steps else None
     timer = StepTimer(device, cfg.observe.step_breakdown)  # last: its first window starts with the loop
     time_device_stage(train_loader, timer)
     if ema is not None:
@@ -103,6 +114,8 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
                                                            **clock.metrics()}, timer=timer,
                             select_on=selection_split(cfg), ema=ema.module if ema is not None else None),
+        fewshot=FewShotProbe(model, probe_loaders, device, autocast, cfg.eval.fewshot_every_steps, plan.total_steps,
+                             rank, tracker, session, job.num_classes, cfg.eval.fewshot_shots, timer),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,
                                   cfg.to_dict(), timer),
         group=group, tracker=tracker, autocast=autocast, world=world, timer=timer, observers=observers,

@@ -54,7 +54,7 @@ def run_trial(params: dict, setup: dict) -> None:
     job = launch.Job(
         dataset_url=data.url, num_classes=data.num_classes, train_samples=data.train_samples,
         mlflow_run_id=run.run_id if run else None, tracking_uri=tracking_uri,
-        storage_options=data.storage_options,
+        storage_options=data.storage_options, eval_sets=data.eval_sets,
     )
     already_finished = train_run_finished(cfg, plan.total_steps)
     # As in pretrain: rank 0 logs through an actor this trial owns, so an outage's backlog outlives workers.

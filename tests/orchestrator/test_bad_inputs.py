@@ -31,7 +31,25 @@ def assets(tmp_path_factory):
     torch.save(create_model("mixer_digits", num_classes=10).state_dict(), weights)
     regular = base / "a_regular_file"
     regular.write_text("not a directory")
-    return {"data": data, "weights": str(weights), "file": str(regular), "dead": f"http://127.0.0.1:{free_port()}"}
+    return {"data": data, "weights": str(weights), "file": str(regular), "dead": f"http://127.0.0.1:{free_port()}",
+            **_eval_set_assets(base, data)}
+
+
+def _eval_set_assets(base, data: str) -> dict[str, str]:
+    """Label files that cannot be used, and a set whose classes are not the training dataset's (eval.sets)."""
+    from pipelines.manifest import load_manifest, write_manifest
+
+    files = {"labels_not_json": "{not json", "labels_not_lists": '{"val-00000000": 3}',
+             "labels_out_of_range": '{"val-00000000": [10]}', "labels_stranger": '{"val-00000000": [1], "nokey": []}'}
+    out = {}
+    for name, text in files.items():
+        (base / f"{name}.json").write_text(text)
+        out[name] = str(base / f"{name}.json")
+    other = load_manifest(data)  # the same shards (absolute URLs), other class names
+    other.class_names = [f"c{i}" for i in range(len(other.class_names))]
+    (base / "other_classes").mkdir()
+    write_manifest(other, str(base / "other_classes"))
+    return {**out, "other_classes": str(base / "other_classes")}
 
 
 @pytest.fixture
@@ -133,6 +151,25 @@ PRETRAIN = [
     ("ema-decay-0", ["train.ema_decay=0"], ["train.ema_decay=0.0", "(0, 1)"]),
     ("fewshot-every-negative", ["eval.fewshot_every_steps=-1"], ["eval.fewshot_every_steps=-1", ">= 0"]),
     ("fewshot-shots-0", ["eval.fewshot_shots=[0, 5]"], ["eval.fewshot_shots=[0, 5]", "integers >= 1"]),
+    # eval.sets: each field under its own key; the data and label files checked before anything starts
+    ("set-not-a-record", ["eval.sets=[v2]"], ["eval.sets[0]='v2'", "a mapping {{name, url"]),
+    ("set-name-reserved", ["eval.sets=[{{name: minival, url: /x}}]"], ["eval.sets[0].name='minival'", "other than"]),
+    ("set-missing-data", [DATA, "eval.sets=[{{name: v2, url: '{tmp}/nowhere'}}]"],
+     ["eval.sets[0].url='{tmp}/nowhere'", "not found", "manifest.json"]),
+    ("set-missing-split", [DATA, "eval.sets=[{{name: v2, url: '{data}', split: test}}]"],
+     ["eval.sets[0].split='test'", "splits there", "'val'"]),
+    ("set-other-classes", [DATA, "eval.sets=[{{name: v2, url: '{other_classes}'}}]"],
+     ["eval.sets[0].url='{other_classes}'", "other classes", "c0, c1", "--class-names-from"]),
+    ("labels-missing", [DATA, "eval.sets=[{{name: real, url: '{data}', labels: '{tmp}/absent.json'}}]"],
+     ["eval.sets[0].labels='{tmp}/absent.json'", "not found", "JSON object mapping"]),
+    ("labels-not-json", [DATA, "eval.sets=[{{name: real, url: '{data}', labels: '{labels_not_json}'}}]"],
+     ["eval.sets[0].labels='{labels_not_json}'", "not JSON", "lists of class indices"]),
+    ("labels-not-lists", [DATA, "eval.sets=[{{name: real, url: '{data}', labels: '{labels_not_lists}'}}]"],
+     ["eval.sets[0].labels=", "'val-00000000': 3 is not a list of integers"]),
+    ("labels-out-of-range", [DATA, "eval.sets=[{{name: real, url: '{data}', labels: '{labels_out_of_range}'}}]"],
+     ["eval.sets[0].labels=", "label 10, outside [0, 10)"]),
+    ("labels-stranger-keys", [DATA, "eval.sets=[{{name: real, url: '{data}', labels: '{labels_stranger}'}}]"],
+     ["eval.sets[0].labels=", "names 1 key(s) that are not in split 'val'", "'nokey'"]),
 ]
 
 
