@@ -116,7 +116,7 @@ def finish_search(trials: list, setup, space, base, data, parent, best_path, sto
     """Print and record the outcome; exit code 0 (a best trial), 1 (none), or EXIT_INTERRUPTED."""
     rows = trial_rows(trials, setup, space, base, data)
     metric = setup["metric"] = metric_of(setup, base)
-    reported = "" if metric == REPORTED else f"  ({REPORTED} reported, never selected on)"
+    reported = "" if metric == REPORTED else f" ({REPORTED} reported, never selected on)"
     print(f"\n=== search {setup['name']} ===   trials compared on {metric}{reported}")
     interrupted = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")] or (
         [{"trial_id": "(not yet generated)"}] if not_all_generated else [])

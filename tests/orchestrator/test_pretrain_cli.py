@@ -52,8 +52,9 @@ def test_dry_run_of_paper_preset_without_its_bucket(mixer_home, monkeypatch, cap
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
     assert pretrain.main(["--config", "imagenet1k_b16", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "1,281,167" in out and "4096 global" in out
-    assert "93,600" in out  # 312 steps/epoch x 300 epochs (1,281,167 // 4096 = 312)
+    assert "num_train_samples=1281167" in out and "4096 global" in out
+    # the preset's 1% minival (12,812) held out: 1,268,355 trained on, 309 steps/epoch x 300 epochs
+    assert "1,268,355" in out and "12,812 samples held out" in out and "92,700" in out
     assert "testing-secret-value" not in out
 
 
