@@ -17,7 +17,13 @@ import torch
 from model import create_model
 from orchestrator.config.tree import Config, model_overrides
 from orchestrator.observe.step_timer import StepTimer
-from orchestrator.train.batches import BatchFetcher, KeyTrace, build_loaders, time_device_stage
+from orchestrator.train.batches import (
+    BatchFetcher,
+    KeyTrace,
+    build_loaders,
+    input_permutation,
+    time_device_stage,
+)
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.group_events import GroupEvents
 from orchestrator.train.observers import Observers, build_observers
@@ -84,13 +90,16 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
     trace = KeyTrace(cfg.data.trace_keys_dir, rank, world) if cfg.data.trace_keys_dir else None
+    permutation = input_permutation(cfg, model.cfg)  # build_loaders applied the same one to the evaluation sets
+    if permutation and rank == 0:
+        say(f"[data] {permutation.describe()}")
     observers = build_observers(cfg, session, job, state.run_id, device, tracker, current_step=lambda: state.step)
     timer = StepTimer(device, cfg.observe.step_breakdown)  # last: its first window starts with the loop
     time_device_stage(train_loader, timer)
     return Run(
         cfg=cfg, plan=plan, state=state, train_model=train_model,
         batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
-                             cfg.observe.data_delay_s),
+                             cfg.observe.data_delay_s, permutation),
         log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
         evaluator=Evaluator(model, {"val": val_loader}, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
