@@ -228,7 +228,7 @@ def parse_space(tree: Any, name: str = "space", source: str = "") -> SearchSpace
         )
     params = {str(k): parse_param(str(k), v) for k, v in raw_params.items()}
     for key in overrides:
-        _check_key(f"overrides.{key}", str(key))
+        check_key(f"overrides.{key}", str(key))
         if key in params:
             raise SpaceError(f"space key {key} is both searched (params) and fixed (overrides); keep one")
     for label, values in points.items():
@@ -251,14 +251,14 @@ def parse_points(raw: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(values, dict) or not values:
             raise SpaceError(f"space point {label!r}: {values!r} is not accepted; expected a mapping of section.key: value")
         for key in values:
-            _check_key(f"points.{label}.{key}", str(key))
+            check_key(f"points.{label}.{key}", str(key))
             if key in NOT_SEARCHABLE:
                 raise SpaceError(f"space point {label!r}: {key} cannot be set per trial: orchestrator.tune sets it")
         points[str(label)] = {str(k): _number(v) for k, v in values.items()}
     return points
 
 
-def _check_key(where: str, key: str) -> None:
+def check_key(where: str, key: str) -> None:
     """A dotted key must name a field of the config tree."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
     parts = key.split(".")
@@ -276,7 +276,7 @@ def _check_key(where: str, key: str) -> None:
 
 
 def parse_param(key: str, spec: Any) -> Param:
-    _check_key(key, key)
+    check_key(key, key)
     if key in NOT_SEARCHABLE:
         raise SpaceError(f"space key {key} cannot be searched: orchestrator.tune sets it for every trial")
     if not isinstance(spec, dict):

@@ -55,6 +55,7 @@ class RunRow:
     goodput: float | None = None
     total_flops: float | None = None
     best_top1: float | None = None
+    final_top1: float | None = None  # the last val/top1 (a study's figure: no choice made on val)
     fewshot: dict[int, float] = field(default_factory=dict)
     parent_run_id: str | None = None
     frontier: bool = False
@@ -137,6 +138,7 @@ def row_from_run(client, run) -> RunRow:
     top1 = [m for m in hist("val/top1") if finite(m.value)]
     if top1:
         row.best_top1 = max(m.value for m in top1)
+        row.final_top1 = _last(top1)
     for key in latest:
         if key.startswith(FEWSHOT_PREFIX) and key.endswith("shot"):
             k = _num(key[len(FEWSHOT_PREFIX):-len("shot")], int)

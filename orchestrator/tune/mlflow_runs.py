@@ -3,6 +3,8 @@ closed and labelled here once Tune is done with it."""
 
 from __future__ import annotations
 
+import re
+
 from orchestrator.config.search_space import SearchSpace
 from orchestrator.config.tree import Config
 from orchestrator.tune.planning import METRIC, MODE
@@ -39,8 +41,8 @@ def log_parent_setup(parent, setup: dict, space: SearchSpace, args) -> None:
         "base.model": setup["base_config"]["model"]["name"],
     }
     params.update({f"space.{k}": p.describe() for k, p in space.params.items()})
-    params.update({f"space.point.{label}": " ".join(f"{k}={v}" for k, v in values.items())
-                   for label, values in space.points.items()})
+    params.update({"space.point." + re.sub(r"[^\w\-. /]", "_", label): " ".join(f"{k}={v}" for k, v in values.items())
+                   for label, values in space.points.items()})  # MLflow's key charset: C48-d2@0.1 -> C48-d2_0.1
     parent.log_params(params)
     parent.log_dict(space.to_dict(), "search/space.yaml")
     parent.log_dict(setup["base_config"], "search/base_config.yaml")
