@@ -162,6 +162,9 @@ def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, che
     print("\n=== done ===")
     if "val/top1" in metrics:
         print(f"top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  after step {metrics.get('step')}")
+    if "minival/top1" in metrics:  # held out of training: what choices are made on (val is only reported)
+        print(f"minival top-1 {metrics['minival/top1']:.4f}  (held out of the training split; choices are made "
+              "on it, val is reported)")
     print(f"checkpoint      {checkpoint_path}")
     for line in figures_lines(metrics):
         print(line)

@@ -47,8 +47,8 @@ from its first step (samples already seen in that epoch are seen again; this is 
 ``resume_note``); ``on_plan_change='error'`` raises ResumeMismatchError. World size and loader workers are
 not plan inputs.
 
-With ``cache_dir`` remote shards are read through the node-local cache (pipelines/shard_cache.py; local datasets
-never are); ``bytes_read()``: the epoch's bytes from storage and from the cache on this rank (in the position).
+With ``cache_dir`` remote shards are read through the node-local cache (pipelines/shard_cache.py; not local ones);
+``bytes_read()``: the epoch's bytes from storage and from the cache on this rank (in the position).
 Where each part lives: pipelines/shard_reader.py reads a shard into checked raw samples,
 pipelines/slot_stream.py produces one slot's chunks, pipelines/bad_samples.py keeps the bad-sample tally and
 its budget, pipelines/position.py the position and the data state; this module holds the rank's iteration.
@@ -56,7 +56,8 @@ its budget, pipelines/position.py the position and the data state; this module h
 Evaluation (``training=False``, unchanged by slots): the split is cut over world_size x max(1, num_workers)
 slots; no shuffling, no dropping, no padding, every sample read exactly once across all ranks; the last
 batch of a worker may be short and ranks may get different batch counts (evaluate without per-step
-collectives, then all-reduce the sums). Evaluation always reads the whole split.
+collectives, then all-reduce the sums). ``subset`` reads a key-chosen part of the split instead of all of it
+(the minival, or what training keeps of the split: pipelines/subsets.py), in training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -78,9 +79,11 @@ from .mixup import MixupConfig, mixup_batch
 from .plan import EpochPlan, derive_seed, owned_slots, plan_canonical_epoch, plan_epoch, worker_position
 from .position import SHUFFLE, STATE_VERSION, RankPosition, ResumeMismatchError, plan_changes, restart_note
 from .position import merge_state_dicts as _merge
+from .sample_index import SampleIndex, load_sample_index
 from .shard_cache import CacheConfig
 from .slot_stream import RankDataset, RankSpec
 from .storage import check_dataset_reachable, resolve_storage_options
+from .subsets import SubsetSpec, select
 from .transforms import decode_image, default_transform, identity
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,8 @@ class ShardLoader:
         slots: int | None = None,
         cache_dir: str | None = None,
         cache_max_gb: float = 100.0,
+        subset: SubsetSpec | None = None,
+        sample_index: SampleIndex | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -142,35 +147,23 @@ class ShardLoader:
             raise ValueError("augment_on='device' needs a batch_stage (what to run on the device)")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(f"bad batch_size={batch_size} / num_workers={num_workers} / shuffle_buffer={shuffle_buffer}")
-        self.source = str(source)
-        self.split = split
-        self.batch_size = batch_size
+        self.source, self.split, self.batch_size, self.slots = str(source), split, batch_size, K
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.slots = K
         # the slots this rank streams: canonical ids (training) or its evaluation slots
         w = max(1, num_workers)
         self._owned = owned_slots(rank, world_size, K) if training else tuple(range(rank * w, (rank + 1) * w))
-        self.seed = seed
-        self.training = training
-        self.shuffle_buffer = shuffle_buffer
-        self.max_bad_fraction = max_bad_fraction
-        self.pin_memory = pin_memory
-        self.return_keys = return_keys
-        self.on_plan_change = on_plan_change
-        self.prefetch_factor = prefetch_factor
+        self.seed, self.training, self.shuffle_buffer = seed, training, shuffle_buffer
+        self.max_bad_fraction, self.pin_memory, self.return_keys = max_bad_fraction, pin_memory, return_keys
+        self.prefetch_factor, self.on_plan_change = prefetch_factor, on_plan_change
         # No batch stage: the per-image transform does everything (float out), as evaluation does.
         self.transform = transform or (default_transform() if batch_stage is None else identity)
-        self.decoder = decoder or decode_image
-        self.batch_stage = batch_stage
-        self.augment_on = augment_on
+        self.decoder, self.batch_stage, self.augment_on = decoder or decode_image, batch_stage, augment_on
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if decode_crop_on_device is not None and augment_on != "device":
             raise ValueError("decode_crop_on_device needs augment_on='device'")
         # (crop size, interpolation): the decoder ships JPEG bytes (ShipJpeg) and they are decoded on the device
         self.decode_crop_on_device = decode_crop_on_device
-        if isinstance(mixup, int | float):
-            mixup = MixupConfig(alpha=float(mixup))
-        self.mixup = mixup
+        self.mixup = MixupConfig(alpha=float(mixup)) if isinstance(mixup, int | float) else mixup
         self.cache = CacheConfig.from_gb(cache_dir, cache_max_gb)
         opts_url = self.source if "://" in self.source else "file://"
         self._opts = resolve_storage_options(opts_url, storage_options)
@@ -188,6 +181,10 @@ class ShardLoader:
         if self.mixup is not None and not self.num_classes:
             raise ValueError("mixup needs num_classes (the dataset has no class_names; pass num_classes=)")
         self._fingerprint = self.manifest.fingerprint(split)
+        # a key-chosen part of the split (pipelines/subsets.py): its per-shard counts are what the plan splits
+        self.subset = subset or SubsetSpec()
+        self.selection = None if self.subset.whole_split else select(
+            sample_index or load_sample_index(self.source, split, self._opts, manifest=self.manifest), self.subset)
         if verify_shards:
             check_shards_present(self.shards, split, self._opts, max_bad_fraction)
 
@@ -202,7 +199,7 @@ class ShardLoader:
         e = self.epoch if epoch is None else epoch
         if self._plan_cache and self._plan_cache[0] == e:
             return self._plan_cache[1]
-        sizes = [s.num_samples for s in self.shards]
+        sizes = list(self.selection.counts) if self.selection else [s.num_samples for s in self.shards]
         if self.training:
             p = plan_canonical_epoch(sizes, seed=self.seed, epoch=e, slots=self.slots, chunk=self.batch_size)
         else:
@@ -269,6 +266,7 @@ class ShardLoader:
             "shuffle": SHUFFLE,
             "split": self.split,
             "dataset": self._fingerprint,
+            **({"subset": self.selection.fingerprint} if self.selection else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -336,6 +334,7 @@ class ShardLoader:
             batch_stage=self.batch_stage, stage_on_host=self.augment_on == "host",
             device_decode_size=self.decode_crop_on_device[0] if self.decode_crop_on_device else None,
             cache=self.cache, checks=tuple((s.size, s.sha256) for s in self.shards),
+            keep=self.selection.keep if self.selection else {},
         )
         return self._iterate(spec, k, total)
 

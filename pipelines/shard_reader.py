@@ -35,7 +35,7 @@ BAD_KINDS = (
 )
 
 
-def _samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
+def tar_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:
     """{"__key__", "__url__", ext: bytes} per run of consecutive members sharing a key, in tar order:
     webdataset's own stages (tar_file_expander, group_by_keys)."""
     members = tar_file_expander([{"url": url, "stream": fileobj}], handler=reraise_exception)
@@ -69,8 +69,12 @@ def iter_piece(
     on_bad: Callable[[str, str, int], None],
     num_classes: int | None = None,
     open_shard: Callable[[str], Any] | None = None,
+    keep: frozenset[str] | None = None,
 ) -> Iterator[RawSample]:
     """Structurally valid samples with index ``start <= i < stop`` of one shard; problems go to on_bad.
+
+    ``keep``: only the samples with these keys count, in tar order (the shard's part in a key-chosen subset,
+    pipelines/subsets.py): the index ``i`` is then the position among them. None: every sample counts.
 
     ``open_shard(url)`` opens the shard (default: straight from storage; the loader passes its ShardSource,
     which reads through the node-local cache, pipelines/shard_cache.py).
@@ -90,8 +94,12 @@ def iter_piece(
         return
     try:
         with f:
-            for i, files in enumerate(_samples(f, url)):
+            i = -1
+            for files in tar_samples(f, url):
                 key = files["__key__"]
+                if keep is not None and key not in keep:
+                    continue
+                i += 1
                 idx = i + 1
                 if i >= stop:
                     return
@@ -132,4 +140,4 @@ def iter_piece(
 def count_samples(url: str, opts: Mapping[str, Any]) -> int:
     """Samples (runs of members sharing a key) in one shard, read once."""
     with open_url(url, "rb", opts) as f:
-        return sum(1 for _ in _samples(f, url))
+        return sum(1 for _ in tar_samples(f, url))

@@ -11,8 +11,8 @@ samples, bytes read from storage and from the node-local shard cache since the p
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ class RankSpec:
     device_decode_size: int | None = None  # decode_on='device': the decoder ships JPEG bytes (pipelines/device_decode)
     cache: CacheConfig | None = None  # the node-local shard cache (pipelines/shard_cache.py); None: read storage
     checks: tuple[tuple[int | None, str | None], ...] = ()  # per URL: (size, sha256) from the manifest, if known
+    keep: Mapping[int, frozenset[str]] = field(default_factory=dict)  # shard -> keys read, for shards read in part
 
 
 class RankDataset(IterableDataset):
@@ -107,7 +108,7 @@ class SlotWorker:
         def raw():
             for pc in self.plan.pieces:
                 yield from iter_piece(s.urls[pc.shard], pc.start, pc.stop, s.opts, self._on_bad, s.num_classes,
-                                      open_shard=lambda _url, i=pc.shard: self._open(i))
+                                      open_shard=lambda _url, i=pc.shard: self._open(i), keep=s.keep.get(pc.shard))
 
         if not s.training:
             return raw()

@@ -9,7 +9,7 @@ folder tree with one sub-folder per class. If the folder holds ``train/`` and ``
 ImageNet layout) those are the splits; otherwise a seeded stratified split with ``--val-fraction`` is made.
 DEST is any fsspec URL. Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the class index as text). The
 manifest lists each shard's sample count, size in bytes and SHA-256 (what a node-local cached copy is checked
-against, pipelines/shard_cache.py).
+against, pipelines/shard_cache.py); ``index/<split>.json`` lists every sample's key and label (pipelines/sample_index.py).
 Unreadable inputs are reported with their paths (stderr and the manifest's ``unreadable`` list) and the
 command exits with status 2 when there were any. Bad arguments (a missing SOURCE, a DEST that cannot be
 written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before anything is written.
@@ -33,6 +33,7 @@ from PIL import Image
 
 from .cli import InputError, entry_point
 from .manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
+from .sample_index import SampleIndex, ShardKeys, write_sample_index
 from .storage import (
     atomic_write,
     check_writable_target,
@@ -170,6 +171,7 @@ class _ShardSink:
         self.fs, _ = get_fs(dest, opts, resolved=True)
         self.local = protocol_of(dest) in ("file", "local")
         self.shards: list[ShardInfo] = []
+        self.index: list[ShardKeys] = []  # each shard's keys and labels (pipelines/sample_index.py)
         self._writer = None
 
     def _open(self) -> None:
@@ -188,12 +190,16 @@ class _ShardSink:
         self._writer = wds.TarWriter(file, mtime=0)
         self._count = 0
         self._size = 0
+        self._keys: list[str] = []
+        self._labels: list[int] = []
 
     def write(self, key: str, ext: str, image: bytes, label: int) -> None:
         if self._writer is None:
             self._open()
         self._writer.write({"__key__": key, ext: image, "cls": str(label).encode()})
         self._count += 1
+        self._keys.append(key)
+        self._labels.append(int(label))
         self._size += len(image) + 1536
         if self._count >= self.maxcount or self._size >= self.maxsize:
             self._close()
@@ -204,6 +210,7 @@ class _ShardSink:
         self._writer.close()  # ends the tar; the file it was given stays open
         self._shard_file.close()
         self.shards.append(ShardInfo(self._url, self._count, self._digest.size, self._digest.sha256.hexdigest()))
+        self.index.append(ShardKeys(tuple(self._keys), tuple(self._labels)))
         self._writer = None
 
     def close(self) -> list[ShardInfo]:
@@ -249,6 +256,7 @@ def write_dataset(
     bar = tqdm(total=total, desc=f"writing {dest}", unit="img", disable=not progress, file=sys.stderr)
     unreadable: list[dict[str, str]] = []
     out: dict[str, list[ShardInfo]] = {}
+    indexes: dict[str, list[ShardKeys]] = {}
     for split, items in splits.items():
         sink = _ShardSink(dest, split, maxcount, maxsize, opts)
         n = 0
@@ -263,6 +271,7 @@ def write_dataset(
             sink.write(f"{split}-{n:08d}", fmt, data, item.label)
             n += 1
         out[split] = sink.close()
+        indexes[split] = sink.index
     bar.close()
     manifest = Manifest(
         FORMAT_VERSION,
@@ -273,6 +282,8 @@ def write_dataset(
         extra={"source": source if source == "digits" else os.path.abspath(source), "seed": seed,
                "unreadable": unreadable},
     )
+    for split, shards in indexes.items():  # before the manifest, which comes last
+        write_sample_index(SampleIndex(split, manifest.fingerprint(split), tuple(shards)), dest, opts)
     write_manifest(manifest, dest, opts)
     return manifest
 

@@ -142,6 +142,12 @@ def check_profile_steps(cfg: Config, total_steps: int) -> None:
             "schedule.epochs x steps per epoch, capped by train.max_steps)")
 
 
+def selection_split(cfg: Config) -> str:
+    """The evaluated split every choice is made on (Tune's metric, early stopping, the best checkpoint): the
+    minival when the run holds one out of the training split, else val (and the report says so)."""
+    return "minival" if cfg.data.minival_fraction > 0 else "val"
+
+
 def worker_range(cfg: Config) -> tuple[int, int]:
     """(min, max) workers: scaling.num_workers N is (N, N); [min, max] is an elastic range."""
     n = cfg.scaling.num_workers

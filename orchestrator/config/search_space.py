@@ -252,8 +252,10 @@ def parse_points(raw: Any) -> dict[str, dict[str, Any]]:
             raise SpaceError(f"space point {label!r}: {values!r} is not accepted; expected a mapping of section.key: value")
         for key in values:
             check_key(f"points.{label}.{key}", str(key))
-            if key in NOT_SEARCHABLE:
-                raise SpaceError(f"space point {label!r}: {key} cannot be set per trial: orchestrator.tune sets it")
+            if key in NOT_SEARCHABLE or key == "data.minival_fraction":
+                raise SpaceError(f"space point {label!r}: {key} cannot be set per trial: orchestrator.tune sets it"
+                                 if key in NOT_SEARCHABLE else f"space point {label!r}: {key} cannot be set per "
+                                 "trial: it decides the held-out split every trial is compared on")
         points[str(label)] = {str(k): _number(v) for k, v in values.items()}
     return points
 
@@ -279,6 +281,9 @@ def parse_param(key: str, spec: Any) -> Param:
     check_key(key, key)
     if key in NOT_SEARCHABLE:
         raise SpaceError(f"space key {key} cannot be searched: orchestrator.tune sets it for every trial")
+    if key == "data.minival_fraction":
+        raise SpaceError(f"space key {key} cannot be searched: it decides the held-out split every trial is "
+                         "compared on; set it once (in the base config or the space's overrides)")
     if not isinstance(spec, dict):
         raise SpaceError(
             f"space key {key}: {spec!r} is not accepted; expected a mapping like {{choice: [a, b]}} or "

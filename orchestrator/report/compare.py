@@ -131,8 +131,9 @@ def _markdown_document(exp_name, uri, parent_run_id, filter_string, rows, front)
         head.append(f"{len(running)} run(s) still in progress: their numbers are what they reached so far.")
     head.append("★ = Pareto frontier: no other run reached a higher best top-1 for fewer accelerator-hours. "
                 "Runs missing either number are left off it.")
-    head.append("img/s, img/s per accelerator and MFU are medians after warm-up; best top-1 is the maximum of "
-                "val/top1; GFLOPs/img is the forward pass; data wait is the share of the training steps' time "
+    head.append("img/s, img/s per accelerator and MFU are medians after warm-up; best top-1 is val/top1 at the "
+                "evaluation chosen on the split in `selected on`: the minival's best (held out of training, "
+                "data.minival_fraction) or, for a run without one, val's own maximum; GFLOPs/img is the forward pass; data wait is the share of the training steps' time "
                 "spent waiting for the next batch (the most starved rank).")
     return "\n".join(head) + "\n\n" + markdown_table(rows)
 

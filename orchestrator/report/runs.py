@@ -1,6 +1,8 @@
 """Reading runs from MLflow into table rows: which runs, and how each number is read from its histories.
 
-best top-1 = max of the val/top1 history; accelerator-hours (held), productive hours, goodput and total FLOPs =
+best top-1 = val/top1 at the evaluation where the run's minival/top1 peaked, for a run that holds a minival out
+(data.minival_fraction: chosen on the minival, val only reported), else the max of the val/top1 history
+(chosen on val itself: say so, `selected_on`); accelerator-hours (held), productive hours, goodput and total FLOPs =
 the last value of compute/accelerator_hours, compute/productive_hours, compute/goodput and compute/flops;
 img/s, img/s per accelerator and MFU = median of their history after the first logging window (warm-up), MFU
 else the run's own figure (train/run_mfu, logged at its end); data wait = the run's fraction of training time
@@ -56,6 +58,7 @@ class RunRow:
     total_flops: float | None = None
     best_top1: float | None = None
     final_top1: float | None = None  # the last val/top1 (a study's figure: no choice made on val)
+    selected_on: str | None = None  # the split the best evaluation was chosen on: "minival", or "val" itself
     fewshot: dict[int, float] = field(default_factory=dict)
     parent_run_id: str | None = None
     frontier: bool = False
@@ -136,8 +139,14 @@ def row_from_run(client, run) -> RunRow:
     row.goodput = _last(hist("compute/goodput"))
     row.total_flops = _last(hist("compute/flops"))
     top1 = [m for m in hist("val/top1") if finite(m.value)]
+    minival = sorted((m for m in hist("minival/top1") if finite(m.value)), key=lambda m: m.step)
+    if minival and top1:  # the first evaluation with the best minival top-1, and val there
+        chosen = max(minival, key=lambda m: m.value).step
+        at = [m.value for m in top1 if m.step == chosen]
+        row.best_top1, row.selected_on = (at[-1], "minival") if at else (None, None)
+    elif top1:
+        row.best_top1, row.selected_on = max(m.value for m in top1), "val"
     if top1:
-        row.best_top1 = max(m.value for m in top1)
         row.final_top1 = _last(top1)
     for key in latest:
         if key.startswith(FEWSHOT_PREFIX) and key.endswith("shot"):

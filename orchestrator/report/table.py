@@ -88,6 +88,7 @@ def _columns(rows: list[RunRow]):
         ("goodput", "goodput", lambda r: r.goodput, lambda v: _fmt_pct(v, 0)),
         ("total FLOPs", "total_flops", lambda r: r.total_flops, _fmt_flops),
         ("best top-1", "best_top1", lambda r: r.best_top1, _fmt_pct),
+        ("selected on", "selected_on", lambda r: r.selected_on, lambda v: v or ""),
     ]
     for k in shots:
         cols.append((f"{k}-shot", f"fewshot_{k}shot", lambda r, k=k: r.fewshot.get(k), _fmt_pct))

@@ -31,10 +31,19 @@ from orchestrator.train.plan import chunk_size, micro_batch_size
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
 from pipelines.permute import InputPermutation
+from pipelines.sample_index import load_sample_index
+from pipelines.subsets import SubsetSpec
 from pipelines.transforms import eval_transform, train_pipeline
 
 
+def subset_spec(cfg: Config, part: str = "train") -> SubsetSpec:
+    """The part of the training split a loader reads (pipelines/subsets.py): training keeps what the minival and
+    data.train_fraction leave; `part="minival"` is the held-out slice every choice is made on."""
+    return SubsetSpec(cfg.data.minival_fraction, cfg.data.train_fraction, part)
+
+
 def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, device=None):
+    """(the training loader, {set name: evaluation loader}): `val`, then `minival` when the run holds one out."""
     data_cfg = pretrained_data_config(cfg.model.name)
     pipeline = train_pipeline(
         input_size=model_cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
@@ -54,6 +63,9 @@ def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, devic
         cache_dir=cfg.data.cache_dir,
         cache_max_gb=cfg.data.cache_max_gb,
     )
+    subset = subset_spec(cfg)
+    index = None if subset.whole_split else load_sample_index(job.dataset_url, cfg.data.train_split,
+                                                              job.storage_options)
     mixup = None
     if cfg.reg.mixup_alpha > 0 or cfg.reg.label_smoothing > 0:
         mixup = MixupConfig(alpha=cfg.reg.mixup_alpha, label_smoothing=cfg.reg.label_smoothing)
@@ -63,14 +75,21 @@ def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, devic
         decoder=pipeline.decoder, transform=pipeline.transform, batch_stage=pipeline.batch_stage,
         augment_on=augment_on(cfg), device=device, decode_crop_on_device=pipeline.decode_crop_on_device,
         shuffle_buffer=cfg.data.shuffle_buffer, mixup=mixup, num_classes=job.num_classes,
-        return_keys=bool(cfg.data.trace_keys_dir), **loader_args,
+        return_keys=bool(cfg.data.trace_keys_dir), subset=subset, sample_index=index, **loader_args,
     )
     val = ShardLoader(
         job.dataset_url, cfg.data.val_split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf,
         training=False,
         **loader_args,
     )
-    return train, permuted(val, input_permutation(cfg, model_cfg), device)
+    sets = {"val": val}
+    if cfg.data.minival_fraction > 0:
+        sets["minival"] = ShardLoader(
+            job.dataset_url, cfg.data.train_split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf,
+            training=False, subset=subset_spec(cfg, "minival"), sample_index=index, **loader_args,
+        )
+    permutation = input_permutation(cfg, model_cfg)  # every evaluation set sees the training's
+    return train, {name: permuted(s, permutation, device) for name, s in sets.items()}
 
 
 def input_permutation(cfg: Config, model_cfg) -> InputPermutation | None:

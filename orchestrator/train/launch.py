@@ -38,6 +38,7 @@ class ResolvedData:
     num_classes: int
     train_samples: int
     steps_per_epoch: int | None  # the data plan's (the same at every world size)
+    minival_samples: int = 0  # held out of the training split (data.minival_fraction)
 
 
 def storage_options(cfg: Config, url: str) -> dict[str, Any]:
@@ -67,9 +68,13 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
         manifest = load_manifest(url, storage_options=opts)
     except Exception as e:
         if allow_unreachable and cfg.data.num_train_samples:
+            d = cfg.data  # about what the minival and data.train_fraction leave (the exact split needs the data)
+            held = round(d.num_train_samples * d.minival_fraction)
+            kept = round((d.num_train_samples - held) * d.train_fraction)
             say(f"[dry-run] dataset not checked ({type(e).__name__}: {e}); planning with "
-                f"data.num_train_samples={cfg.data.num_train_samples}")
-            return ResolvedData(url, opts, cfg.model.num_classes or 1000, cfg.data.num_train_samples, None)
+                f"data.num_train_samples={d.num_train_samples}" + (f", about {kept} of them trained on" if
+                                                                   kept != d.num_train_samples else ""))
+            return ResolvedData(url, opts, cfg.model.num_classes or 1000, kept, None, held)
         raise ConfigError(f"data.url={url!r} cannot be used: {e}") from None
     for split in (cfg.data.train_split, cfg.data.val_split):
         if split not in manifest.splits:
@@ -82,16 +87,23 @@ def resolve_data(cfg: Config, *, allow_unreachable: bool = False) -> ResolvedDat
             f"model.num_classes={cfg.model.num_classes} but the dataset at {url} has {manifest.num_classes} "
             "classes; leave model.num_classes unset (null) to take it from the dataset"
         )
+    from orchestrator.train.batches import subset_spec
     from orchestrator.train.plan import make_plan
     from pipelines.loader import ShardLoader
+    from pipelines.sample_index import load_sample_index
+    from pipelines.subsets import select
 
-    train_samples = manifest.num_samples(cfg.data.train_split)
-    make_plan(cfg, manifest.num_classes, train_samples)  # the plan words a batch larger than an epoch
     probe = ShardLoader(
         url, cfg.data.train_split, batch_size=chunk_size(cfg), slots=stream_slots(cfg), rank=0, world_size=1,
-        num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts,
+        num_workers=cfg.data.loader_workers, seed=cfg.run.seed, storage_options=opts, subset=subset_spec(cfg),
     )
-    return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch)
+    train_samples = probe.selection.num_samples if probe.selection else manifest.num_samples(cfg.data.train_split)
+    minival = 0
+    if cfg.data.minival_fraction > 0:
+        index = load_sample_index(url, cfg.data.train_split, opts, manifest=manifest)
+        minival = select(index, subset_spec(cfg, "minival")).num_samples
+    make_plan(cfg, manifest.num_classes, train_samples)  # the plan words a batch larger than an epoch
+    return ResolvedData(url, opts, manifest.num_classes, train_samples, probe.steps_per_epoch, minival)
 
 
 def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
@@ -102,7 +114,7 @@ def resolve_run(cfg: Config, *, allow_unreachable: bool = False):
     if not allow_unreachable:  # a dry run writes nothing
         check_storage_target(cfg)
     data = resolve_data(cfg, allow_unreachable=allow_unreachable)
-    return data, make_plan(cfg, data.num_classes, data.train_samples, data.steps_per_epoch)
+    return data, make_plan(cfg, data.num_classes, data.train_samples, data.steps_per_epoch, data.minival_samples)
 
 
 def resolve_tracking(cfg: Config) -> str | None:

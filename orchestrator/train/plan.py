@@ -74,6 +74,9 @@ class RunPlan:
     train_gflops_per_image: float
     train_flops_per_step: float
     train_flops_total: float
+    minival_samples: int = 0  # held out of the training split (pipelines/subsets.py)
+    minival_fraction: float = 0.0
+    train_fraction: float = 1.0
 
     @property
     def num_workers(self) -> int:
@@ -108,7 +111,13 @@ class RunPlan:
             f"batch                {self.global_batch_size} global = {self.stream_slots} stream slots x "
             f"{self.chunk_size}; micro-batches of at most {self.micro_batch_size}",
             self.world_sizes(),
-            f"train samples        {self.train_samples:,}",
+            f"train samples        {self.train_samples:,}" + (
+                f" (data.train_fraction={self.train_fraction:g}: a nested subset chosen by sample key)"
+                if self.train_fraction < 1 else ""),
+            *([f"minival              {self.minival_samples:,} samples held out of the training split "
+               f"(data.minival_fraction={self.minival_fraction:g}, class-stratified, chosen by key): never trained "
+               "on; every choice (Tune, early stopping, best checkpoint) is made on minival/top1, val is reported"]
+              if self.minival_fraction > 0 else []),
             f"steps                {self.total_steps:,} ({self.steps_per_epoch:,} per epoch x {self.epochs:g} epochs)",
             f"eval / checkpoint    every {self.eval_every_steps:,} / {self.checkpoint_every_steps:,} steps",
             f"parameters           {self.num_params:,}",
@@ -119,7 +128,8 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def make_plan(cfg: Config, num_classes: int, train_samples: int, steps_per_epoch: int | None = None) -> RunPlan:
+def make_plan(cfg: Config, num_classes: int, train_samples: int, steps_per_epoch: int | None = None,
+              minival_samples: int = 0) -> RunPlan:
     """`steps_per_epoch` is the data plan's exact figure (ShardLoader.steps_per_epoch); without it, the even split
     of the samples over the global batch is assumed."""
     model_cfg = get_config(cfg.model.name, **model_overrides(cfg, num_classes))
@@ -157,4 +167,7 @@ def make_plan(cfg: Config, num_classes: int, train_samples: int, steps_per_epoch
         train_gflops_per_image=per_image / 1e9,
         train_flops_per_step=per_image * cfg.optim.global_batch_size,
         train_flops_total=per_image * cfg.optim.global_batch_size * total,
+        minival_samples=minival_samples,
+        minival_fraction=cfg.data.minival_fraction,
+        train_fraction=cfg.data.train_fraction,
     )

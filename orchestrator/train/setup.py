@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model import create_model
+from orchestrator.config.checks import selection_split
 from orchestrator.config.tree import Config, model_overrides
 from orchestrator.observe.step_timer import StepTimer
 from orchestrator.train.batches import (
@@ -66,7 +67,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
     torch.manual_seed(cfg.run.seed * 1000 + rank)
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
-    train_loader, val_loader = build_loaders(cfg, job, model.cfg, rank, world, device)
+    train_loader, eval_sets = build_loaders(cfg, job, model.cfg, rank, world, device)
     plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -101,9 +102,10 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
                              cfg.observe.data_delay_s, permutation),
         log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
-        evaluator=Evaluator(model, {"val": val_loader}, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
+        evaluator=Evaluator(model, eval_sets, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,
-                                                           **clock.metrics()}, timer=timer),
+                                                           **clock.metrics()}, timer=timer,
+                            select_on=selection_split(cfg)),
         checkpointer=Checkpointer(session, state, plan.checkpoint_every_steps, plan.total_steps, rank, world,
                                   cfg.to_dict(), timer),
         group=group, tracker=tracker, autocast=autocast, world=world, timer=timer, observers=observers,

@@ -9,7 +9,7 @@
 
 A trial builds its config (base config + space overrides + sampled values, D_S/D_C ratios resolved against C),
 opens a nested MLflow run under the search's parent run, and fits a TorchTrainer whose reports reach Tune
-through TuneReportCallback; ASHA stops weak trials on val/top1. The trial's Train run is named after the
+through TuneReportCallback; ASHA stops weak trials on minival/top1 (val/top1 without a minival). The trial's Train run is named after the
 search and the trial id, so a retried or resumed trial continues from its own checkpoints. At the end the
 best trial's config is written as a file that `python -m orchestrator.pretrain --config FILE` accepts.
 Search spaces: orchestrator/config/search_space.py (format) and orchestrator/config/spaces/*.yaml (presets).
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="trials at once (default: what the cluster fits: CPUs // (num_workers x cpus_per_worker))")
     p.add_argument("--search", choices=("random", "grid", "optuna"), default="random",
                    help="random: grids crossed, choices/ranges sampled; grid: every choice crossed too; optuna: TPE")
-    p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping on val/top1")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping on minival/top1 (val/top1 without a minival)")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: evaluations before a trial can be stopped")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung")
     p.add_argument("--max-failures", type=int, default=2,

@@ -7,7 +7,7 @@ import re
 
 from orchestrator.config.search_space import SearchSpace
 from orchestrator.config.tree import Config
-from orchestrator.tune.planning import METRIC, MODE
+from orchestrator.tune.planning import MODE
 
 SEARCH_TAG = "mixer.tune_search"
 TRIAL_TAG = "mixer.tune_trial_id"
@@ -33,7 +33,7 @@ def log_parent_setup(parent, setup: dict, space: SearchSpace, args) -> None:
         "search.scheduler": "none" if setup["scheduler"] == "none" else
         f"ASHA(time_attr=training_iteration, max_t={setup['max_t']}, grace_period={args.grace_period}, "
         f"reduction_factor={args.reduction_factor:g})",
-        "search.metric": f"{METRIC} ({MODE})",
+        "search.metric": f"{setup['metric']} ({MODE})",
         "search.num_samples": setup["num_samples"],
         "search.max_concurrent": setup["max_concurrent"],
         "search.max_failures": args.max_failures,

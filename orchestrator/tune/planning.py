@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import math
 
+from orchestrator.config.checks import selection_split
 from orchestrator.config.search_space import SearchSpace
 from orchestrator.config.tree import Config
 from orchestrator.train.plan import worker_group_resources
 
-METRIC, MODE = "val/top1", "max"
+MODE = "max"
+REPORTED = "val/top1"  # shown beside the objective, never selected on when the run holds a minival
+
+
+def objective(cfg: Config) -> str:
+    """What trials are compared on (Tune's metric, ASHA's early stopping, the best trial): the minival's top-1
+    when the runs hold one out of the training split (data.minival_fraction > 0), else val's."""
+    return f"{selection_split(cfg)}/top1"
 
 
 def expected_trials(space: SearchSpace, search: str, num_samples: int) -> int:

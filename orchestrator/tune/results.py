@@ -10,7 +10,7 @@ from orchestrator.config.load import load_config
 from orchestrator.config.search_space import POINT_KEY, SearchSpace, apply, resolved_values
 from orchestrator.config.tree import Config, ConfigError
 from orchestrator.tune.mlflow_runs import close_child_runs
-from orchestrator.tune.planning import METRIC, num_reports, trial_plan
+from orchestrator.tune.planning import REPORTED, num_reports, objective, trial_plan
 from orchestrator.tune.store import SearchStore
 from orchestrator.tune.trial import trial_run_name
 
@@ -49,7 +49,7 @@ def trial_rows(trials: list, setup: dict, space: SearchSpace, base: Config, data
             row["config_error"] = str(e)
         last = trial.last_result or {}
         row["iterations"] = last.get("training_iteration", 0)
-        for key in (METRIC, "val/top5", "val/loss", "step", "epoch"):
+        for key in (metric_of(setup, base), REPORTED, "val/top5", "val/loss", "step", "epoch"):
             if key in last:
                 row[key] = last[key]
         if trial.status == "ERROR":
@@ -67,9 +67,15 @@ def _error_line(trial) -> str:
         return "error (see the trial's error file)"
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    done = [r for r in rows if METRIC in r and r["status"] != "ERROR"]
-    return max(done, key=lambda r: r[METRIC]) if done else None
+def metric_of(setup: dict, base: Config) -> str:
+    """The search's objective, saved in its setup (a search saved before that: its base config's)."""
+    return setup.get("metric") or objective(base)
+
+
+def best_row(rows: list[dict], metric: str) -> dict | None:
+    """The trial with the best objective: the minival's top-1 when the runs hold one out, never val's then."""
+    done = [r for r in rows if metric in r and r["status"] != "ERROR"]
+    return max(done, key=lambda r: r[metric]) if done else None
 
 
 def best_config(base: Config, space: SearchSpace, row: dict) -> Config:
@@ -83,7 +89,9 @@ def write_best_config(cfg: Config, row: dict, setup: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = [
         f"# Best trial of Tune search {setup['name']} (trial {row['trial_id']}, Train run {row['run_name']}):",
-        f"# {METRIC} = {row[METRIC]:.4f} after {row['iterations']} evaluation(s), step {row.get('step')}.",
+        f"# {setup['metric']} = {row[setup['metric']]:.4f} (selected on) after {row['iterations']} evaluation(s), "
+        f"step {row.get('step')}" + (f"; {REPORTED} = {row[REPORTED]:.4f} (reported)." if REPORTED in row and
+                                      setup["metric"] != REPORTED else "."),
         "# Searched: " + ", ".join(f"{k}={v}" for k, v in row["resolved"].items()),
         f"# Command:  python -m orchestrator.pretrain --config {path}",
     ]
@@ -107,26 +115,30 @@ def finish_search(trials: list, setup, space, base, data, parent, best_path, sto
                   not_all_generated: bool = False) -> int:
     """Print and record the outcome; exit code 0 (a best trial), 1 (none), or EXIT_INTERRUPTED."""
     rows = trial_rows(trials, setup, space, base, data)
+    metric = setup["metric"] = metric_of(setup, base)
+    reported = "" if metric == REPORTED else f"  ({REPORTED} reported, never selected on)"
+    print(f"\n=== search {setup['name']} ===   trials compared on {metric}{reported}")
     interrupted = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")] or (
         [{"trial_id": "(not yet generated)"}] if not_all_generated else [])
-    print(f"\n=== search {setup['name']} ===")
     keys = space.value_keys()
     for r in rows:
         vals = (f"{r['params'][POINT_KEY]}: " if POINT_KEY in r["params"] else "") + " ".join(
             f"{k.split('.')[-1]}={r['resolved'].get(k, r['params'].get(k))}" for k in keys)
         note = ("stopped early by ASHA" if r["stopped_early"] else
                 f"error: {r.get('error')}" if r["status"] == "ERROR" else r["status"].lower())
-        top1 = f"{r[METRIC]:.4f}" if METRIC in r else "  -   "
-        print(f"  {r['trial_id']}  top-1 {top1}  evals {r['iterations']:>3}/{r['expected_reports']}  "
+        top1 = f"{r[metric]:.4f}" if metric in r else "  -   "
+        shown = f"  {REPORTED} {r[REPORTED]:.4f}" if reported and REPORTED in r else ""
+        print(f"  {r['trial_id']}  {metric} {top1}{shown}  evals {r['iterations']:>3}/{r['expected_reports']}  "
               f"{vals}  [{note}]")
     if setup["tracking_uri"]:
         close_child_runs(setup["tracking_uri"], base, rows, parent.run_id if parent else None)
-    best = best_row(rows)
+    best = best_row(rows, metric)
     best_file = None
     if best is not None:
         best_file = write_best_config(best_config(base, space, best), best, setup,
                                       best_config_path(store, setup["name"], best_path))
-        print(f"\nbest trial     {best['trial_id']}  {METRIC} {best[METRIC]:.4f}")
+        print(f"\nbest trial     {best['trial_id']}  {metric} {best[metric]:.4f} (selected on)"
+              + (f", {REPORTED} {best[REPORTED]:.4f} (reported)" if reported and REPORTED in best else ""))
         for k, v in best["resolved"].items():
             ratio = k in space.params and space.params[k].ratio_of_c
             print(f"  {k:28s} {v}" + (f"   (sampled {best['params'][k]} x C)" if ratio else ""))
@@ -152,9 +164,14 @@ def _close_parent(parent, rows, best, best_file, n_early, n_err, n_unfinished, b
     parent.log_metrics(summary, 0)
     parent.log_dict({"trials": rows}, "search/trials.json")
     if best is not None:
-        parent.log_metrics({f"best/{METRIC.replace('val/', '')}": best[METRIC],
+        metric = setup["metric"]
+        # best/top1 and best/top5: the chosen trial's val figures (what is reported); best/selection_top1: the
+        # figure it was chosen on (the minival's when the runs hold one out)
+        parent.log_metrics({**({"best/top1": best[REPORTED]} if REPORTED in best else {}),
+                            "best/selection_top1": best[metric],
                             **({"best/top5": best["val/top5"]} if "val/top5" in best else {})}, 0)
         parent.set_tags({"best.trial_id": best["trial_id"], "best.run_name": best["run_name"],
+                         "search.selected_on": metric,
                          **{f"best.{k}": str(v) for k, v in best["resolved"].items()}})
         parent.log_artifact(str(best_file), "search")
     parent.end("KILLED" if n_unfinished else "FINISHED")

@@ -12,13 +12,13 @@ from orchestrator.config.tree import ConfigError, config_from_dict, parse_overri
 from orchestrator.train.plan import worker_group_resources
 from orchestrator.tune.mlflow_runs import log_parent_setup, open_parent_run
 from orchestrator.tune.planning import (
-    METRIC,
     MODE,
     derive_concurrency,
     expected_trials,
     make_scheduler,
     make_search_alg,
     num_reports,
+    objective,
     trial_plan,
 )
 from orchestrator.tune.results import finish_search, saved_trials
@@ -72,7 +72,8 @@ def run_search(args: argparse.Namespace, space: SearchSpace | None = None, *, ki
     param_space = space.to_tune(search)  # grid search over a range fails here, naming the key
     num_samples = (saved or {}).get("num_samples") or args.num_samples or space.num_samples or 1
     say(f"{tag} search {name}: space {space.name} ({len(space.params)} keys, {len(space.points)} points, {checked} "
-        f"model/plan combinations checked), search {search}, scheduler {scheduler_name}")
+        f"model/plan combinations checked), search {search}, scheduler {scheduler_name}, trials compared on "
+        f"{objective(base)}")
     for key, p in space.params.items():
         say(f"  {key:28s} {p.describe()}")
     for label, values in space.points.items():
@@ -112,6 +113,7 @@ def run_search(args: argparse.Namespace, space: SearchSpace | None = None, *, ki
         "max_t": max_t,
         "tracking_uri": tracking_uri,
         "parent_run_id": parent.run_id if parent else None,
+        "metric": (saved or {}).get("metric") or objective(base),  # what trials are compared on
         "train_storage": f"{store.experiment_url(name)}/train_runs",
         "resume_command": (saved or {}).get("resume_command") or resume_command,
     }
@@ -133,7 +135,7 @@ def run_search(args: argparse.Namespace, space: SearchSpace | None = None, *, ki
             trainable(setup),
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode=MODE, num_samples=num_samples,
+                metric=setup["metric"], mode=MODE, num_samples=num_samples,
                 # BasicVariantGenerator takes its own limit (Tune ignores max_concurrent_trials for it)
                 max_concurrent_trials=max_concurrent if search == "optuna" else None,
                 search_alg=make_search_alg(search, base.run.seed, max_concurrent),

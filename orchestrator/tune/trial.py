@@ -8,7 +8,7 @@ from __future__ import annotations
 from orchestrator.config.search_space import apply, parse_space, resolved_values
 from orchestrator.config.tree import Config, config_from_dict
 from orchestrator.tune.mlflow_runs import SEARCH_TAG, STATUS_TAG, TRIAL_TAG
-from orchestrator.tune.planning import METRIC
+from orchestrator.tune.planning import objective
 
 TRIAL_DRIVER_MEMORY = 512 * 1024**2  # the trial function only drives a TorchTrainer; its workers hold the model
 
@@ -72,7 +72,7 @@ def run_trial(params: dict, setup: dict) -> None:
         # Resumed at its last step, the Train run reported nothing: hand its final metrics to Tune so the
         # trial still has a result.
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-        if METRIC in metrics:
+        if setup.get("metric", objective(cfg)) in metrics:
             tune.report(metrics)
     if run:
         collect_relay(run, relay)

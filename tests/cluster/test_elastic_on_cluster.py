@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 import s3fs
-from planned_keys import planned_steps
+from planned_keys import minival_keys, planned_steps
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -112,7 +112,11 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     ]
     entry = ["python", "-m", "orchestrator.pretrain", "run.name=elastic", *common, "scaling.num_workers=[1,3]",
              "scaling.elastic_resize_interval_s=5", "checkpoint.every_steps=4", "checkpoint.num_to_keep=100",
-             f"data.trace_keys_dir={trace}"]
+             f"data.trace_keys_dir={trace}",
+             # Each step slowed on purpose: the phases wait on wall-clock events (a node starting, a resize check,
+             # the drain CLI and the watcher's poll) while steps are ~0.15-0.45 s; unslowed, a slow machine ran
+             # the 80 steps out before the drain reached the run (CI: grown back at step 72 of 88, no notice by the end).
+             "observe.data_delay_s=0.5"]
     job = cluster.submit(entry, working_dir=REPO, wait=False)
     lines, phase, killed, drained, notice_step = [], 0, None, None, None
     deadline = time.monotonic() + 900
@@ -181,9 +185,12 @@ def test_elastic_run_shrinks_grows_and_checkpoints_before_a_preemption(
     per_epoch: dict[int, Counter] = defaultdict(Counter)
     for recs in steps.values():
         per_epoch[recs[0]["epoch"]].update(k for r in recs for k in r["keys"])
+    held_out = minival_keys(data_url, {"endpoint_url": s3_server})
+    assert len(held_out) == 142  # the digits preset's minival: 10% of each class of the 1437 training samples
     for epoch, seen in per_epoch.items():
         assert max(seen.values()) == 1, f"epoch {epoch} used a sample twice"
-        assert sum(seen.values()) == 11 * 120  # 1437 samples: 11 steps of 120, 117 dropped by the plan
+        assert not set(seen) & held_out, f"epoch {epoch} trained on the minival"
+        assert sum(seen.values()) == 10 * 120  # the 1295 the minival leaves: 10 steps of 120, 95 dropped by the plan
 
     from mlflow.tracking import MlflowClient
 

@@ -237,3 +237,8 @@ def test_a_point_no_model_can_be_built_for_is_named():
     space = parse_space({"points": {"odd": {"model.img_size": 12, "model.patch_size": 8}}})
     with pytest.raises(SpaceError, match="point 'odd'.*model.img_size=12"):
         validate_space(space, _digits())
+
+
+def test_the_minival_fraction_cannot_be_searched():
+    with pytest.raises(SpaceError, match="data.minival_fraction cannot be searched: it decides the held-out split"):
+        _space({"data.minival_fraction": {"choice": [0.05, 0.1]}})

@@ -271,3 +271,27 @@ def test_mlflow_ui_hint_names_the_server_for_http_and_the_command_for_a_store(tm
     assert mlflow_ui_hint("https://mlflow.example/") == "https://mlflow.example/"
     hint = mlflow_ui_hint(f"sqlite:///{tmp_path}/mlflow.db")
     assert hint.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_best_top1_is_val_where_the_minival_peaked_and_says_so(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report.runs import row_from_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = RunTracker(uri, "honest", "with-minival")
+    with_minival = t.start()
+    # val peaks at step 3, the minival at step 2: the report shows val at step 2 (val is never selected on)
+    for step, minival, val in ((1, 0.50, 0.40), (2, 0.80, 0.60), (3, 0.70, 0.90), (4, 0.80, 0.50)):
+        t.log_metrics({"minival/top1": minival, "val/top1": val}, step)
+    t.end("FINISHED")
+    t = RunTracker(uri, "honest", "val-only")
+    val_only = t.start()
+    for step, val in ((1, 0.4), (2, 0.7), (3, 0.6)):
+        t.log_metrics({"val/top1": val}, step)
+    t.end("FINISHED")
+    client = MlflowClient(uri)
+    row = row_from_run(client, client.get_run(with_minival))
+    assert (row.best_top1, row.selected_on) == (0.60, "minival")
+    row = row_from_run(client, client.get_run(val_only))
+    assert (row.best_top1, row.selected_on) == (0.7, "val")

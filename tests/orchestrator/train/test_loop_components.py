@@ -43,7 +43,15 @@ def digits(tmp_path_factory):
 def _loaders(digits, trace_keys_dir: str | None = None):
     cfg = copy.deepcopy(digits.cfg)
     cfg.data.trace_keys_dir = trace_keys_dir  # the loader returns sample keys only when they are traced
-    return build_loaders(cfg, digits.job, digits.model.cfg, 0, 1, torch.device("cpu"))
+    train, sets = build_loaders(cfg, digits.job, digits.model.cfg, 0, 1, torch.device("cpu"))
+    return train, sets["val"]
+
+
+def test_the_digits_preset_evaluates_val_and_its_minival(digits):
+    train, sets = build_loaders(digits.cfg, digits.job, digits.model.cfg, 0, 1, torch.device("cpu"))
+    assert list(sets) == ["val", "minival"]
+    assert sets["minival"].selection.num_samples == 142  # 10% of every class of the 1437 training samples
+    assert train.selection.num_samples == 1437 - 142 == digits.job.train_samples
 
 
 def test_fetcher_crosses_epochs_and_reports_each_ended_epoch_once(digits, tmp_path):

@@ -269,6 +269,12 @@ def test_default_search_end_to_end(tmp_path):
     assert parent.data.params["search.scheduler"].startswith("ASHA")
     assert "space.model.tokens_mlp_dim" in parent.data.params and "search.algorithm" in parent.data.params
     assert parent.data.metrics["best/top1"] > 0.3 and "best.trial_id" in parent.data.tags
+    # chosen on the minival the digits preset holds out; val is reported beside it
+    assert parent.data.tags["search.selected_on"] == "minival/top1"
+    assert parent.data.params["search.metric"] == "minival/top1 (max)"
+    assert "trials compared on minival/top1 (val/top1 reported, never selected on)" in log
+    best_child = next(c for c in children if c.info.run_name == parent.data.tags["best.run_name"])
+    assert parent.data.metrics["best/selection_top1"] == pytest.approx(best_child.data.metrics["minival/top1"])
     assert {"search/space.yaml", "search/trials.json", "search/best_config.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "search")}
 
