@@ -99,8 +99,12 @@ def test_the_papers_233_70_23_7_epochs_at_jft_scale():
 def test_equal_steps_with_the_real_planner_and_a_step_cap(mixer_home):
     """The planner a trial uses (the dataset's own steps per epoch), with train.max_steps given: every point
     trains exactly that many steps."""
-    study = build_study(load_study_file("digits"), "data-scale", {"train.max_steps": 5}, default_plan_for())
-    assert {f["steps"] for f in study.facets.values()} == {5}
+    study = build_study(load_study_file("digits"), "data-scale", {}, default_plan_for())
+    assert len({f["steps"] for f in study.facets.values()}) == 1
+    epochs = {f["fraction"]: f["epochs"] for f in study.facets.values()}
+    assert epochs[0.03] > epochs[0.1] > epochs[0.3] > epochs[1.0] == 8  # the subsets the trials will read
+    capped = build_study(load_study_file("digits"), "data-scale", {"train.max_steps": 5}, default_plan_for())
+    assert {f["steps"] for f in capped.facets.values()} == {5}
 
 
 def test_model_scale_and_permutation_points():
