@@ -129,6 +129,10 @@ def build_study(study_file: StudyFile, kind: str, overrides: dict[str, Any],
                         source=study_file.source)
     for label in points:  # each point's own plan (data-scale: also the check that steps are equal)
         plan = plan_for(apply(base, {POINT_KEY: label}, space))
+        if plan.checkpoint_every_steps % plan.eval_every_steps:  # a report to Tune without the metric fails the trial
+            raise ConfigError(f"checkpoint.every_steps={plan.checkpoint_every_steps} is not accepted for point "
+                              f"{label!r}: expected a multiple of its evaluation interval ({plan.eval_every_steps} "
+                              "steps; eval.every_steps), so that every report to Tune carries the evaluation")
         facets[label].update(epochs=plan.epochs, steps=plan.total_steps, train_flops=plan.train_flops_total,
                              fwd_gflops_per_image=plan.fwd_gflops_per_image, params=plan.num_params)
     if kind == "data-scale":

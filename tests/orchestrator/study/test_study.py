@@ -169,6 +169,12 @@ def test_bad_input_exits_2_naming_value_and_accepted_before_anything(argv, words
     assert not ray.is_initialized() and not mixer_home.exists()
 
 
+def test_checkpoints_between_evaluations_are_refused(mixer_home, capsys):
+    """Every report to Tune must carry the evaluation: a checkpoint step that is not an evaluation step is refused."""
+    assert main(["model-scale", "--dry-run", "eval.every_steps=10", "checkpoint.every_steps=15"]) == 2
+    assert "checkpoint.every_steps=15" in capsys.readouterr().err
+
+
 def test_a_study_the_file_does_not_define(tmp_path, mixer_home, capsys):
     f = tmp_path / "mine.yaml"
     f.write_text("config: digits\nmodels: {a: {model.depth: 2}}\nmodel-scale: {models: [a]}\n")
