@@ -6,9 +6,9 @@ end), read from its MLflow parent run and that run's nested trial runs, logged b
     permutation   permutation.png: top-1 per input permutation (bars, one group per model)
     every study   study.md, study.csv: one row per trial (point, model, fraction/mode, plan, compute, top-1)
 
-y is the FINAL top-1 of each trial (its last val/top1: nothing chosen on the validation set; the best is in the
-table). The point of each trial is its `tune.point` param; what the point varies (model, fraction, mode) and its
-planned steps come from the parent run's study/points.json. NAME is a study's name (model-scale-digits-2) or
+y is the FINAL top-1 of each trial (its last val/top1: nothing chosen on the validation set; the best, as
+orchestrator.report reads it, is in the table). The point of each trial is its `tune.point` param; what the
+point varies (model, fraction, mode) and its planned steps come from the parent run's study/points.json. NAME is a study's name (model-scale-digits-2) or
 kind (model-scale: the newest study of that kind).
 """
 
@@ -146,7 +146,8 @@ def _columns(kind: str):
 def markdown(kind: str, name: str, rows: list[StudyRow]) -> str:
     cols = _columns(kind)
     lines = [f"# Study `{name}` ({kind}): {len(rows)} trials", "",
-             "final top-1 = the trial's last val/top1; best top-1 = its maximum; steps, epochs = planned.", "",
+             "final top-1 = the trial's last val/top1 (the figures' y); best top-1 = the report's: val/top1 where "
+             "minival/top1 peaked (val's own maximum without a minival); steps, epochs = planned.", "",
              "| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join("" if (v := get(r)) is None else fmt(v) for _, _, get, fmt in cols) + " |")
