@@ -166,11 +166,22 @@ def eval_transform(src: Source, preset: str | None):
     return transforms.eval_transform(data_cfg, input_size=src.model_cfg.img_size, preset=preset)
 
 
+def input_permutation(src: Source):
+    """The training run's data.permute (its checkpoint's config), so the model sees inputs as it was trained."""
+    from pipelines.permute import InputPermutation
+
+    data = (src.config or {}).get("data", {})
+    cfg = src.model_cfg
+    return InputPermutation.make(data.get("permute", "none"), data.get("permute_seed", 0), cfg.img_size, cfg.img_size,
+                                 cfg.patch_size)
+
+
 def run(args: argparse.Namespace, src: Source, shots: list[int]) -> Results:
     import torch
 
     from orchestrator.eval.fewshot import extract_features, fewshot_accuracy
     from orchestrator.eval.metrics import evaluate
+    from orchestrator.train.batches import permuted
     from pipelines.loader import ShardLoader
     from pipelines.manifest import load_manifest
     from pipelines.storage import resolve_storage_options
@@ -198,9 +209,11 @@ def run(args: argparse.Namespace, src: Source, shots: list[int]) -> Results:
     model = src.build_model().to(device)
     tf = eval_transform(src, args.transform)
 
+    permutation = input_permutation(src)
+
     def loader(split: str):
-        return ShardLoader(url, split, batch_size=args.batch_size, training=False, transform=tf, num_workers=0,
-                           storage_options=opts)
+        return permuted(ShardLoader(url, split, batch_size=args.batch_size, training=False, transform=tf,
+                                    num_workers=0, storage_options=opts), permutation, device)
 
     top = fewshot = None
     if do_top:

@@ -13,18 +13,20 @@ A space is a YAML file (a preset in orchestrator/config/spaces/ or any path):
       reg.mixup_alpha: {choice: [0.0, 0.2, 0.5, 0.8]}
       reg.randaug_magnitude: {randint: [0, 20]}                 # both ends included
       reg.dropout: {uniform: [0.0, 0.1]}
+    points:                        # optional: labelled sets of values taken together (one grid axis, crossed
+      small: {model.hidden_dim: 64, model.depth: 2}     # with the grids): a ladder of model sizes, a study's
+      large: {model.hidden_dim: 128, model.depth: 4}    # points (orchestrator.study builds its spaces so)
 
 Kinds: `choice` (sampled), `grid` (every value, crossed with the other grids), `uniform`, `loguniform`,
 `randint` (ranges [low, high]). `ratio_of: C` is accepted for model.tokens_mlp_dim (D_S) and
 model.channels_mlp_dim (D_C): the value is a multiple of the trial's hidden width C, rounded to an integer.
-`validate_space` checks every key and every value against the config (and every combination of the values
-that shape the model against the model registry) before any trial starts; each failure names the key.
+orchestrator/config/space_checks.py checks every key and value against the config (and every combination of
+the values that shape the model against the model registry) before any trial starts; each failure names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +44,11 @@ KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")
 RATIO_KEYS = {"model.tokens_mlp_dim": "D_S", "model.channels_mlp_dim": "D_C"}
 RATIO_BASES = ("C", "hidden_dim", "model.hidden_dim")
-TOP_LEVEL = ("config", "num_samples", "overrides", "params")
+TOP_LEVEL = ("config", "num_samples", "overrides", "params", "points")
+POINT_KEY = "point"  # the Tune parameter holding a point's label
 # Set per trial or per search by orchestrator.tune; searching them would break resume or tracking.
 NOT_SEARCHABLE = ("run.name", "run.storage_path", "tracking.uri", "tracking.experiment", "tracking.parent_run_id",
                   "tracking.enabled", "data.url")
-# Keys that change the model's shape (checked in combination against the model registry).
-MODEL_KEYS_EXTRA = ("reg.dropout", "reg.head_dropout", "reg.stochastic_depth")
-# Keys that change how long a trial runs (number of reports) or what it needs from the cluster.
-PLAN_KEYS = ("schedule.epochs", "optim.global_batch_size", "optim.micro_batch_size", "scaling.num_workers",
-             "eval.every_steps", "checkpoint.every_steps", "train.max_steps")
-RESOURCE_KEYS = ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu")
-MAX_COMBINATIONS = 20_000
 
 
 class SpaceError(ConfigError):
@@ -93,6 +89,28 @@ class SearchSpace:
     num_samples: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    points: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {section.key: value}
+
+    def tune_keys(self) -> list[str]:
+        """The keys of a Tune trial's config that belong to the space (the point's label under POINT_KEY)."""
+        return list(self.params) + ([POINT_KEY] if self.points else [])
+
+    def value_keys(self) -> list[str]:
+        """The config keys a trial's values set: the searched keys, then every key the points set."""
+        keys = list(self.params)
+        for values in self.points.values():
+            keys += [k for k in values if k not in keys]
+        return keys
+
+    def expand(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A trial's values with its point's label replaced by the point's config values."""
+        if POINT_KEY not in values:
+            return dict(values)
+        rest = {k: v for k, v in values.items() if k != POINT_KEY}
+        label = values[POINT_KEY]
+        if label not in self.points:
+            raise SpaceError(f"space point {label!r} is not among the space's points: {', '.join(self.points)}")
+        return {**self.points[label], **rest}
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {}
@@ -103,12 +121,14 @@ class SearchSpace:
         if self.overrides:
             out["overrides"] = dict(self.overrides)
         out["params"] = {k: p.to_dict() for k, p in self.params.items()}
+        if self.points:
+            out["points"] = {label: dict(values) for label, values in self.points.items()}
         return out
 
     def grid_size(self, search: str = "random") -> int:
         """How many points the grid part of the space has (every choice counts too under --search grid)."""
         kinds = ("grid", "choice") if search == "grid" else ("grid",)
-        return math.prod(len(p.values) for p in self.params.values() if p.kind in kinds)
+        return math.prod(len(p.values) for p in self.params.values() if p.kind in kinds) * max(1, len(self.points))
 
     def to_tune(self, search: str) -> dict[str, Any]:
         """Ray Tune's param_space: one domain per key (random: grids cross, choices sample; optuna: all sampled)."""
@@ -131,6 +151,9 @@ class SearchSpace:
                 out[key] = tune.loguniform(p.low, p.high)
             elif p.kind == "randint":
                 out[key] = tune.randint(int(p.low), int(p.high) + 1)  # Tune's upper end is exclusive
+        if self.points:  # one grid axis (optuna: a choice) over the labels
+            labels = list(self.points)
+            out[POINT_KEY] = tune.choice(labels) if search == "optuna" else tune.grid_search(labels)
         return out
 
 
@@ -196,22 +219,48 @@ def parse_space(tree: Any, name: str = "space", source: str = "") -> SearchSpace
     overrides = tree.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise SpaceError(f"space key overrides={overrides!r} is not accepted; expected a mapping of section.key: value")
-    raw_params = tree.get("params")
-    if not isinstance(raw_params, dict) or not raw_params:
+    points = parse_points(tree.get("points"))
+    raw_params = tree.get("params") if "params" in tree or not points else {}
+    if not isinstance(raw_params, dict) or not (raw_params or points):
         raise SpaceError(
             f"space key params={raw_params!r} is not accepted; expected a non-empty mapping of "
-            "section.key: {choice|grid|uniform|loguniform|randint: ...}"
+            "section.key: {choice|grid|uniform|loguniform|randint: ...} (or points:)"
         )
     params = {str(k): parse_param(str(k), v) for k, v in raw_params.items()}
     for key in overrides:
-        _check_key(f"overrides.{key}", str(key))
+        check_key(f"overrides.{key}", str(key))
         if key in params:
             raise SpaceError(f"space key {key} is both searched (params) and fixed (overrides); keep one")
+    for label, values in points.items():
+        for key in values:
+            if key in params or key in overrides:
+                where = "searched (params)" if key in params else "fixed (overrides)"
+                raise SpaceError(f"space key {key} is set by point {label!r} and {where}; keep one")
     return SearchSpace(name=name, params=params, config=config, num_samples=num_samples,
-                       overrides={str(k): v for k, v in overrides.items()}, source=source)
+                       overrides={str(k): v for k, v in overrides.items()}, source=source, points=points)
 
 
-def _check_key(where: str, key: str) -> None:
+def parse_points(raw: Any) -> dict[str, dict[str, Any]]:
+    """`points:` label -> {section.key: value}; every key a config key that may be searched."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise SpaceError(f"space key points={raw!r} is not accepted; expected a mapping of label: {{section.key: value}}")
+    points = {}
+    for label, values in raw.items():
+        if not isinstance(values, dict) or not values:
+            raise SpaceError(f"space point {label!r}: {values!r} is not accepted; expected a mapping of section.key: value")
+        for key in values:
+            check_key(f"points.{label}.{key}", str(key))
+            if key in NOT_SEARCHABLE or key == "data.minival_fraction":
+                raise SpaceError(f"space point {label!r}: {key} cannot be set per trial: orchestrator.tune sets it"
+                                 if key in NOT_SEARCHABLE else f"space point {label!r}: {key} cannot be set per "
+                                 "trial: it decides the held-out split every trial is compared on")
+        points[str(label)] = {str(k): _number(v) for k, v in values.items()}
+    return points
+
+
+def check_key(where: str, key: str) -> None:
     """A dotted key must name a field of the config tree."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
     parts = key.split(".")
@@ -229,7 +278,7 @@ def _check_key(where: str, key: str) -> None:
 
 
 def parse_param(key: str, spec: Any) -> Param:
-    _check_key(key, key)
+    check_key(key, key)
     if key in NOT_SEARCHABLE:
         raise SpaceError(f"space key {key} cannot be searched: orchestrator.tune sets it for every trial")
     if key == "data.minival_fraction":
@@ -301,6 +350,8 @@ def hidden_dim(cfg: Config) -> int:
 def apply(base: Config, values: dict[str, Any], space: SearchSpace | None = None) -> Config:
     """base + sampled values (ratios of C resolved to integers), validated; errors name the key."""
     tree = base.to_dict()
+    if space is not None:
+        values = space.expand(values)
     ratios = {k: v for k, v in values.items() if space is not None and k in space.params and space.params[k].ratio_of_c}
     for key, value in values.items():
         if key not in ratios:
@@ -323,60 +374,3 @@ def resolved_values(cfg: Config, keys) -> dict[str, Any]:
     """The trial's actual values for `keys` (ratios appear as the integer widths they resolved to)."""
     d = cfg.to_dict()
     return {k: d[k.split(".")[0]][k.split(".")[1]] for k in keys}
-
-
-# ---------------------------------------------------------------- validation ------------------------------
-
-
-def _combos(space: SearchSpace, keys: list[str]):
-    lists = [space.params[k].candidates() for k in keys]
-    return math.prod(len(v) for v in lists), (dict(zip(keys, c, strict=True)) for c in itertools.product(*lists))
-
-
-def validate_space(space: SearchSpace, base: Config) -> int:
-    """Check every key and value, and every model-shaping combination; returns the number of combinations checked.
-
-    Raises SpaceError naming the key (and, for a combination, every key and value in it).
-    """
-    for key, p in space.params.items():
-        for value in p.candidates():
-            try:
-                apply(base, {key: value}, space)
-            except SpaceError:
-                raise
-            except ConfigError as e:
-                raise SpaceError(f"space key {key}: value {value!r} ({p.describe()}) cannot be used: {e}") from None
-    shaping = [k for k in space.params if k.startswith("model.") or k in MODEL_KEYS_EXTRA or k in PLAN_KEYS
-               or k in RESOURCE_KEYS]
-    checked = 0
-    if len(shaping) > 1:
-        total, combos = _combos(space, shaping)
-        if total > MAX_COMBINATIONS:
-            shaping = [k for k in shaping if k.startswith("model.")]
-            total, combos = _combos(space, shaping)
-        if total <= MAX_COMBINATIONS:
-            for combo in combos:
-                checked += 1
-                try:
-                    apply(base, combo, space)
-                except ConfigError as e:
-                    names = ", ".join(f"{k}={v!r}" + (" (x C)" if space.params[k].ratio_of_c else "")
-                                      for k, v in combo.items())
-                    reason = str(e).removeprefix("space key ")
-                    raise SpaceError(
-                        f"space keys {', '.join(combo)}: no model/config can be built for the combination "
-                        f"{names}: {reason}"
-                    ) from None
-    return checked
-
-
-def candidate_configs(space: SearchSpace, base: Config, keys) -> list[Config]:
-    """Configs for every combination of the candidates of `keys` present in the space (base alone if none)."""
-    present = [k for k in keys if k in space.params]
-    if not present:
-        return [base]
-    total, combos = _combos(space, present)
-    if total > MAX_COMBINATIONS:
-        combos = ({k: space.params[k].candidates()[-1] for k in present} for _ in range(1))
-    return [apply(base, combo, space) for combo in combos]
-

@@ -5,6 +5,7 @@
     python -m orchestrator.report --filter 'params.`model.name` = "mixer_s16_224"' --out /tmp/s16
     python -m orchestrator.report --log-to-mlflow                   # also keep the report as an MLflow run
     python -m orchestrator.report --tracking-uri http://mlflow.internal:5000 --experiment team-mixer
+    python -m orchestrator.report --study model-scale            # a study's figures (orchestrator/report/study.py)
 
 Writes into --out (default $MIXER_HOME/reports/<experiment>):
     runs.md, runs.csv                 one row per run: model sizes, parameters, GFLOPs/image, throughput,
@@ -210,6 +211,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: $MIXER_HOME/reports/<experiment>)")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="also log the table and figures as artifacts of a new report run tagged with the run ids")
+    p.add_argument("--study", default=None, metavar="NAME",
+                   help="draw the study NAME (orchestrator.study: its name, or a kind for the newest of that kind: "
+                        "model-scale, data-scale, permutation) and log the figures to its parent run")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///$MIXER_HOME/mlflow.db)")
     return p.parse_args(argv)
@@ -218,6 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.study is not None:
+        return study_main(args)
     rep = make_report(args.tracking_uri, args.experiment, args.parent, args.filter, args.out, args.log_to_mlflow)
     print(rep.markdown)
     print(f"{len(rep.rows)} runs, {len(rep.frontier)} on the frontier: "
@@ -229,6 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (skipped {s})")
     if rep.report_run_id:
         print(f"report run {rep.report_run_id} (artifacts under report/)")
+    return 0
+
+
+def study_main(args: argparse.Namespace) -> int:
+    from orchestrator.report.study import make_study_report
+
+    for flag in ("experiment", "parent", "filter"):
+        if getattr(args, flag) is not None:
+            raise ReportError(f"--{flag} is not accepted with --study (a study is one parent run and its trials)")
+    if args.out is not None:
+        _check_out_dir(args.out)
+    rep = make_study_report(args.tracking_uri, study=args.study, out_dir=args.out)
+    print(rep.markdown)
+    print(f"wrote {rep.out_dir}/ (logged to the study's parent run {rep.parent_run_id} under report/)")
+    for f in rep.files:
+        print(f"  {f.name}" + (f"  ({rep.points_drawn[f.name]} points)" if f.name in rep.points_drawn else ""))
     return 0
 
 

@@ -81,11 +81,12 @@ def _human(v: float) -> str:
     return f"{v:g}"
 
 
-def _finish(fig, ax, path: Path, handles, title, xlabel, n_missing, labels, human_x=False):
+def _finish(fig, ax, path: Path, handles, title, xlabel, n_missing, labels, human_x=False,
+            ylabel="best top-1 (validation)"):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("best top-1 (validation)")
+    ax.set_ylabel(ylabel)
     _percent_axis(ax)
     if ax.get_xscale() == "log":
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -122,7 +123,9 @@ def _pad_y(ax):
 
 
 def accuracy_vs_x(rows, front, path: Path, title: str, xget, xlabel: str, frontier: bool,
-                  human_x: bool = False, colors: dict | None = None) -> bool:
+                  human_x: bool = False, colors: dict | None = None, ylabel: str = "best top-1 (validation)",
+                  frontier_label: str = "Pareto frontier\n(more accuracy, less compute)") -> bool:
+    """Rows' `best_top1` (in %) against `xget`; `front` (increasing x) drawn as a staircase when `frontier`."""
     usable = [r for r in rows if xget(r) is not None and r.best_top1 is not None]
     if not usable:
         return False
@@ -152,8 +155,8 @@ def accuracy_vs_x(rows, front, path: Path, title: str, xget, xlabel: str, fronti
         ax.plot(sx, sy, linestyle="--", color=FRONTIER_COLOR, linewidth=1.6, zorder=2)
         ax.scatter(xs, ys, s=220, facecolors="none", edgecolors=FRONTIER_COLOR, linewidths=1.8, zorder=4)
         handles.append(Line2D([], [], linestyle="--", color=FRONTIER_COLOR, marker="o", markerfacecolor="none",
-                              markersize=12, label="Pareto frontier\n(more accuracy, less compute)"))
-    _finish(fig, ax, path, handles, title, xlabel, len(rows) - len(usable), labels, human_x)
+                              markersize=12, label=frontier_label))
+    _finish(fig, ax, path, handles, title, xlabel, len(rows) - len(usable), labels, human_x, ylabel)
     return True
 
 

@@ -57,6 +57,7 @@ class RunRow:
     goodput: float | None = None
     total_flops: float | None = None
     best_top1: float | None = None
+    final_top1: float | None = None  # the last val/top1 (a study's figure: no choice made on val)
     selected_on: str | None = None  # the split the best evaluation was chosen on: "minival", or "val" itself
     fewshot: dict[int, float] = field(default_factory=dict)
     parent_run_id: str | None = None
@@ -145,6 +146,8 @@ def row_from_run(client, run) -> RunRow:
         row.best_top1, row.selected_on = (at[-1], "minival") if at else (None, None)
     elif top1:
         row.best_top1, row.selected_on = max(m.value for m in top1), "val"
+    if top1:
+        row.final_top1 = _last(top1)
     for key in latest:
         if key.startswith(FEWSHOT_PREFIX) and key.endswith("shot"):
             k = _num(key[len(FEWSHOT_PREFIX):-len("shot")], int)

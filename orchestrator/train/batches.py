@@ -6,6 +6,8 @@ boundaries, notes the epochs whose last batch it took (their bad-sample counts a
 `set_epoch` starts new counts), and moves the batch to the training device, all in the step timer's
 `data_wait` phase; the loader's device stage (augment_on='device') runs inside it, timed as `device_augment`
 (`time_device_stage`). observe.data_delay_s slows every batch of the loader on purpose (a diagnostic).
+data.permute's fixed permutation (pipelines/permute.py) is applied on the device to the training batch, after
+its augmentation, and to every evaluation batch alike (`input_permutation`, `PermutedBatches`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from orchestrator.train.data_counts import DataCounts, epoch_counts
 from orchestrator.train.plan import chunk_size, micro_batch_size
 from pipelines.loader import ShardLoader
 from pipelines.mixup import MixupConfig
+from pipelines.permute import InputPermutation
 from pipelines.sample_index import load_sample_index
 from pipelines.subsets import SubsetSpec
 from pipelines.transforms import eval_transform, train_pipeline
@@ -86,7 +89,42 @@ def build_loaders(cfg: Config, job, model_cfg, rank: int, world_size: int, devic
             job.dataset_url, cfg.data.train_split, batch_size=max(micro_batch_size(cfg), 64), transform=eval_tf,
             training=False, subset=subset_spec(cfg, "minival"), sample_index=index, **loader_args,
         )
-    return train, sets
+    permutation = input_permutation(cfg, model_cfg)  # every evaluation set sees the training's
+    return train, {name: permuted(s, permutation, device) for name, s in sets.items()}
+
+
+def input_permutation(cfg: Config, model_cfg) -> InputPermutation | None:
+    """data.permute's permutation for this model's input (None for 'none'): a function of the seed only."""
+    return InputPermutation.make(cfg.data.permute, cfg.data.permute_seed, model_cfg.img_size, model_cfg.img_size,
+                                 model_cfg.patch_size)
+
+
+def permuted(batches, permutation: InputPermutation | None, device=None):
+    """An evaluation set whose images are permuted on `device` (the loader itself when there is nothing to do)."""
+    return batches if permutation is None else PermutedBatches(batches, permutation, device)
+
+
+class PermutedBatches:
+    """(x, y) batches of a loader with data.permute's permutation applied on the device; every other attribute
+    is the loader's."""
+
+    def __init__(self, loader, permutation: InputPermutation, device=None):
+        self.loader, self.permutation = loader, permutation
+        self.device = torch.device(device) if device is not None else None
+
+    def __iter__(self):
+        for x, y, *rest in self.loader:
+            if self.device is not None:
+                x = x.to(self.device, non_blocking=True)
+            yield (self.permutation(x), y, *rest)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 def build_eval_sets(cfg: Config, job, model_cfg, rank: int, world_size: int) -> dict[str, Iterable]:
@@ -142,8 +180,10 @@ class BatchFetcher:
     from the loaded position."""
 
     def __init__(self, loader: ShardLoader, device: torch.device, start_epoch: int, resumed: bool,
-                 trace: KeyTrace | None = None, timer: StepTimer | None = None, delay_s: float = 0.0):
+                 trace: KeyTrace | None = None, timer: StepTimer | None = None, delay_s: float = 0.0,
+                 permutation: InputPermutation | None = None):
         self.loader = loader
+        self.permutation = permutation  # data.permute, applied after the batch reached the device
         self.device = device
         self.trace = trace
         self.timer = timer or StepTimer(enabled=False)
@@ -169,6 +209,8 @@ class BatchFetcher:
                     ended.append((epoch, epoch_counts(self.loader, self.device)))
             x = torch.cat([c[0] for c in chunks]).to(self.device, non_blocking=True)
             y = torch.cat([c[1] for c in chunks]).to(self.device, non_blocking=True)
+            if self.permutation is not None:
+                x = self.permutation(x)
         if self.trace:
             self.trace.write(step, epoch, [k for c in chunks for k in c[2]], x)
         return StepBatch(x, y, epoch, ended)

@@ -24,6 +24,8 @@ from orchestrator.train.batches import (
     build_eval_sets,
     build_loaders,
     build_probe_loaders,
+    input_permutation,
+    permuted,
     time_device_stage,
 )
 from orchestrator.train.compute import ComputeClock
@@ -72,7 +74,9 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
 
     model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
     train_loader, eval_sets = build_loaders(cfg, job, model.cfg, rank, world, device)
-    eval_sets.update(build_eval_sets(cfg, job, model.cfg, rank, world))  # + eval.sets, after val (and minival)
+    permute = input_permutation(cfg, model.cfg)  # eval.sets see data.permute's permutation too, as val does
+    eval_sets.update({name: permuted(s, permute, device)  # + eval.sets, after val (and minival)
+                      for name, s in build_eval_sets(cfg, job, model.cfg, rank, world).items()})
     plan = make_plan(cfg, job.num_classes, job.train_samples, train_loader.steps_per_epoch)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -99,6 +103,9 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
         accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tracker.log_params({"compute.accelerator": accelerator, "compute.peak_tflops": peak or "unknown"})
     trace = KeyTrace(cfg.data.trace_keys_dir, rank, world) if cfg.data.trace_keys_dir else None
+    permutation = input_permutation(cfg, model.cfg)  # build_loaders applied the same one to the evaluation sets
+    if permutation and rank == 0:
+        say(f"[data] {permutation.describe()}")
     observers = build_observers(cfg, session, job, state.run_id, device, tracker, current_step=lambda: state.step)
     probe_loaders = build_probe_loaders(cfg, job, model.cfg) if rank == 0 and cfg.eval.fewshot_every_steps else None
     timer = StepTimer(device, cfg.observe.step_breakdown)  # last: its first window starts with the loop
@@ -108,7 +115,7 @@ def build_run(cfg: Config, session, job, entered: float | None = None) -> Run:
     return Run(
         cfg=cfg, plan=plan, state=state, train_model=train_model,
         batches=BatchFetcher(train_loader, device, state.start_epoch, state.resumed, trace, timer,
-                             cfg.observe.data_delay_s),
+                             cfg.observe.data_delay_s, permutation),
         log=StepLogger(plan, clock, cfg.train.log_every_steps, rank, world, tracker, state.step, peak, timer),
         evaluator=Evaluator(model, eval_sets, device, autocast, plan.eval_every_steps, plan.total_steps, rank,
                             tracker, compute=lambda step: {"compute/flops": plan.train_flops_per_step * step,

@@ -3,6 +3,8 @@ closed and labelled here once Tune is done with it."""
 
 from __future__ import annotations
 
+import re
+
 from orchestrator.config.search_space import SearchSpace
 from orchestrator.config.tree import Config
 from orchestrator.tune.planning import MODE
@@ -12,13 +14,14 @@ TRIAL_TAG = "mixer.tune_trial_id"
 STATUS_TAG = "mixer.tune_status"
 
 
-def open_parent_run(base: Config, tracking_uri: str | None, name: str, run_id: str | None):
+def open_parent_run(base: Config, tracking_uri: str | None, name: str, run_id: str | None,
+                    tags: dict | None = None):
     if not tracking_uri:
         return None
     from orchestrator.tracking.tracker import RunTracker
 
     parent = RunTracker(tracking_uri, base.tracking.experiment, name, run_id=run_id,
-                        tags={SEARCH_TAG: name, "mixer.kind": "tune"})
+                        tags={SEARCH_TAG: name, "mixer.kind": "tune", **(tags or {})})
     parent.start()
     return parent
 
@@ -38,6 +41,8 @@ def log_parent_setup(parent, setup: dict, space: SearchSpace, args) -> None:
         "base.model": setup["base_config"]["model"]["name"],
     }
     params.update({f"space.{k}": p.describe() for k, p in space.params.items()})
+    params.update({"space.point." + re.sub(r"[^\w\-. /]", "_", label): " ".join(f"{k}={v}" for k, v in values.items())
+                   for label, values in space.points.items()})  # MLflow's key charset: C48-d2@0.1 -> C48-d2_0.1
     parent.log_params(params)
     parent.log_dict(space.to_dict(), "search/space.yaml")
     parent.log_dict(setup["base_config"], "search/base_config.yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.load import load_config
-from orchestrator.config.search_space import SearchSpace, apply, resolved_values
+from orchestrator.config.search_space import POINT_KEY, SearchSpace, apply, resolved_values
 from orchestrator.config.tree import Config, ConfigError
 from orchestrator.tune.mlflow_runs import close_child_runs
 from orchestrator.tune.planning import REPORTED, num_reports, objective, trial_plan
@@ -33,14 +33,14 @@ def trial_rows(trials: list, setup: dict, space: SearchSpace, base: Config, data
     """One row per trial: status, whether ASHA stopped it, its sampled and resolved values, its metrics."""
     rows = []
     for trial in trials:
-        cfg_values = {k: v for k, v in trial.config.items() if k in space.params}
+        cfg_values = {k: v for k, v in trial.config.items() if k in space.tune_keys()}
         status = "UNFINISHED" if trial.status in UNFINISHED_STATUSES else trial.status
         row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status,
                                "run_name": trial_run_name(setup["name"], trial.trial_id),
                                "num_failures": trial.num_failures, "params": cfg_values}
         try:
             cfg = apply(base, cfg_values, space)
-            row["resolved"] = resolved_values(cfg, space.params)
+            row["resolved"] = resolved_values(cfg, space.value_keys())
             plan = trial_plan(cfg, data)
             row["expected_reports"] = num_reports(plan)
             row["train_flops_per_step"] = plan.train_flops_per_step
@@ -120,9 +120,10 @@ def finish_search(trials: list, setup, space, base, data, parent, best_path, sto
     print(f"\n=== search {setup['name']} ===   trials compared on {metric}{reported}")
     interrupted = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")] or (
         [{"trial_id": "(not yet generated)"}] if not_all_generated else [])
-    keys = list(space.params)
+    keys = space.value_keys()
     for r in rows:
-        vals = " ".join(f"{k.split('.')[-1]}={r['resolved'].get(k, r['params'].get(k))}" for k in keys)
+        vals = (f"{r['params'][POINT_KEY]}: " if POINT_KEY in r["params"] else "") + " ".join(
+            f"{k.split('.')[-1]}={r['resolved'].get(k, r['params'].get(k))}" for k in keys)
         note = ("stopped early by ASHA" if r["stopped_early"] else
                 f"error: {r.get('error')}" if r["status"] == "ERROR" else r["status"].lower())
         top1 = f"{r[metric]:.4f}" if metric in r else "  -   "
@@ -139,7 +140,8 @@ def finish_search(trials: list, setup, space, base, data, parent, best_path, sto
         print(f"\nbest trial     {best['trial_id']}  {metric} {best[metric]:.4f} (selected on)"
               + (f", {REPORTED} {best[REPORTED]:.4f} (reported)" if reported and REPORTED in best else ""))
         for k, v in best["resolved"].items():
-            print(f"  {k:28s} {v}" + (f"   (sampled {best['params'][k]} x C)" if space.params[k].ratio_of_c else ""))
+            ratio = k in space.params and space.params[k].ratio_of_c
+            print(f"  {k:28s} {v}" + (f"   (sampled {best['params'][k]} x C)" if ratio else ""))
         print(f"best config    {best_file}")
         print(f"train it       python -m orchestrator.pretrain --config {best_file}")
     n_early = sum(r["stopped_early"] for r in rows)
@@ -149,9 +151,9 @@ def finish_search(trials: list, setup, space, base, data, parent, best_path, sto
     if parent:
         _close_parent(parent, rows, best, best_file, n_early, n_err, len(interrupted), base, setup)
     if interrupted:
-        print(f"\nsearch interrupted with {len(interrupted)} trial(s) unfinished; continue it with:\n"
-              f"  python -m orchestrator.tune --resume --name {setup['name']}"
-              + (f" --space {space.name}" if space.name != "digits" else ""))
+        resume = setup.get("resume_command") or (f"python -m orchestrator.tune --resume --name {setup['name']}"
+                                                 + (f" --space {space.name}" if space.name != "digits" else ""))
+        print(f"\nsearch interrupted with {len(interrupted)} trial(s) unfinished; continue it with:\n  {resume}")
         return EXIT_INTERRUPTED
     return 0 if best is not None else 1
 

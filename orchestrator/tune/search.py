@@ -6,14 +6,8 @@ from __future__ import annotations
 import argparse
 
 from orchestrator.config.load import load_config
-from orchestrator.config.search_space import (
-    PLAN_KEYS,
-    RESOURCE_KEYS,
-    candidate_configs,
-    load_space,
-    parse_space,
-    validate_space,
-)
+from orchestrator.config.search_space import SearchSpace, load_space, parse_space
+from orchestrator.config.space_checks import PLAN_KEYS, RESOURCE_KEYS, candidate_configs, validate_space
 from orchestrator.config.tree import ConfigError, config_from_dict, parse_override
 from orchestrator.train.plan import worker_group_resources
 from orchestrator.tune.mlflow_runs import log_parent_setup, open_parent_run
@@ -33,10 +27,17 @@ from orchestrator.tune.trial import trainable, trial_dirname
 from pipelines.cli import say
 
 
-def run_search(args: argparse.Namespace) -> int:
+def run_search(args: argparse.Namespace, space: SearchSpace | None = None, *, kind: str = "tune",
+               parent_tags: dict | None = None, parent_files: dict[str, dict] | None = None,
+               resume_command: str | None = None) -> int:
+    """Run (or --resume) the search of `space` (default: the --space preset or file).
+
+    orchestrator.study runs its grids through here as `kind` "study", with its own name (args.name), tags and
+    files for the parent run (`parent_tags`, `parent_files`: artifact path -> dict), and its resume command.
+    """
     from orchestrator.train import launch
 
-    space = load_space(args.space)
+    space = space or load_space(args.space)
     overrides = dict(space.overrides)
     for item in args.overrides:
         key, value = parse_override(item)
@@ -48,6 +49,7 @@ def run_search(args: argparse.Namespace) -> int:
         space.to_tune(args.search)  # grid search over a range fails here, naming the key
     store = store_for(base)
     name = pick_name(store, f"tune-{space.name}", args.resume, args.name)
+    tag = f"[{kind}]"
     saved = store.read_sidecar(name) if args.resume else None
     if args.resume:
         if saved is None:
@@ -58,7 +60,7 @@ def run_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume: {store.experiment_url(name)} holds no Tune experiment state to resume "
                               "(the search stopped before Tune saved any); start it again without --resume")
         if args.config or args.overrides:
-            say("[tune] --resume uses the search's saved config and space; --config and overrides are ignored")
+            say(f"{tag} --resume uses the search's saved config and space; --config and overrides are ignored")
         space = parse_space(saved["space"], name=saved["space_name"])
         base = config_from_dict(saved["base_config"])
         search, scheduler_name = saved["search"], saved["scheduler"]
@@ -69,16 +71,19 @@ def run_search(args: argparse.Namespace) -> int:
         checked = validate_space(space, base)
     param_space = space.to_tune(search)  # grid search over a range fails here, naming the key
     num_samples = (saved or {}).get("num_samples") or args.num_samples or space.num_samples or 1
-    say(f"[tune] search {name}: space {space.name} ({len(space.params)} keys, {checked} model/plan combinations "
-        f"checked), search {search}, scheduler {scheduler_name}, trials compared on {objective(base)}")
+    say(f"{tag} search {name}: space {space.name} ({len(space.params)} keys, {len(space.points)} points, {checked} "
+        f"model/plan combinations checked), search {search}, scheduler {scheduler_name}, trials compared on "
+        f"{objective(base)}")
     for key, p in space.params.items():
         say(f"  {key:28s} {p.describe()}")
+    for label, values in space.points.items():
+        say(f"  point {label:22s} " + " ".join(f"{k}={v}" for k, v in values.items()))
 
     # Everything below touches data and tracking; still nothing on Ray.
     data, _ = launch.resolve_run(base, allow_unreachable=args.dry_run)
     max_t = max(num_reports(trial_plan(c, data)) for c in candidate_configs(space, base, PLAN_KEYS))
     num_trials = expected_trials(space, search, num_samples)
-    say(f"[tune] {num_trials} trial(s); each reports {max_t} time(s) (ASHA max_t); base config "
+    say(f"{tag} {num_trials} trial(s); each reports {max_t} time(s) (ASHA max_t); base config "
         f"{base.model.name}, {base.scaling.num_workers} worker(s) per trial")
     if args.dry_run:
         print("# base config\n" + base.to_yaml())
@@ -91,10 +96,11 @@ def run_search(args: argparse.Namespace) -> int:
     launch.check_capacity(biggest)
     fits, need = derive_concurrency(resource_cfgs)
     max_concurrent = args.max_concurrent or (saved or {}).get("max_concurrent") or fits
-    say(f"[tune] a trial needs {need}; {max_concurrent or 'unlimited'} trial(s) at once"
+    say(f"{tag} a trial needs {need}; {max_concurrent or 'unlimited'} trial(s) at once"
         + ("" if args.max_concurrent else " (derived from the cluster)"))
 
-    parent = open_parent_run(base, tracking_uri, name, (saved or {}).get("parent_run_id"))
+    parent = open_parent_run(base, tracking_uri, name, (saved or {}).get("parent_run_id"),
+                             tags={"mixer.kind": kind, **(parent_tags or {})})
     setup = {
         "name": name,
         "space_name": space.name,
@@ -109,16 +115,19 @@ def run_search(args: argparse.Namespace) -> int:
         "parent_run_id": parent.run_id if parent else None,
         "metric": (saved or {}).get("metric") or objective(base),  # what trials are compared on
         "train_storage": f"{store.experiment_url(name)}/train_runs",
+        "resume_command": (saved or {}).get("resume_command") or resume_command,
     }
     if parent and not args.resume:
         log_parent_setup(parent, setup, space, args)
+        for path, content in (parent_files or {}).items():
+            parent.log_dict(content, path)
     store.write_sidecar(name, setup)
 
     from ray import tune
 
     experiment = store.tune_experiment_path(name)
     if args.resume:
-        say(f"[tune] resuming {store.experiment_url(name)}")
+        say(f"{tag} resuming {store.experiment_url(name)}")
         tuner = tune.Tuner.restore(experiment, trainable(setup), resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=store.tune_filesystem)
     else:

@@ -41,6 +41,7 @@ def run_trial(params: dict, setup: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup, params, trial_id)
+    space = parse_space(setup["space"], name=setup["space_name"])
     data, plan = launch.resolve_run(cfg)
     model_cfg = plan.model_cfg
     tracking_uri = setup["tracking_uri"]
@@ -49,8 +50,7 @@ def run_trial(params: dict, setup: dict) -> None:
         run.set_tags({SEARCH_TAG: setup["name"], TRIAL_TAG: trial_id, STATUS_TAG: "running"})
         # The searched values, resolved (D_S/D_C as integers) and as sampled, logged on every attempt: open_run
         # logs the full config only for a new MLflow run, and an attempt may have died before it did.
-        space_keys = [k for k in params if k in setup["space"]["params"]]
-        run.log_params({**resolved_values(cfg, space_keys), **{f"tune.{k}": v for k, v in params.items()}})
+        run.log_params({**resolved_values(cfg, space.value_keys()), **{f"tune.{k}": v for k, v in params.items()}})
     job = launch.Job(
         dataset_url=data.url, num_classes=data.num_classes, train_samples=data.train_samples,
         mlflow_run_id=run.run_id if run else None, tracking_uri=tracking_uri,

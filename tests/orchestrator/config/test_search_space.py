@@ -12,8 +12,8 @@ from orchestrator.config.search_space import (
     load_space,
     parse_space,
     resolved_values,
-    validate_space,
 )
+from orchestrator.config.space_checks import validate_space
 
 
 def _digits():
@@ -185,6 +185,58 @@ def test_invalid_values_and_combinations_name_the_key(params, names):
         validate_space(space, _digits())
     for name in names:
         assert name in str(e.value), str(e.value)
+
+
+def test_points_are_one_grid_axis_of_labelled_values_taken_together():
+    """`points:` (what orchestrator.study builds its grids from): each a label and values set together, crossed
+    with the grids, validated per point and in combination, expanded when a trial's config is made."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator.config.search_space import POINT_KEY
+    from orchestrator.config.space_checks import PLAN_KEYS, candidate_configs
+
+    space = parse_space({
+        "points": {"small": {"model.hidden_dim": 32, "model.depth": 2, "schedule.epochs": 3},
+                   "large": {"model.hidden_dim": 64, "model.depth": 4, "schedule.epochs": 6}},
+        "params": {"model.tokens_mlp_dim": {"grid": [8, 16]}},
+    }, name="ladder")
+    assert space.grid_size("grid") == 4 and space.tune_keys() == ["model.tokens_mlp_dim", POINT_KEY]
+    assert space.value_keys() == ["model.tokens_mlp_dim", "model.hidden_dim", "model.depth", "schedule.epochs"]
+    variants = [spec for _, spec in generate_variants(space.to_tune("grid"))]
+    assert sorted((v[POINT_KEY], v["model.tokens_mlp_dim"]) for v in variants) == [
+        ("large", 8), ("large", 16), ("small", 8), ("small", 16)]
+    cfg = apply(_digits(), {POINT_KEY: "large", "model.tokens_mlp_dim": 16}, space)
+    assert (cfg.model.hidden_dim, cfg.model.depth, cfg.schedule.epochs, cfg.model.tokens_mlp_dim) == (64, 4, 6, 16)
+    assert resolved_values(cfg, space.value_keys())["model.depth"] == 4
+    assert validate_space(space, _digits()) == 4  # every (point, D_S) combination built
+    assert sorted(c.schedule.epochs for c in candidate_configs(space, _digits(), PLAN_KEYS)) == [3, 6]
+    again = parse_space(space.to_dict(), name="ladder")  # what --resume reads back
+    assert again.points == space.points and again.params == space.params
+    with pytest.raises(SpaceError, match="'huge'.*small, large"):
+        apply(_digits(), {POINT_KEY: "huge"}, space)
+
+
+@pytest.mark.parametrize(
+    "tree, names",
+    [
+        ({"points": {"a": {"model.hidden_dimm": 3}}}, ["points.a.model.hidden_dimm", "hidden_dim"]),
+        ({"points": {"a": {"run.name": "x"}}}, ["'a'", "run.name"]),
+        ({"points": {"a": 3}}, ["'a'", "mapping"]),
+        ({"points": []}, ["points=[]"]),
+        ({"points": {"a": {"optim.lr": 0.1}}, "overrides": {"optim.lr": 0.2}}, ["optim.lr", "'a'", "fixed"]),
+    ],
+)
+def test_bad_points_name_the_point_and_key(tree, names):
+    with pytest.raises(SpaceError) as e:
+        parse_space(tree)
+    for name in names:
+        assert name in str(e.value), str(e.value)
+
+
+def test_a_point_no_model_can_be_built_for_is_named():
+    space = parse_space({"points": {"odd": {"model.img_size": 12, "model.patch_size": 8}}})
+    with pytest.raises(SpaceError, match="point 'odd'.*model.img_size=12"):
+        validate_space(space, _digits())
 
 
 def test_the_minival_fraction_cannot_be_searched():
