@@ -10,7 +10,9 @@ From that it counts what elastic, preemptible training costs, which no single wo
 - preemptions: restarts the run announced (a drain's notice or a SIGTERM, checkpointed first), not failures.
 
 It also carries the driver's SIGTERM to the workers (train/sigterm.py): `request_stop` sets a flag that the
-reply to rank 0's next `step_done` returns.
+reply to rank 0's next `step_done` returns. Such a stop ends the submission, not the run: `stop_for_resubmission`
+counts it as a preemption restart, the driver logs the totals, and the next submission of the run starts its
+ledger from them (`carried_totals`), so goodput/* covers every submission.
 
 Productive step time over held time (goodput) is the ComputeClock's (orchestrator/train/compute.py); these
 counts complete it. The driver reads the summary for the end summary and MLflow; rank 0 logs it after each
@@ -42,6 +44,7 @@ class Ledger:
     recovery_s: float = 0.0
     preemptions: int = 0
     stop_requested: bool = False
+    earlier_world_sizes: str = ""  # earlier submissions of this run (SIGTERM to the driver, then resubmitted)
     _announced: str | None = None  # a preemption rank 0 announced: the next group start is its restart
     _recovering_since: float | None = None
 
@@ -78,7 +81,16 @@ class Ledger:
         """The driver got SIGTERM: the workers checkpoint at their next step boundary and end."""
         self.stop_requested = True
 
+    def stop_for_resubmission(self) -> dict[str, Any]:
+        """The driver's SIGTERM stopped the run after its checkpoint: the next submission resumes from it, a restart
+        that the run announced (a preemption, not a failure). The summary the driver logs before it exits."""
+        self.restarts += 1
+        self.preemptions += 1
+        self._announced = None
+        return self.summary()
+
     def summary(self) -> dict[str, Any]:
+        sizes = " -> ".join(map(str, self.world_sizes))
         return {
             "goodput/restarts": self.restarts,
             "goodput/resizes": self.resizes,
@@ -86,12 +98,25 @@ class Ledger:
             "goodput/steps_redone": self.steps_redone,
             "goodput/recovery_s": round(self.recovery_s, 3),
             "goodput/world_size": self.world_sizes[-1] if self.world_sizes else 0,
-            "world_sizes": " -> ".join(map(str, self.world_sizes)),
+            "world_sizes": " | ".join(filter(None, (self.earlier_world_sizes, sizes))),
         }
 
 
-def start_ledger():
-    """(name, handle) of a new ledger actor; hold the handle for as long as the run goes."""
+def carried_totals(logged: dict[str, Any]) -> dict[str, Any]:
+    """The Ledger fields a resubmitted run starts from: the goodput/* totals (and world_sizes) its earlier
+    submissions logged, keys of :meth:`Ledger.summary` (absent keys count 0)."""
+    return {
+        "restarts": int(logged.get("goodput/restarts", 0)), "resizes": int(logged.get("goodput/resizes", 0)),
+        "preemptions": int(logged.get("goodput/preemptions", 0)),
+        "steps_redone": int(logged.get("goodput/steps_redone", 0)),
+        "recovery_s": float(logged.get("goodput/recovery_s", 0.0)),
+        "earlier_world_sizes": str(logged.get("world_sizes", "")),
+    }
+
+
+def start_ledger(logged: dict[str, Any] | None = None):
+    """(name, handle) of a new ledger actor; hold the handle for as long as the run goes. `logged`: the goodput/*
+    totals (and world_sizes) earlier submissions of this run logged, counted on from (:func:`carried_totals`)."""
     import ray
 
     from orchestrator.tracking.relay import on_this_node
@@ -100,7 +125,7 @@ def start_ledger():
     # num_cpus=0: the workers get every CPU; max_restarts=0: a restarted ledger would have forgotten the run;
     # on the driver's node: a lost worker node must not take the ledger with it
     handle = ray.remote(Ledger).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
-                                        scheduling_strategy=on_this_node()).remote()
+                                        scheduling_strategy=on_this_node()).remote(**carried_totals(logged or {}))
     return name, handle
 
 

@@ -3,7 +3,7 @@ class; the end-to-end elastic test drives it through Ray)."""
 
 from __future__ import annotations
 
-from orchestrator.train.progress import Ledger
+from orchestrator.train.progress import Ledger, carried_totals
 from orchestrator.train.startup import describe, phases
 
 
@@ -51,3 +51,30 @@ def test_a_restart_before_the_first_checkpoint_is_a_restart():
     ledger.step_done(1, when=20.0)
     s = ledger.summary()
     assert s["goodput/restarts"] == 1 and s["goodput/steps_redone"] == 6 and s["goodput/recovery_s"] == 14.0
+
+
+def test_a_driver_sigterm_is_a_preemption_counted_across_submissions():
+    """SIGTERM to the driver: the run stops after its checkpoint and the next submission resumes it. The stop is a
+    preemption restart in what the first driver logs, and the second driver's ledger counts on from those totals."""
+    first = Ledger()
+    first.begin(0, 2)
+    for step in range(1, 9):
+        first.step_done(step, when=float(step))
+    first.begin(6, 2)  # a failure on the way: one restart, two steps redone
+    first.step_done(7, when=20.0)
+    first.preempted(7, "SIGTERM")
+    first.request_stop()
+    assert first.step_done(8, when=21.0) is True  # the stop reaches rank 0
+    logged = first.stop_for_resubmission()
+    assert logged["goodput/restarts"] == 2 and logged["goodput/preemptions"] == 1
+    assert logged["world_sizes"] == "2 -> 2"
+
+    second = Ledger(**carried_totals(logged))
+    assert second.begin(8, 3) is False  # this submission's first group: the restart was counted by the stop
+    second.step_done(9, when=30.0)
+    s = second.summary()
+    assert (s["goodput/restarts"], s["goodput/preemptions"], s["goodput/steps_redone"]) == (2, 1, 2)
+    assert s["goodput/recovery_s"] == logged["goodput/recovery_s"] == 12.0
+    assert s["world_sizes"] == "2 -> 2 | 3" and s["goodput/world_size"] == 3
+    assert carried_totals({}) == {"restarts": 0, "resizes": 0, "preemptions": 0, "steps_redone": 0,
+                                  "recovery_s": 0.0, "earlier_world_sizes": ""}
