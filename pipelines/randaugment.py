@@ -1,5 +1,7 @@
-"""RandAugment exactly as the MLP-Mixer paper ran it: big_vision's ``pp/autoaugment.py`` (a fork of
-tensorflow/tpu's EfficientNet autoaugment), batched over images on any torch device.
+"""RandAugment as the MLP-Mixer paper ran it: big_vision's ``pp/autoaugment.py`` (a fork of
+tensorflow/tpu's EfficientNet autoaugment), batched over images on any torch device. Every op
+gives that code's pixels (tests/pipelines/bigvision_reference.py transliterates it) except Sharpness, whose
+smoothing takes the exact quotient where TF's float32 filter is one level lower on a few pixels (:func:`sharpness`).
 
 Per image and per layer, one of 16 ops is drawn uniformly and always applied (no probability gate) at the
 fixed magnitude; signed ops negate their argument with probability 1/2. The random draws are made up front
