@@ -1,8 +1,8 @@
 """A run whose newest checkpoint is damaged resumes from the newest complete earlier one.
 
-- unit: the load error says "damaged or truncated" for a truncated state.pt and "cannot be loaded safely" only for
-  pickled code; run_checkpoints lists a LocalSession run newest first with the steps from the names; a Ray
-  Train worker tries checkpoints newer than the one Ray hands over first (their reports dropped by a restart);
+- unit: a Ray Train worker tries checkpoints newer than the one Ray hands over first (their reports dropped by a
+  restart); how orchestrator.checkpoint itself names a damaged or unsafe state.pt and lists a run's checkpoints
+  is tested in tests/orchestrator/checkpoint/test_format.py;
 - the loop (LocalSession, no Ray): a truncated newest checkpoint is named with what failed, the run resumes from
   the earlier one with a warning giving the steps done again, and finishes; with every checkpoint damaged it
   fails with that message;
@@ -27,9 +27,7 @@ from orchestrator.checkpoint.format import (
     load_checkpoint,
     save_checkpoint,
 )
-from orchestrator.checkpoint.runs import run_checkpoints
 from orchestrator.train.checkpoints import LocalCheckpointStore, load_newest_complete
-from pipelines.storage import get_fs
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -47,32 +45,6 @@ def _store_with_steps(root: Path, steps: list[int]) -> LocalCheckpointStore:
         save_checkpoint(staged, {"step": step, "model": {"w": torch.full((2,), float(step))}})
         store.commit(staged, step)
     return store
-
-
-def test_truncated_state_is_called_damaged_and_pickled_code_unsafe(tmp_path):
-    store = _store_with_steps(tmp_path / "run", [4])
-    ckpt = tmp_path / "run" / "checkpoint_00000004"
-    _truncate(ckpt)
-    with pytest.raises(DamagedCheckpointError) as damaged:
-        load_checkpoint(ckpt)
-    assert "damaged or truncated" in str(damaged.value) and str(ckpt / STATE_FILE) in str(damaged.value)
-    assert "weights_only" not in str(damaged.value)
-
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    torch.save({"format_version": 1, "x": Path("/")}, evil / STATE_FILE)  # an object weights_only refuses
-    with pytest.raises(ValueError) as unsafe:
-        load_checkpoint(evil)
-    assert "cannot be loaded safely" in str(unsafe.value) and not isinstance(unsafe.value, DamagedCheckpointError)
-    assert store.candidates()[0].name == "checkpoint_00000004"
-
-
-def test_run_checkpoints_lists_newest_first_with_steps(tmp_path):
-    _store_with_steps(tmp_path / "run", [3, 6, 9])
-    (tmp_path / "run" / "checkpoint_00000012").mkdir()  # being written: no state.pt yet, never offered
-    fs, path = get_fs(str(tmp_path / "run"))
-    assert run_checkpoints(fs, path) == [("checkpoint_00000009", 9), ("checkpoint_00000006", 6),
-                                         ("checkpoint_00000003", 3)]
 
 
 def test_newest_damaged_falls_back_with_a_warning(tmp_path):
