@@ -300,7 +300,7 @@ def test_observers_send_kept_samples_log_the_profile_once_and_stop(digits, tmp_p
     artifacts.clear()
     cfg.observe.profile_steps = [0, 10]
     stopped = build_observers(cfg, session, digits.job, "run-x", torch.device("cpu"), tracker, lambda: 1)
-    with pytest.raises(RuntimeError), stopped:
+    with pytest.raises(RuntimeError, match="the loop failed inside the window"), stopped:
         stopped.before_step(0)
         raise RuntimeError("the loop failed inside the window")
     assert len(artifacts) == 2 and not stopped.sampler._thread  # written, logged, stopped all the same
