@@ -9,37 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import store_with_steps, truncate
 
 from orchestrator.checkpoint.format import (
     STATE_FILE,
     DamagedCheckpointError,
     load_checkpoint,
-    save_checkpoint,
 )
 from orchestrator.checkpoint.runs import run_checkpoints
-from orchestrator.train.checkpoints import LocalCheckpointStore
 from pipelines.storage import get_fs
 
 
-def _truncate(checkpoint_dir: Path) -> None:
-    state = checkpoint_dir / STATE_FILE
-    data = state.read_bytes()
-    state.write_bytes(data[: len(data) // 2])
-
-
-def _store_with_steps(root: Path, steps: list[int]) -> LocalCheckpointStore:
-    store = LocalCheckpointStore(root, num_to_keep=len(steps))
-    for step in steps:
-        staged = root.parent / f"staged_{step}"
-        save_checkpoint(staged, {"step": step, "model": {"w": torch.full((2,), float(step))}})
-        store.commit(staged, step)
-    return store
-
-
 def test_truncated_state_is_called_damaged_and_pickled_code_unsafe(tmp_path):
-    store = _store_with_steps(tmp_path / "run", [4])
+    store = store_with_steps(tmp_path / "run", [4])
     ckpt = tmp_path / "run" / "checkpoint_00000004"
-    _truncate(ckpt)
+    truncate(ckpt)
     with pytest.raises(DamagedCheckpointError) as damaged:
         load_checkpoint(ckpt)
     assert "damaged or truncated" in str(damaged.value) and str(ckpt / STATE_FILE) in str(damaged.value)
@@ -55,7 +39,7 @@ def test_truncated_state_is_called_damaged_and_pickled_code_unsafe(tmp_path):
 
 
 def test_run_checkpoints_lists_newest_first_with_steps(tmp_path):
-    _store_with_steps(tmp_path / "run", [3, 6, 9])
+    store_with_steps(tmp_path / "run", [3, 6, 9])
     (tmp_path / "run" / "checkpoint_00000012").mkdir()  # being written: no state.pt yet, never offered
     fs, path = get_fs(str(tmp_path / "run"))
     assert run_checkpoints(fs, path) == [("checkpoint_00000009", 9), ("checkpoint_00000006", 6),
