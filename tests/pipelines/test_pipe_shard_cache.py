@@ -134,11 +134,16 @@ def test_full_cache_evicts_least_recently_used(s3_digits, tmp_path):
     def read(s):
         with src.open(s.url, size=s.size) as f:
             f.read()
-        time.sleep(0.02)  # distinct mtimes
+
+    def used_ago(s, seconds):  # distinct mtimes without waiting for the clock to move
+        t = time.time() - seconds
+        os.utime(tmp_path / "cache" / entry_name(s.url, src.opts), (t, t))
 
     read(a)
+    used_ago(a, 20)
     read(b)
-    read(a)  # a is now more recent than b
+    used_ago(b, 10)
+    read(a)  # a hit touches its mtime: a is now more recent than b
     read(c)  # over the bound: b, the least recently used, goes
     names = set(os.listdir(tmp_path / "cache"))
     assert entry_name(b.url, src.opts) not in names

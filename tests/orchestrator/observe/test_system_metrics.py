@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+from waiting import wait_until
 
 from orchestrator.observe import system_metrics
 from orchestrator.observe.system_metrics import SystemMetricsSampler, node_prefix
@@ -144,9 +145,7 @@ def test_the_thread_sends_samples_with_the_current_step_and_stop_sends_a_last_on
     sampler.start()
     sampler.start()  # idempotent: still one thread
     assert sum(t.name == "system-metrics-node2" for t in threading.enumerate()) == 1
-    deadline = time.monotonic() + 10
-    while len(received) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(received) >= 3, 10, lambda: f"3 samples sent (got {len(received)})", interval=0.01)
     step[0] = 42
     sampler.stop()
     assert len(received) >= 3
@@ -176,9 +175,7 @@ def test_a_failing_sink_does_not_end_the_thread_and_warns_once(caplog):
     sampler = _sampler(sink=broken, interval_s=0.02)
     with caplog.at_level(logging.WARNING, logger=system_metrics.__name__):
         sampler.start()
-        deadline = time.monotonic() + 10
-        while len(calls) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(calls) >= 3, 10, lambda: f"3 sink calls (got {len(calls)})", interval=0.01)
         sampler.stop()
     assert len(calls) >= 3
     warnings = [r for r in caplog.records if "not sent" in r.getMessage()]
@@ -186,10 +183,15 @@ def test_a_failing_sink_does_not_end_the_thread_and_warns_once(caplog):
 
 
 def test_without_a_sink_samples_are_kept_for_the_loop():
-    step = [5]
-    sampler = _sampler(sink=None, step=lambda: step[0], interval_s=0.02)
+    step, calls = [5], [0]
+
+    def current_step():  # read once per sample
+        calls[0] += 1
+        return step[0]
+
+    sampler = _sampler(sink=None, step=current_step, interval_s=0.02)
     sampler.start()
-    time.sleep(0.3)  # ~15 intervals
+    wait_until(lambda: calls[0] >= 3, 10, lambda: f"3 samples taken (got {calls[0]})", interval=0.01)
     step[0] = 9
     sampler.stop()
     taken = sampler.take_samples()

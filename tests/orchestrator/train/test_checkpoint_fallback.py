@@ -1,8 +1,8 @@
 """A run whose newest checkpoint is damaged resumes from the newest complete earlier one.
 
-- unit: the load error says "damaged or truncated" for a truncated state.pt and "cannot be loaded safely" only for
-  pickled code; run_checkpoints lists a LocalSession run newest first with the steps from the names; a Ray
-  Train worker tries checkpoints newer than the one Ray hands over first (their reports dropped by a restart);
+- unit: a Ray Train worker tries checkpoints newer than the one Ray hands over first (their reports dropped by a
+  restart); how orchestrator.checkpoint itself names a damaged or unsafe state.pt and lists a run's checkpoints
+  is tested in tests/orchestrator/checkpoint/test_format.py;
 - the loop (LocalSession, no Ray): a truncated newest checkpoint is named with what failed, the run resumes from
   the earlier one with a warning giving the steps done again, and finishes; with every checkpoint damaged it
   fails with that message;
@@ -20,64 +20,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import store_with_steps, truncate
 
 from orchestrator.checkpoint.format import (
-    STATE_FILE,
     DamagedCheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from orchestrator.checkpoint.runs import run_checkpoints
 from orchestrator.train.checkpoints import LocalCheckpointStore, load_newest_complete
-from pipelines.storage import get_fs
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _truncate(checkpoint_dir: Path) -> None:
-    state = checkpoint_dir / STATE_FILE
-    data = state.read_bytes()
-    state.write_bytes(data[: len(data) // 2])
-
-
-def _store_with_steps(root: Path, steps: list[int]) -> LocalCheckpointStore:
-    store = LocalCheckpointStore(root, num_to_keep=len(steps))
-    for step in steps:
-        staged = root.parent / f"staged_{step}"
-        save_checkpoint(staged, {"step": step, "model": {"w": torch.full((2,), float(step))}})
-        store.commit(staged, step)
-    return store
-
-
-def test_truncated_state_is_called_damaged_and_pickled_code_unsafe(tmp_path):
-    store = _store_with_steps(tmp_path / "run", [4])
-    ckpt = tmp_path / "run" / "checkpoint_00000004"
-    _truncate(ckpt)
-    with pytest.raises(DamagedCheckpointError) as damaged:
-        load_checkpoint(ckpt)
-    assert "damaged or truncated" in str(damaged.value) and str(ckpt / STATE_FILE) in str(damaged.value)
-    assert "weights_only" not in str(damaged.value)
-
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    torch.save({"format_version": 1, "x": Path("/")}, evil / STATE_FILE)  # an object weights_only refuses
-    with pytest.raises(ValueError) as unsafe:
-        load_checkpoint(evil)
-    assert "cannot be loaded safely" in str(unsafe.value) and not isinstance(unsafe.value, DamagedCheckpointError)
-    assert store.candidates()[0].name == "checkpoint_00000004"
-
-
-def test_run_checkpoints_lists_newest_first_with_steps(tmp_path):
-    _store_with_steps(tmp_path / "run", [3, 6, 9])
-    (tmp_path / "run" / "checkpoint_00000012").mkdir()  # being written: no state.pt yet, never offered
-    fs, path = get_fs(str(tmp_path / "run"))
-    assert run_checkpoints(fs, path) == [("checkpoint_00000009", 9), ("checkpoint_00000006", 6),
-                                         ("checkpoint_00000003", 3)]
 
 
 def test_newest_damaged_falls_back_with_a_warning(tmp_path):
-    store = _store_with_steps(tmp_path / "run", [3, 6, 9])
-    _truncate(tmp_path / "run" / "checkpoint_00000009")
+    store = store_with_steps(tmp_path / "run", [3, 6, 9])
+    truncate(tmp_path / "run" / "checkpoint_00000009")
     warnings: list[str] = []
     state, source = load_newest_complete(store.candidates(), warn=warnings.append)
     assert source.name == "checkpoint_00000006" and state["step"] == 6
@@ -86,9 +45,9 @@ def test_newest_damaged_falls_back_with_a_warning(tmp_path):
 
 
 def test_none_loads_fails_naming_each(tmp_path):
-    store = _store_with_steps(tmp_path / "run", [3, 6])
+    store = store_with_steps(tmp_path / "run", [3, 6])
     for name in ("checkpoint_00000003", "checkpoint_00000006"):
-        _truncate(tmp_path / "run" / name)
+        truncate(tmp_path / "run" / name)
     with pytest.raises(DamagedCheckpointError) as err:
         load_newest_complete(store.candidates(), warn=lambda m: None)
     message = str(err.value)
@@ -123,7 +82,7 @@ def test_ray_session_tries_checkpoints_newer_than_the_one_ray_hands_over_first(t
     assert [c.name for c in session.restore_candidates()] == [names[4], names[3], names[2], names[1]]
     state, source = load_newest_complete(session.restore_candidates(), warn=lambda m: None)
     assert source.name == names[4] and state["step"] == 4
-    _truncate(run / names[4])  # its upload was cut off by the failure
+    truncate(run / names[4])  # its upload was cut off by the failure
     warnings: list[str] = []
     state, source = load_newest_complete(session.restore_candidates(), warn=warnings.append)
     assert source.name == names[3] and state["step"] == 3 and names[4] in warnings[0]
@@ -147,7 +106,7 @@ def test_loop_resumes_from_the_earlier_checkpoint(tmp_path, monkeypatch, capsys)
     first = run_training(cfg, LocalSession(str(run_dir), num_to_keep=3, device="cpu"), job)
     names = sorted(p.name for p in run_dir.glob("checkpoint_*"))
     assert len(names) >= 2
-    _truncate(run_dir / names[-1])
+    truncate(run_dir / names[-1])
     capsys.readouterr()
 
     again = run_training(cfg, LocalSession(str(run_dir), num_to_keep=3, device="cpu"), job)
@@ -181,7 +140,7 @@ def test_pretrain_resumes_past_a_truncated_newest_checkpoint(tmp_path):
     run_dir = home / "runs" / "trunc"
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # Ray: checkpoint_<date>
     assert len(checkpoints) >= 2
-    _truncate(checkpoints[-1])
+    truncate(checkpoints[-1])
 
     second = pretrain()
     assert checkpoints[-1].name in second and "damaged or truncated" in second
@@ -228,10 +187,10 @@ def test_every_rank_restores_the_checkpoint_rank_0_chose(tmp_path, damaged_newes
     import torch.multiprocessing as mp
 
     run = tmp_path / "run"
-    _store_with_steps(run, [4])
+    store_with_steps(run, [4])
     save_checkpoint(tmp_path / "staged_8", {"step": 8, "model": {"w": torch.full((2,), 8.0)}})
     if damaged_newest:
-        _truncate(tmp_path / "staged_8")
+        truncate(tmp_path / "staged_8")
     out = str(tmp_path / "restored")
     mp.spawn(_agreeing_rank, args=(2, str(tmp_path / "store"), str(run), out), nprocs=2, join=True)
     want = ["checkpoint_00000004", 4] if damaged_newest else ["checkpoint_00000008", 8]

@@ -9,36 +9,7 @@ import json
 import pytest
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A small slice of the digits (one train shard, the short val shard: ~100 images), to evaluate three times."""
-    from orchestrator.config.tree import mixer_home
-    from pipelines.digits import ensure_digits_dataset
-    from pipelines.manifest import load_manifest, write_manifest
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXER_HOME", str(home))
-        full = load_manifest(ensure_digits_dataset(str(mixer_home() / "data" / "digits")))
-    full.splits = {"train": full.splits["train"][:1], "val": full.splits["val"][-1:]}  # absolute shard URLs
-    root = str(home / "slice")
-    (home / "slice").mkdir()
-    write_manifest(full, root)
-    return home, root
-
-
-class _Tracker:
-    def __init__(self):
-        self.metrics = []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((dict(metrics), step))
-
-    def __getattr__(self, name):  # log_params, flush, unlogged_summary, ...: nothing to keep
-        return lambda *args, **kwargs: None
-
-
-def test_every_set_is_evaluated_logged_and_reported(digits, tmp_path, monkeypatch):
+def test_every_set_is_evaluated_logged_and_reported(digits_slice, memory_tracker, tmp_path, monkeypatch):
     from orchestrator.config.load import load_config
     from orchestrator.eval.sets import sample_keys
     from orchestrator.train import setup
@@ -46,7 +17,7 @@ def test_every_set_is_evaluated_logged_and_reported(digits, tmp_path, monkeypatc
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession
 
-    home, url = digits
+    url = digits_slice
     # a ReaL file whose list for every image is its own label: the ReaL figures must equal the plain ones
     from pipelines.loader import ShardLoader
 
@@ -66,7 +37,7 @@ def test_every_set_is_evaluated_logged_and_reported(digits, tmp_path, monkeypatc
     job = Job(data.url, data.num_classes, data.train_samples, None, None, data.storage_options,
               eval_sets=data.eval_sets)
     session = LocalSession(str(tmp_path / "run"), device="cpu")
-    tracker = _Tracker()
+    tracker = memory_tracker()
     monkeypatch.setattr(setup, "start_tracker", lambda cfg, job, run_id: tracker)  # rank 0's tracker, in memory
     final = run_training(cfg, session, job)
     (logged,) = [m for m, step in tracker.metrics if "val/top1" in m and step == 2]

@@ -3,53 +3,25 @@ end and logs fewshot/<k>shot (the keys orchestrator/report reads); other ranks o
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from orchestrator.report.runs import FEWSHOT_PREFIX
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A slice of the digits: one train shard (256 images), the short val shard (~100)."""
-    from orchestrator.config.tree import mixer_home
-    from pipelines.digits import ensure_digits_dataset
-    from pipelines.manifest import load_manifest, write_manifest
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXER_HOME", str(home))
-        full = load_manifest(ensure_digits_dataset(str(mixer_home() / "data" / "digits")))
-    full.splits = {"train": full.splits["train"][:1], "val": full.splits["val"][-1:]}
-    (home / "slice").mkdir()
-    write_manifest(full, str(home / "slice"))
-    return str(home / "slice")
-
-
-class _Tracker:
-    def __init__(self):
-        self.metrics = []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((dict(metrics), step))
-
-    def __getattr__(self, name):  # log_params, flush, unlogged_summary, ...: nothing to keep
-        return lambda *args, **kwargs: None
-
-
-def test_probe_every_n_steps_and_at_the_end_logs_fewshot_keys(digits, tmp_path, monkeypatch):
+def test_probe_every_n_steps_and_at_the_end_logs_fewshot_keys(digits_slice, memory_tracker, tmp_path,
+                                                              monkeypatch):
     from orchestrator.config.load import load_config
     from orchestrator.train import setup
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession
 
-    tracker = _Tracker()
+    tracker = memory_tracker()
     monkeypatch.setattr(setup, "start_tracker", lambda cfg, job, run_id: tracker)  # rank 0's tracker, in memory
     cfg = load_config("digits", [
-        f"data.url={digits}", "scaling.num_workers=1", "data.loader_workers=0", "optim.global_batch_size=16",
-        "train.max_steps=3", "eval.every_steps=100", "schedule.warmup_steps=1", "data.minival_fraction=0",
-        "eval.fewshot_every_steps=2", "eval.fewshot_shots=[1, 5]",
+        f"data.url={digits_slice}", "scaling.num_workers=1", "data.loader_workers=0",
+        "optim.global_batch_size=16", "train.max_steps=3", "eval.every_steps=100", "schedule.warmup_steps=1",
+        "data.minival_fraction=0", "eval.fewshot_every_steps=2", "eval.fewshot_shots=[1, 5]",
     ])
     data = resolve_data(cfg)
     job = Job(data.url, data.num_classes, data.train_samples, None, None, data.storage_options)
@@ -61,7 +33,7 @@ def test_probe_every_n_steps_and_at_the_end_logs_fewshot_keys(digits, tmp_path, 
     assert final["fewshot/5shot"] == probes[-1][0]["fewshot/5shot"]
 
 
-def test_only_rank_0_probes_and_every_rank_meets_at_the_barrier():
+def test_only_rank_0_probes_and_every_rank_meets_at_the_barrier(memory_tracker):
     from model import create_model
     from orchestrator.train.fewshot_probe import FewShotProbe
 
@@ -77,7 +49,7 @@ def test_only_rank_0_probes_and_every_rank_meets_at_the_barrier():
     batches = [(torch.randn(12, 3, 16, 16, generator=g), torch.arange(12) % 3) for _ in range(2)]
     probes = {}
     for rank in (0, 1):
-        tracker = _Tracker()
+        tracker = memory_tracker()
         probe = FewShotProbe(model, (batches, batches) if rank == 0 else None, torch.device("cpu"), None, every=5,
                              total_steps=12, rank=rank, tracker=tracker, session=Session(), num_classes=3,
                              shots=[1, 2])

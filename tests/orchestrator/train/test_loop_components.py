@@ -21,25 +21,6 @@ from orchestrator.train.step import StepResult
 from orchestrator.train.step_log import StepLogger
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The digits config and dataset (written once), one rank."""
-    from model import create_model
-    from orchestrator.config.load import load_config
-    from orchestrator.config.tree import model_overrides
-    from orchestrator.train.launch import resolve_data
-    from orchestrator.train.loop import Job
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXER_HOME", str(home))
-        cfg = load_config("digits", ["scaling.num_workers=1", "data.loader_workers=0", "tracking.enabled=false"])
-        data = resolve_data(cfg)
-    job = Job(data.url, data.num_classes, data.train_samples, None, None, data.storage_options)
-    model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
-    return SimpleNamespace(cfg=cfg, job=job, model=model)
-
-
 def _loaders(digits, trace_keys_dir: str | None = None):
     cfg = copy.deepcopy(digits.cfg)
     cfg.data.trace_keys_dir = trace_keys_dir  # the loader returns sample keys only when they are traced
@@ -319,7 +300,7 @@ def test_observers_send_kept_samples_log_the_profile_once_and_stop(digits, tmp_p
     artifacts.clear()
     cfg.observe.profile_steps = [0, 10]
     stopped = build_observers(cfg, session, digits.job, "run-x", torch.device("cpu"), tracker, lambda: 1)
-    with pytest.raises(RuntimeError), stopped:
+    with pytest.raises(RuntimeError, match="the loop failed inside the window"), stopped:
         stopped.before_step(0)
         raise RuntimeError("the loop failed inside the window")
     assert len(artifacts) == 2 and not stopped.sampler._thread  # written, logged, stopped all the same

@@ -12,24 +12,6 @@ import torch
 from orchestrator.train.batches import BatchFetcher, PermutedBatches, build_loaders, input_permutation
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from model import create_model
-    from orchestrator.config.load import load_config
-    from orchestrator.config.tree import model_overrides
-    from orchestrator.train.launch import resolve_data
-    from orchestrator.train.loop import Job
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXER_HOME", str(home))
-        cfg = load_config("digits", ["scaling.num_workers=1", "data.loader_workers=0", "tracking.enabled=false"])
-        data = resolve_data(cfg)
-    job = Job(data.url, data.num_classes, data.train_samples, None, None, data.storage_options)
-    model = create_model(cfg.model.name, **model_overrides(cfg, job.num_classes))
-    return SimpleNamespace(cfg=cfg, job=job, model_cfg=model.cfg)
-
-
 def _first_batches(digits, mode: str):
     cfg = copy.deepcopy(digits.cfg)
     cfg.data.permute, cfg.data.permute_seed = mode, 5

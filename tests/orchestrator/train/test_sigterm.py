@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from orchestrator.train.group_events import GroupEvents
 from orchestrator.train.progress import Ledger
@@ -29,22 +30,15 @@ def previous_handler():
     signal.signal(signal.SIGTERM, old)
 
 
-def _wait(predicate, timeout=5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
-
-
 def test_first_sigterm_flags_and_the_second_goes_to_the_previous_handler(previous_handler):
     woke = []
     notice = SigtermNotice(grace_s=0, on_first=lambda: woke.append(1))
     assert notice.install()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert _wait(lambda: notice.received is not None)
+    wait_until(lambda: notice.received is not None, 5, "the first SIGTERM flagged")
     assert woke == [1] and previous_handler == []  # the first only flags
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert _wait(lambda: previous_handler)  # the second: what SIGTERM did before (Ray's handler exits)
+    os.kill(os.getpid(), signal.SIGTERM)  # the second: what SIGTERM did before (Ray's handler exits)
+    wait_until(lambda: previous_handler, 5, "the second SIGTERM at the previous handler")
     assert notice.received is not None
 
 
@@ -53,7 +47,7 @@ def test_grace_deadline_sends_the_second_sigterm(previous_handler):
     assert notice.install()
     t0 = time.time()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert _wait(lambda: previous_handler, timeout=5)
+    wait_until(lambda: previous_handler, 5, "the grace deadline's SIGTERM at the previous handler")
     assert previous_handler[0] - t0 >= 0.25
 
 
@@ -68,7 +62,7 @@ def test_wakeup_fd_tells_any_thread_and_is_not_taken_from_another_owner(previous
         assert notice.pending() is False
         os.kill(os.getpid(), signal.SIGTERM)
         seen = []
-        t = threading.Thread(target=lambda: seen.append(_wait(notice.pending)))
+        t = threading.Thread(target=lambda: seen.append(wait_until(notice.pending, 5, "the wakeup fd")))
         t.start()
         t.join()
         assert seen == [True]
@@ -81,7 +75,8 @@ def test_uninstall_restores_and_only_the_main_thread_installs(previous_handler):
     assert notice.install()
     notice.uninstall()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert _wait(lambda: previous_handler) and notice.received is None
+    wait_until(lambda: previous_handler, 5, "the SIGTERM at the previous handler")
+    assert notice.received is None
     other = SigtermNotice(grace_s=0)
     result = []
     t = threading.Thread(target=lambda: result.append(other.install()))
