@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -40,6 +41,11 @@ pytestmark = pytest.mark.slow
 SEED, SLOTS, CHUNK = 0, 2, 60  # 120 samples a step over 2 stream slots (2 workers x 1 loader worker)
 EPOCHS = 2
 CASE_TIMEOUT_S = 420  # a hang would run into it; a run takes ~1-2 min on a loaded 2-core box
+# Each step slowed on purpose (observe.data_delay_s): the signal is sent when the job's log stream shows step 4,
+# and that stream lags the run by 1-3 s (Ray's job log tail polls the file every second, twice); unslowed steps
+# are ~0.15-0.45 s, so a fast run could reach its ~20th step before the signal. 0.4 s a step adds ~8 s a run.
+DATA_DELAY_S = 0.4
+SIGNAL_AT_STEP = 4
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def _entry(name: str, data_url: str, tmp: Path) -> list[str]:
             "optim.global_batch_size=120", f"schedule.epochs={EPOCHS}", "schedule.warmup_steps=2",
             "eval.every_steps=1000", "checkpoint.every_steps=1000", "checkpoint.num_to_keep=100",
             "train.log_every_steps=1", f"run.seed={SEED}", "scaling.num_workers=2",
-            f"data.trace_keys_dir={tmp / 'trace'}"]
+            f"data.trace_keys_dir={tmp / 'trace'}", f"observe.data_delay_s={DATA_DELAY_S}"]
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -91,15 +97,66 @@ def _driver(name: str) -> psutil.Process | None:
     return None
 
 
-def _follow(job, on_line) -> str:
-    """Read the job's output to its end, calling on_line(line) for each; the whole text."""
-    lines, deadline = [], time.monotonic() + CASE_TIMEOUT_S
-    for line in job.stdout:
-        lines.append(line)
-        on_line(line)
-        assert time.monotonic() < deadline, "the run hangs:\n" + "".join(lines[-80:])
-    job.wait(timeout=60)
+def _follow(cluster, job, on_line) -> str:
+    """Read the job's output to its end, calling on_line(line) for each; the whole text.
+
+    Bounded by CASE_TIMEOUT_S even when no line comes at all (a thread reads, this waits on it with a timeout):
+    at the deadline, or when on_line fails, the job is stopped and its client killed, so that a hung run neither
+    blocks the test nor keeps the module's cluster busy for the next case."""
+    lines: list[str] = []
+    got: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in job.stdout:
+            got.put(line)
+        got.put(None)
+
+    threading.Thread(target=read, name="job-output", daemon=True).start()
+    deadline = time.monotonic() + CASE_TIMEOUT_S
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"the run hangs (no end after {CASE_TIMEOUT_S}s):\n" + "".join(lines[-80:]))
+            try:
+                line = got.get(timeout=left)
+            except queue.Empty:
+                continue  # the deadline check above fails the case
+            if line is None:
+                break
+            lines.append(line)
+            on_line(line)
+        job.wait(timeout=60)
+    except BaseException:
+        _stop(cluster, job, "".join(lines))
+        raise
     return "".join(lines)
+
+
+def _stop(cluster, job, text: str) -> None:
+    """Stop the job on the cluster (its submission id is in the client's output) and kill the client."""
+    submitted = re.search(r"Job '([^']+)' submitted successfully", text)
+    if submitted:
+        try:
+            cluster.api_request(f"/api/jobs/{submitted.group(1)}/stop", method="POST")
+        except OSError:
+            pass  # the dashboard is gone: the cluster fixture's teardown stops everything
+    job.kill()
+    job.wait(timeout=30)
+
+
+def _signal_due(line: str, sent: dict) -> int | None:
+    """The step a progress line shows, when the signal is due there: not sent yet, at step SIGNAL_AT_STEP or
+    later, and at least 3 steps before the end (a signal at the last steps would not test a resume)."""
+    step = re.search(r"\bstep (\d+)/(\d+)", line)
+    if sent or not step or not SIGNAL_AT_STEP <= int(step.group(1)) <= int(step.group(2)) - 3:
+        return None
+    return int(step.group(1))
+
+
+def _signalled(sent: dict, text: str) -> None:
+    assert sent, ("the run ended before the signal was sent (its steps outran the job's log stream; raise "
+                  f"DATA_DELAY_S={DATA_DELAY_S}):\n" + text[-4000:])
 
 
 def _check_keys(trace: Path, data_url: str, total_steps: int) -> None:
@@ -140,16 +197,16 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes(cluster, data_url, tmp_path
     t0, sent = time.monotonic(), {}
 
     def on_line(line):
-        step = re.search(r"\bstep (\d+)/\d+", line)
-        if not sent and step and int(step.group(1)) >= 4:
+        if (step := _signal_due(line, sent)) is not None:
             workers = _train_workers()
             assert len(workers) == 2, workers
             workers[0].send_signal(signal.SIGTERM)
-            sent["pid"], sent["step"], sent["time"] = workers[0].pid, int(step.group(1)), time.time()
+            sent["pid"], sent["step"], sent["time"] = workers[0].pid, step, time.time()
 
     job = cluster.submit(_entry("sig-worker", data_url, tmp_path), working_dir=REPO, wait=False)
-    text = _follow(job, on_line)
+    text = _follow(cluster, job, on_line)
     (tmp_path / "job.log").write_text(text)
+    _signalled(sent, text)
     assert job.returncode == 0, text[-6000:]
     assert re.search(rf"\[preemption\] rank \d \(pid {sent['pid']}\) got SIGTERM", text), text[-4000:]
     notice = int(re.search(r"\[preemption\] SIGTERM to a worker: checkpoint at step (\d+), then the group restarts",
@@ -173,17 +230,17 @@ def test_sigterm_to_the_driver_stops_and_the_next_submission_resumes(cluster, da
     t0, sent = time.monotonic(), {}
 
     def on_line(line):
-        step = re.search(r"\bstep (\d+)/\d+", line)
-        if not sent and step and int(step.group(1)) >= 4:
+        if (step := _signal_due(line, sent)) is not None:
             driver = _driver("sig-driver")
             assert driver is not None
             driver.send_signal(signal.SIGTERM)
-            sent["step"] = int(step.group(1))
+            sent["step"] = step
 
     entry = _entry("sig-driver", data_url, tmp_path)
     job = cluster.submit(entry, working_dir=REPO, wait=False)
-    text = _follow(job, on_line)
+    text = _follow(cluster, job, on_line)
     (tmp_path / "job1.log").write_text(text)
+    _signalled(sent, text)
     assert job.returncode != 0, text[-4000:]
     notice = int(re.search(r"\[preemption\] SIGTERM to the driver: checkpoint at step (\d+), then the run stops",
                            text).group(1))
@@ -191,8 +248,8 @@ def test_sigterm_to_the_driver_stops_and_the_next_submission_resumes(cluster, da
     assert f"stopped by SIGTERM at step {notice}, after its checkpoint was committed" in text
     assert "submit again with run.name=sig-driver" in text
 
-    again = cluster.submit(entry, working_dir=REPO, timeout=CASE_TIMEOUT_S)
-    text2 = again.stdout + again.stderr
+    again = cluster.submit(entry, working_dir=REPO, wait=False)
+    text2 = _follow(cluster, again, lambda line: None)  # bounded: CASE_TIMEOUT_S
     (tmp_path / "job2.log").write_text(text2)
     assert again.returncode == 0, text2[-6000:]
     assert re.search(rf"\[resume\] from checkpoint_\S+: step {notice},", text2), text2[-4000:]
@@ -238,17 +295,17 @@ def test_rank0_killed_while_its_sigterm_checkpoint_uploads_does_not_hang(cluster
     t0, sent = time.monotonic(), {}
 
     def on_line(line):
-        step = re.search(r"\bstep (\d+)/\d+", line)
-        if not sent and step and int(step.group(1)) >= 4:
+        if (step := _signal_due(line, sent)) is not None:
             workers = _train_workers()
             rank0 = _rank0(workers)
-            sent["rank0"], sent["step"] = rank0.pid, int(step.group(1))
+            sent["rank0"], sent["step"] = rank0.pid, step
             _kill_when_upload_starts(tmp_path / "runs" / "sig-kill", rank0.pid, sent)
             next(p for p in workers if p.pid != rank0.pid).send_signal(signal.SIGTERM)  # rank 1 takes the notice
 
     job = cluster.submit(_entry("sig-kill", data_url, tmp_path), working_dir=REPO, wait=False)
-    text = _follow(job, on_line)  # bounded: CASE_TIMEOUT_S
+    text = _follow(cluster, job, on_line)  # bounded: CASE_TIMEOUT_S
     (tmp_path / "job.log").write_text(text)
+    _signalled(sent, text)
     assert "killed" in sent, text[-4000:]
     # rank 0 was killed before its checkpoint was committed: it never got to leave the loop
     assert not re.search(rf"pid={sent['rank0']}\).*SigtermRestart", text), text[-4000:]
