@@ -8,8 +8,9 @@ workers, each with the sample keys of every step traced:
 2. the job's driver gets SIGTERM: the workers checkpoint, the driver exits 143 saying the same run.name resumes,
    and a second submission resumes from that checkpoint and completes;
 3. rank 1 gets SIGTERM, and rank 0 is SIGKILLed as soon as the checkpoint's upload has started (before Ray Train
-   commits it) while rank 1 waits at the barrier after it (ray#66225's case): the run does not hang (bounded)
-   and completes.
+   commits it) while rank 1 waits at the barrier after it (ray#66225's case): the run does not hang (bounded),
+   resumes from the last committed checkpoint (one every 2 steps) or the killed one if its upload was whole,
+   redoing at most those 2 steps, and completes.
 
 In every case every step's samples (as a multiset of keys, in the last attempt at that step) are exactly those the
 data plan gives that step.
@@ -46,6 +47,7 @@ CASE_TIMEOUT_S = 420  # a hang would run into it; a run takes ~1-2 min on a load
 # are ~0.15-0.45 s, so a fast run could reach its ~20th step before the signal. 0.4 s a step adds ~8 s a run.
 DATA_DELAY_S = 0.4
 SIGNAL_AT_STEP = 4
+KILL_CASE_CHECKPOINT_EVERY = 2
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +68,11 @@ def data_url(tmp_path_factory):
     return url
 
 
-def _entry(name: str, data_url: str, tmp: Path) -> list[str]:
+def _entry(name: str, data_url: str, tmp: Path, checkpoint_every: int = 1000) -> list[str]:
     return ["python", "-m", "orchestrator.pretrain", f"run.name={name}", f"data.url={data_url}",
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"run.storage_path={tmp / 'runs'}",
             "optim.global_batch_size=120", f"schedule.epochs={EPOCHS}", "schedule.warmup_steps=2",
-            "eval.every_steps=1000", "checkpoint.every_steps=1000", "checkpoint.num_to_keep=100",
+            "eval.every_steps=1000", f"checkpoint.every_steps={checkpoint_every}", "checkpoint.num_to_keep=100",
             "train.log_every_steps=1", f"run.seed={SEED}", "scaling.num_workers=2",
             f"data.trace_keys_dir={tmp / 'trace'}", f"observe.data_delay_s={DATA_DELAY_S}"]
 
@@ -271,20 +273,44 @@ def _rank0(workers: list[psutil.Process]) -> psutil.Process:
     raise AssertionError(f"no rank 0 among {workers}")
 
 
-def _kill_when_upload_starts(run_dir: Path, pid: int, sent: dict) -> threading.Thread:
-    """SIGKILL `pid` as soon as a new checkpoint directory appears in the run's storage: its upload has started
-    and it is not committed yet (Ray's controller takes a report only when it polls, every 2 s)."""
-    before = {p.name for p in run_dir.glob("checkpoint_*")}
+def _worker_log(cluster: LocalCluster, pid: int) -> Path:
+    """The file Ray writes worker `pid`'s stdout to (<temp dir>/session_*/logs/worker-<id>-<job>-<pid>.out)."""
+    found = sorted({p.resolve() for p in Path(cluster.state["temp_root"]).glob(f"*/session_*/logs/worker-*-{pid}.out")})
+    assert len(found) == 1, (pid, found)
+    return found[0]
+
+
+SIGTERM_NOTICE = re.compile(r"\[preemption\] SIGTERM to a worker: checkpoint at step (\d+), then the group restarts")
+
+
+def _kill_when_upload_starts(run_dir: Path, rank0_log: Path, pid: int, sent: dict) -> threading.Thread:
+    """SIGKILL rank 0 (`pid`) as soon as the SIGTERM's checkpoint directory appears in the run's storage: its upload
+    has started and it is not committed yet (Ray's controller takes a report only when it polls, every 2 s).
+
+    With a checkpoint every 2 steps a periodic one may start between the signal and the step boundary that takes
+    it, so the SIGTERM's is told apart: rank 0 says at which step the ranks agreed to checkpoint (in its own log
+    file, read here directly: the job's log stream lags seconds behind) before it saves, and its checkpoint is the
+    first directory that was not there before that line (a periodic one started at least a step earlier)."""
+    def listing() -> set[str]:
+        return {p.name for p in run_dir.glob("checkpoint_*")}
 
     def watch():
+        known, said, text = listing(), None, ""
         deadline = time.monotonic() + CASE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            new = {p.name for p in run_dir.glob("checkpoint_*")} - before
-            if new:
-                os.kill(pid, signal.SIGKILL)
-                sent["killed"], sent["checkpoint"] = time.monotonic(), sorted(new)
-                return
-            time.sleep(0.01)
+        with open(rank0_log, errors="replace") as log_file:
+            while time.monotonic() < deadline:
+                if said is None:
+                    text = (text + log_file.read())[-2000:]
+                    if m := SIGTERM_NOTICE.search(text):
+                        said = int(m.group(1))
+                now = listing()
+                if said is not None and now - known:
+                    os.kill(pid, signal.SIGKILL)
+                    sent["killed"], sent["checkpoint"], sent["notice"] = time.monotonic(), sorted(now - known), said
+                    return
+                if said is None:
+                    known = now  # frozen once the line is seen: what is new after it is the SIGTERM's
+                time.sleep(0.01)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -299,10 +325,13 @@ def test_rank0_killed_while_its_sigterm_checkpoint_uploads_does_not_hang(cluster
             workers = _train_workers()
             rank0 = _rank0(workers)
             sent["rank0"], sent["step"] = rank0.pid, step
-            _kill_when_upload_starts(tmp_path / "runs" / "sig-kill", rank0.pid, sent)
+            _kill_when_upload_starts(tmp_path / "runs" / "sig-kill", _worker_log(cluster, rank0.pid), rank0.pid, sent)
             next(p for p in workers if p.pid != rank0.pid).send_signal(signal.SIGTERM)  # rank 1 takes the notice
 
-    job = cluster.submit(_entry("sig-kill", data_url, tmp_path), working_dir=REPO, wait=False)
+    # a checkpoint every KILL_CASE_CHECKPOINT_EVERY steps: the killed one is not the run's only one, so the restart
+    # shows a resume from a committed checkpoint, not a start from scratch
+    entry = _entry("sig-kill", data_url, tmp_path, checkpoint_every=KILL_CASE_CHECKPOINT_EVERY)
+    job = cluster.submit(entry, working_dir=REPO, wait=False)
     text = _follow(cluster, job, on_line)  # bounded: CASE_TIMEOUT_S
     (tmp_path / "job.log").write_text(text)
     _signalled(sent, text)
@@ -313,6 +342,16 @@ def test_rank0_killed_while_its_sigterm_checkpoint_uploads_does_not_hang(cluster
     assert re.search(rf"after step {_planned_total(text)}\b", text)
     restarts, redone = _summary(text)
     assert restarts >= 1 and redone <= _planned_total(text)
+    # the resume: the killed checkpoint (at the notice's step) if its upload was already whole, else the last one
+    # committed before it (the session commits a checkpoint before the next goes out); never from scratch
+    notice, every = sent["notice"], KILL_CASE_CHECKPOINT_EVERY
+    assert notice >= sent["step"], (notice, sent)
+    committed = every * ((notice - 1) // every)  # the last periodic checkpoint before the notice's
+    assert committed >= every, (committed, notice)  # a checkpoint before the SIGTERM's: a resume, not a start
+    resumes = [int(s) for s in re.findall(r"\[resume\] from checkpoint_\S+: step (\d+),", text)]
+    assert resumes and committed <= resumes[0] <= notice, (resumes, committed, notice, text[-4000:])
+    assert redone <= every, (redone, every)  # at most the checkpoint gap is done again
     _check_keys(tmp_path / "trace", data_url, _planned_total(text))
-    print(f"SIGKILL during the SIGTERM checkpoint's upload ({sent['checkpoint']}): {time.monotonic() - t0:.0f}s "
+    print(f"SIGKILL during the SIGTERM checkpoint's upload ({sent['checkpoint']}, notice at step {notice}, resumed "
+          f"at step {resumes[0]}, {redone} redone): {time.monotonic() - t0:.0f}s "
           f"to the end, {time.monotonic() - sent['killed']:.0f}s after the kill")
