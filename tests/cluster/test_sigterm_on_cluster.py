@@ -77,24 +77,35 @@ def _entry(name: str, data_url: str, tmp: Path, checkpoint_every: int = 1000) ->
             f"data.trace_keys_dir={tmp / 'trace'}", f"observe.data_delay_s={DATA_DELAY_S}"]
 
 
-def _train_workers() -> list[psutil.Process]:
-    """The RayTrainWorker processes on this machine (not their DataLoader children)."""
+def _of_cluster(proc: psutil.Process, cluster: LocalCluster) -> bool:
+    """Whether `proc` runs in this cluster: its working directory (a Train worker's run artifacts, a driver's
+    unpacked working_dir) or its stdout log is under the cluster's temp root. Other Ray clusters on a shared
+    machine (other people's tests) run RayTrainWorkers and drivers with the same command lines."""
+    root = cluster.state["temp_root"].rstrip("/") + "/"
+    try:
+        return proc.cwd().startswith(root) or any(f.path.startswith(root) for f in proc.open_files())
+    except psutil.Error:
+        return False
+
+
+def _train_workers(cluster: LocalCluster) -> list[psutil.Process]:
+    """The RayTrainWorker processes of this cluster (not their DataLoader children)."""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and \
-                    "RayTrainWorker" not in " ".join(proc.parent().cmdline()):
+                    "RayTrainWorker" not in " ".join(proc.parent().cmdline()) and _of_cluster(proc, cluster):
                 found.append(proc)
         except psutil.Error:
             continue
     return found
 
 
-def _driver(name: str) -> psutil.Process | None:
+def _driver(cluster: LocalCluster, name: str) -> psutil.Process | None:
     """The job's entrypoint process (the driver), not the `ray job submit` client that names it too."""
     for proc in psutil.process_iter(["pid", "cmdline"]):
         args = proc.info["cmdline"] or []
-        if args[1:3] == ["-m", "orchestrator.pretrain"] and f"run.name={name}" in args:
+        if args[1:3] == ["-m", "orchestrator.pretrain"] and f"run.name={name}" in args and _of_cluster(proc, cluster):
             return proc
     return None
 
@@ -200,7 +211,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes(cluster, data_url, tmp_path
 
     def on_line(line):
         if (step := _signal_due(line, sent)) is not None:
-            workers = _train_workers()
+            workers = _train_workers(cluster)
             assert len(workers) == 2, workers
             workers[0].send_signal(signal.SIGTERM)
             sent["pid"], sent["step"], sent["time"] = workers[0].pid, step, time.time()
@@ -233,7 +244,7 @@ def test_sigterm_to_the_driver_stops_and_the_next_submission_resumes(cluster, da
 
     def on_line(line):
         if (step := _signal_due(line, sent)) is not None:
-            driver = _driver("sig-driver")
+            driver = _driver(cluster, "sig-driver")
             assert driver is not None
             driver.send_signal(signal.SIGTERM)
             sent["step"] = step
@@ -322,7 +333,7 @@ def test_rank0_killed_while_its_sigterm_checkpoint_uploads_does_not_hang(cluster
 
     def on_line(line):
         if (step := _signal_due(line, sent)) is not None:
-            workers = _train_workers()
+            workers = _train_workers(cluster)
             rank0 = _rank0(workers)
             sent["rank0"], sent["step"] = rank0.pid, step
             _kill_when_upload_starts(tmp_path / "runs" / "sig-kill", _worker_log(cluster, rank0.pid), rank0.pid, sent)
