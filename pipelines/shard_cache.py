@@ -25,6 +25,15 @@ of that shard on the node reads the local copy. One cache directory serves every
 - the cache never fails a run: if the directory cannot be used (full disk, permissions) the shard is read
   from storage directly, with one warning per process.
 
+On several nodes the cache warms up over epochs. The epoch plan (pipelines/plan.py) reshuffles the shards over
+all stream slots every epoch, so each of N nodes reads a different ~1/N of the dataset each epoch and finds
+cached only the shards it happened to read in an earlier one: ~1/N of epoch 2's, 1 - (1 - 1/N)^(e-1) of epoch
+e's. Each node's cache thus fills toward the whole dataset, and object storage serves about
+N x dataset x (1 - (1 - 1/N)^E) over E epochs (~N datasets for a long run instead of E; at most E for a short
+one). Every node needs ``max_bytes`` >= the dataset: with less, LRU evicts shards the node reads again later
+(churn), and at best ~max_bytes/dataset of its reads are local. tests/pipelines/test_shard_cache_nodes.py
+checks this on two nodes.
+
 Why not fsspec's own caches (``simplecache`` / ``filecache`` / ``blockcache``, fsspec 2026.9): they download
 straight into the final file name (a crash or a concurrent reader sees a partial shard, and simplecache then
 serves it as whole), they take no lock (two workers fetch the same shard twice), they expire by age, not by

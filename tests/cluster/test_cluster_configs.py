@@ -124,6 +124,9 @@ def _containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
 
 
+CACHE_MOUNT, CACHE_DIR = "/mnt/cache", "/mnt/cache/mixer-shard-cache"  # the shard cache's volume, and data.cache_dir
+
+
 @pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
 def test_kuberay_manifest(name, kind):
     doc, spec = _kuberay(name)
@@ -177,13 +180,80 @@ def test_rayjob_entrypoint_storage_and_shutdown():
     assert spec == _kuberay("raycluster.yaml")[1]
 
 
-def test_rayjob_entrypoint_is_a_valid_config():
+def test_rayjob_entrypoint_is_a_valid_config(monkeypatch):
     """The overrides in the RayJob resolve against the real config tree."""
+    import pipelines.storage
     from orchestrator.config.load import load_config
 
+    # data.cache_dir is checked writable where the driver starts: in the head pod, on its /mnt/cache volume, which
+    # this machine need not have; recorded here, every other target checked for real
+    checked, real = [], pipelines.storage.check_writable_target
+
+    def check(url, *args, **kw):
+        if str(url).startswith(CACHE_MOUNT + "/"):
+            checked.append(url)
+            return None
+        return real(url, *args, **kw)
+
+    monkeypatch.setattr(pipelines.storage, "check_writable_target", check)
     argv = shlex.split(_load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"])
     cfg = load_config(argv[4], argv[5:])
     assert cfg.run.storage_path.startswith("s3://") and cfg.scaling.use_gpu
+    assert checked == [cfg.data.cache_dir] == [CACHE_DIR]
+
+
+# ------------------------------------------------------------------------- the node-local shard cache's volume
+
+def _gib(quantity: str) -> float:
+    units = {"Gi": 1, "Ti": 1024, "G": 1e9 / 2**30, "T": 1e12 / 2**30}
+    unit = next(u for u in ("Gi", "Ti", "G", "T") if quantity.endswith(u))
+    return float(quantity.removesuffix(unit)) * units[unit]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_gpu_workers_mount_a_volume_for_the_shard_cache(name):
+    """Not the container's writable layer (the kubelet evicts a pod that fills it): a volume at /mnt/cache with
+    room for the preset's data.cache_max_gb (each node's cache fills toward the whole dataset), requested as
+    ephemeral storage; the head mounts one too, as the driver checks that data.cache_dir is writable there."""
+    from orchestrator.config.load import load_config
+
+    _doc, spec = _kuberay(name)
+    cache_gib = load_config("imagenet1k_b16", []).data.cache_max_gb  # GiB (CacheConfig: max_gb * 2**30 bytes)
+    groups = [spec["headGroupSpec"], *[g for g in spec["workerGroupSpecs"] if "gpu" in g["groupName"]]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        (container,) = _containers(group)
+        (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == CACHE_MOUNT]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert "medium" not in volume["emptyDir"], "on disk, not in memory"
+        if group is spec["headGroupSpec"]:
+            continue  # the head caches nothing
+        size = _gib(volume["emptyDir"]["sizeLimit"])
+        assert size >= 1.1 * cache_gib, (size, cache_gib)  # the bound and shards being fetched
+        assert _gib(container["resources"]["requests"]["ephemeral-storage"]) >= size
+
+
+def test_rayjob_puts_the_shard_cache_on_its_volume():
+    argv = shlex.split(_load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"])
+    overrides = dict(a.split("=", 1) for a in argv[5:])
+    assert overrides["data.cache_dir"] == CACHE_DIR
+    assert f"data.cache_dir={CACHE_DIR}" in README.read_text()  # cluster/README.md's RayCluster submission too
+
+
+@pytest.mark.parametrize("parent_mode", [0o777, 0o1777, 0o2777])
+def test_the_cache_dir_may_be_a_private_subdir_of_a_world_writable_volume_root(tmp_path, parent_mode):
+    """An emptyDir's root is world-writable (0777; setgid with the pods' fsGroup): the shard cache refuses a
+    directory others can write to, but its own 0700 subdirectory there is this user's and is used."""
+    from pipelines.shard_cache import _check_private
+
+    root = tmp_path / "mnt-cache"
+    root.mkdir()
+    root.chmod(parent_mode)
+    cache = root / "mixer-shard-cache"
+    _check_private(str(cache))  # created 0700, accepted
+    assert cache.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(PermissionError, match="writable by nobody else"):
+        _check_private(str(root))  # the volume root itself is not
 
 
 # ----------------------------------------------------------------------------------------------- image, runtime env
