@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 
-# the loopback-S3 dataset and moto's request recorder of the single-node cache tests
-from test_pipe_shard_cache import recorder, s3_digits  # noqa: F401 (pytest fixtures)
-
 from orchestrator.train.data_counts import DataCounts
 from pipelines.loader import ShardLoader
 from pipelines.plan import owned_slots
@@ -23,7 +20,7 @@ from pipelines.plan import owned_slots
 NODES, EPOCHS = 2, 3
 
 
-def test_each_node_fetches_each_shard_at_most_once_and_hits_grow(s3_digits, recorder, tmp_path):  # noqa: F811
+def test_each_node_fetches_each_shard_at_most_once_and_hits_grow(s3_digits, recorder, tmp_path):
     url, m = s3_digits
     shards = m.shards("train")
     size = {i: s.size for i, s in enumerate(shards)}
