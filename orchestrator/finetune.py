@@ -31,7 +31,8 @@ import sys
 
 from orchestrator.config.checks import validate
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import Config, list_presets, model_overrides
+from orchestrator.config.parse import list_presets
+from orchestrator.config.tree import Config, model_overrides
 from orchestrator.eval.sources import (
     WEIGHTS,
     CheckpointError,

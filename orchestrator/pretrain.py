@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import list_presets
+from orchestrator.config.parse import list_presets
 from orchestrator.train.driver import dry_run, pretrain
 from pipelines.cli import entry_point
 

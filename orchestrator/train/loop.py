@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.config.tree import Config, config_from_dict
+from orchestrator.config.parse import config_from_dict
+from orchestrator.config.tree import Config
 from orchestrator.train.data_counts import DataCounts
 from orchestrator.train.setup import build_run
 from orchestrator.train.step import train_step
