@@ -13,7 +13,7 @@ import logging
 import signal
 
 from orchestrator.config.tree import Config
-from pipelines.cli import report_error, say
+from pipelines.cli import CommandError, say
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,10 @@ def dry_run(cfg: Config) -> None:
 
 def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict | None = None,
              marks: dict | None = None) -> dict:
-    """Run training; exits with 3 when the cluster is too small, 1 when training fails, 143 when a SIGTERM stopped
-    it after a committed checkpoint (checkpoint.on_sigterm: the same run.name resumes from it).
+    """Run training. The MLflow run ended, a failure is raised for the entry point (pipelines.cli.entry_point) to
+    print and map: ClusterTooSmallError (a CapacityError, exit 3) when the cluster is too small, CommandError
+    (exit 1) when training fails; SystemExit(143) when a SIGTERM stopped it after a committed checkpoint
+    (checkpoint.on_sigterm: the same run.name resumes from it).
 
     Fine-tuning (orchestrator/finetune.py) passes the adapted weights' URL (loaded by every worker when the run
     has no checkpoint yet) and tags recording where they came from.
@@ -88,10 +90,9 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         # or `ray job stop`'s SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, ends it now
         with stop_on_sigterm(ledger if cfg.checkpoint.on_sigterm else None, 0) as sigterm:
             result = trainer.fit()
-    except launch.ClusterTooSmallError as e:
-        code = report_error(e)
+    except launch.ClusterTooSmallError as e:  # a CapacityError: the entry point prints it and exits 3
         end_failed(cfg, run, relay, str(e))
-        raise SystemExit(code) from None
+        raise
     except KeyboardInterrupt:
         end_failed(cfg, run, relay, "interrupted (KeyboardInterrupt)", status="KILLED")
         raise
@@ -100,11 +101,10 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         raise
     except Exception as e:
         reason = f"training failed: {type(e).__name__}: {e}"
-        code = report_error(reason)
         end_failed(cfg, run, relay, reason)
         if run and (missing := run.unlogged_summary()):
             log.warning(missing)
-        raise SystemExit(code) from None
+        raise CommandError(reason) from e  # the entry point prints it and exits 1
 
     metrics = dict(result.metrics or {})
     if sigterm is not None and sigterm.received is not None and int(metrics.get("step", 0)) < plan.total_steps:
@@ -112,6 +112,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         say(f"[preemption] {reason}; submit again with run.name={cfg.run.name} (and the same run.storage_path) "
             "to resume from it")
         end_failed(cfg, run, relay, reason, status="KILLED")
+        # not an error (no `error:` line): the run stopped as asked and resumes; the shell's status for SIGTERM
         raise SystemExit(128 + signal.SIGTERM)
     restarts = ray.get(ledger.summary.remote())
     metrics.update(restarts)
