@@ -17,6 +17,7 @@ the state file are cluster.processes. Never `ray stop`: it would stop every Ray 
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from cluster.local import LocalCluster
 from cluster.processes import DEFAULT_STATE_DIR, ClusterError, node_processes, state_path
 from cluster.token_auth import client_env, submit_line
 from pipelines.cli import entry_point
+
+log = logging.getLogger(__name__)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     cluster = LocalCluster(state_dir)
     survivors = cluster.down(args.grace, args.keep_logs)
     if survivors:
-        print(f"could not stop pids {survivors}", file=sys.stderr)
+        log.warning("could not stop pids %s", survivors)
         return 1
     kept = f" (logs kept in {cluster.state['temp_root']})" if args.keep_logs else ""
     print(f"stopped the local cluster recorded in {state_dir}{kept}")

@@ -312,7 +312,7 @@ def print_results(r: Results) -> None:
         print("few-shot        " + "  ".join(f"{k}-shot {acc:.4f}" for k, acc in r.fewshot.items()))
     if r.run_id:
         print(f"MLflow run id   {r.run_id}")
-        from orchestrator.report.compare import mlflow_ui_hint
+        from orchestrator.tracking.links import mlflow_ui_hint
 
         print(f"MLflow UI       {mlflow_ui_hint(r.tracking_uri)}")
     print(f"took            {r.seconds:.1f}s")

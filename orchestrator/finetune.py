@@ -31,7 +31,8 @@ import sys
 
 from orchestrator.config.checks import validate
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import Config, list_presets, model_overrides
+from orchestrator.config.parse import list_presets
+from orchestrator.config.tree import Config, model_overrides
 from orchestrator.eval.sources import (
     WEIGHTS,
     CheckpointError,
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     src, num_classes = prepare(cfg, args.source, allow_unreachable=args.dry_run, weights=args.weights)
     if args.dry_run:
-        from orchestrator.pretrain import dry_run
+        from orchestrator.train.driver import dry_run
 
         print(f"# source\n{src.describe()}")
         dry_run(cfg)
@@ -165,7 +166,7 @@ def source_tags(src: Source, factor: int, head_replaced: bool) -> dict[str, str]
 
 
 def finetune(cfg: Config, src: Source, num_classes: int, *, keep_head: bool = False) -> dict:
-    from orchestrator.pretrain import pretrain
+    from orchestrator.train.driver import pretrain
 
     adapted = adapt_for_finetune(src, img_size=cfg.model.img_size, num_classes=num_classes, keep_head=keep_head,
                                  head_bias=cfg.model.head_bias)

@@ -34,8 +34,8 @@ import numpy as np
 from .manifest import FORMAT_VERSION, Manifest, ManifestNotFoundError, load_manifest, write_manifest
 from .redaction import redact_url
 from .sample_index import SampleIndex, write_sample_index
+from .shard_sink import DEFAULT_MAXSIZE, Item, ShardInputError, ShardSink, check_shard_options, encode
 from .storage import check_writable_target, join_url, resolve_storage_options
-from .write_shards import ShardInputError, _encode, _Item, _ShardSink, check_shard_options
 
 
 def folder_samples(src: str, class_names: list[str] | None = None) -> tuple[list[str], list[tuple[str, str, int]]]:
@@ -101,12 +101,12 @@ def write_folder_split(src: str, dest: str, split: str = "val", *, class_names_f
     from tqdm import tqdm
 
     order = np.random.default_rng(seed).permutation(len(samples))
-    sink = _ShardSink(dest, split, maxcount or 10000, maxsize or (1 << 30), opts)
+    sink = ShardSink(dest, split, maxcount or 10000, maxsize or DEFAULT_MAXSIZE, opts)
     unreadable: list[dict[str, str]] = []
     for i in tqdm(order, desc=f"writing {redact_url(dest)} {split}", unit="img", disable=not progress, file=sys.stderr):
         key, path, label = samples[i]
         try:
-            data = _encode(_Item(label, path=path), fmt)
+            data = encode(Item(label, path=path), fmt)
         except Exception as exc:
             unreadable.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
             continue

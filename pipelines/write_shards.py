@@ -22,42 +22,23 @@ written, --maxcount/--maxsize < 1, --val-fraction outside [0, 1)) exit 2 before 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .cli import InputError, entry_point
+from .cli import entry_point
 from .manifest import FORMAT_VERSION, Manifest, ShardInfo, write_manifest
 from .sample_index import SampleIndex, ShardKeys, write_sample_index
-from .storage import (
-    atomic_write,
-    check_writable_target,
-    get_fs,
-    join_url,
-    protocol_of,
-    resolve_storage_options,
-)
+from .shard_sink import DEFAULT_MAXSIZE, Item, ShardInputError, ShardSink, check_shard_options, encode
+from .storage import check_writable_target, join_url, resolve_storage_options
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-DEFAULT_MAXSIZE = 1 << 30
-
-
-@dataclass
-class _Item:
-    label: int
-    array: np.ndarray | None = None  # HxWx3 uint8
-    path: str | None = None  # file on disk
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -82,12 +63,12 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarr
     return {"train": np.asarray(tr), "val": np.asarray(va)}
 
 
-def _digits_source(val_fraction: float, seed: int) -> tuple[list[str], dict[str, list[_Item]]]:
+def _digits_source(val_fraction: float, seed: int) -> tuple[list[str], dict[str, list[Item]]]:
     images, labels = digits_arrays()
     splits = {}
     for name, idx in digits_split(val_fraction, seed).items():
         splits[name] = [
-            _Item(int(labels[i]), array=np.repeat(images[i][:, :, None], 3, axis=2)) for i in idx
+            Item(int(labels[i]), array=np.repeat(images[i][:, :, None], 3, axis=2)) for i in idx
         ]
     return [str(i) for i in range(10)], splits
 
@@ -103,7 +84,7 @@ def _class_tree(root: str) -> dict[str, list[str]]:
     return out
 
 
-def _folder_source(root: str, val_fraction: float | None, seed: int) -> tuple[list[str], dict[str, list[_Item]]]:
+def _folder_source(root: str, val_fraction: float | None, seed: int) -> tuple[list[str], dict[str, list[Item]]]:
     rng = np.random.default_rng(seed)
     has_splits = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val"))
     if has_splits:
@@ -111,7 +92,7 @@ def _folder_source(root: str, val_fraction: float | None, seed: int) -> tuple[li
         class_names = sorted(set(trees["train"]) | set(trees["val"]))
         splits = {}
         for s, tree in trees.items():
-            items = [_Item(class_names.index(c), path=p) for c, ps in tree.items() for p in ps]
+            items = [Item(class_names.index(c), path=p) for c, ps in tree.items() for p in ps]
             splits[s] = [items[i] for i in rng.permutation(len(items))]
         return class_names, splits
     tree = _class_tree(root)
@@ -121,105 +102,12 @@ def _folder_source(root: str, val_fraction: float | None, seed: int) -> tuple[li
     for ci, c in enumerate(class_names):
         ps = [tree[c][i] for i in rng.permutation(len(tree[c]))]
         nv = int(round(len(ps) * vf))
-        val += [_Item(ci, path=p) for p in ps[:nv]]
-        train += [_Item(ci, path=p) for p in ps[nv:]]
+        val += [Item(ci, path=p) for p in ps[:nv]]
+        train += [Item(ci, path=p) for p in ps[nv:]]
     splits = {"train": [train[i] for i in rng.permutation(len(train))]}
     if val:
         splits["val"] = [val[i] for i in rng.permutation(len(val))]
     return class_names, splits
-
-
-def _encode(item: _Item, fmt: str) -> bytes:
-    if item.array is not None:
-        img = Image.fromarray(item.array, mode="RGB")
-    else:
-        ext = os.path.splitext(item.path)[1].lower()
-        with open(item.path, "rb") as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as probe:
-            probe.verify()  # raises on a corrupt file
-        if (fmt == "jpg" and ext in (".jpg", ".jpeg")) or (fmt == "png" and ext == ".png"):
-            return raw  # no re-encode
-        img = Image.open(io.BytesIO(raw)).convert("RGB")
-    buf = io.BytesIO()
-    if fmt == "png":
-        img.save(buf, format="PNG", compress_level=1)
-    else:
-        img.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-class _Digest:
-    """A write-only file that passes bytes on and keeps their count and SHA-256 (for the manifest)."""
-
-    def __init__(self, f):
-        self._f, self.size, self.sha256 = f, 0, hashlib.sha256()
-
-    def write(self, b) -> int:
-        self.sha256.update(b)
-        self.size += len(b)
-        return self._f.write(b)
-
-    def __getattr__(self, name: str):
-        return getattr(self._f, name)
-
-
-class _ShardSink:
-    """Writes ``<dest>/<split>/<split>-NNNNNN.tar`` with webdataset's TarWriter, rotating on count/size.
-
-    Each shard goes through storage.atomic_write, so a reader (or a racing writer) never sees a partial one.
-    """
-
-    def __init__(self, dest: str, split: str, maxcount: int, maxsize: int, opts: dict[str, Any]):
-        self.dest, self.split, self.maxcount, self.maxsize, self.opts = dest, split, maxcount, maxsize, opts
-        self.fs, _ = get_fs(dest, opts, resolved=True)
-        self.local = protocol_of(dest) in ("file", "local")
-        self.shards: list[ShardInfo] = []
-        self.index: list[ShardKeys] = []  # each shard's keys and labels (pipelines/sample_index.py)
-        self._writer = None
-
-    def _open(self) -> None:
-        import webdataset as wds
-
-        rel = f"{self.split}/{self.split}-{len(self.shards):06d}.tar"
-        self._url = join_url(self.dest, rel)
-        if self.local:
-            _, path = get_fs(self._url, self.opts, resolved=True)
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-        self._shard_file = ExitStack()  # the open atomic write: closing it publishes the shard
-        file = _Digest(self._shard_file.enter_context(atomic_write(self._url, self.opts)))
-        self._digest = file
-        # mtime a fixed int: reproducible bytes, and no PAX header per member (a float mtime makes Python's tarfile
-        # write one), which would double the header parsing every reader pays per sample
-        self._writer = wds.TarWriter(file, mtime=0)
-        self._count = 0
-        self._size = 0
-        self._keys: list[str] = []
-        self._labels: list[int] = []
-
-    def write(self, key: str, ext: str, image: bytes, label: int) -> None:
-        if self._writer is None:
-            self._open()
-        self._writer.write({"__key__": key, ext: image, "cls": str(label).encode()})
-        self._count += 1
-        self._keys.append(key)
-        self._labels.append(int(label))
-        self._size += len(image) + 1536
-        if self._count >= self.maxcount or self._size >= self.maxsize:
-            self._close()
-
-    def _close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()  # ends the tar; the file it was given stays open
-        self._shard_file.close()
-        self.shards.append(ShardInfo(self._url, self._count, self._digest.size, self._digest.sha256.hexdigest()))
-        self.index.append(ShardKeys(tuple(self._keys), tuple(self._labels)))
-        self._writer = None
-
-    def close(self) -> list[ShardInfo]:
-        self._close()
-        return self.shards
 
 
 def write_dataset(
@@ -262,12 +150,12 @@ def write_dataset(
     out: dict[str, list[ShardInfo]] = {}
     indexes: dict[str, list[ShardKeys]] = {}
     for split, items in splits.items():
-        sink = _ShardSink(dest, split, maxcount, maxsize, opts)
+        sink = ShardSink(dest, split, maxcount, maxsize, opts)
         n = 0
         for item in items:
             bar.update(1)
             try:
-                data = _encode(item, fmt)
+                data = encode(item, fmt)
             except Exception as exc:
                 unreadable.append({"path": str(item.path), "error": f"{type(exc).__name__}: {exc}"})
                 log.error("unreadable input %s: %s", item.path, exc)
@@ -292,10 +180,6 @@ def write_dataset(
     return manifest
 
 
-class ShardInputError(InputError, ValueError):
-    """An argument of write_dataset that cannot be used; the message names it, its value and what is accepted."""
-
-
 def check_inputs(source: str, dest: str, *, maxcount: int | None, maxsize: int | None, val_fraction: float | None,
                  fmt: str, seed: int, storage_options: Mapping[str, Any] | None) -> None:
     """Every argument checked before anything is read or written (StorageError for an unusable DEST)."""
@@ -314,17 +198,6 @@ def check_inputs(source: str, dest: str, *, maxcount: int | None, maxsize: int |
                 raise ShardInputError(f"SOURCE={source!r} is not accepted: {root} has no class sub-folders with "
                                       f"images ({', '.join(sorted(IMAGE_EXTS))}); expected one sub-folder per class")
     check_writable_target(str(dest), storage_options, what="DEST")
-
-
-def check_shard_options(*, maxcount: int | None, maxsize: int | None, fmt: str, seed: int) -> None:
-    """The shard options every source takes (ShardInputError naming the flag)."""
-    for flag, value in (("--maxcount", maxcount), ("--maxsize", maxsize)):
-        if value is not None and value < 1:
-            raise ShardInputError(f"{flag}={value} is not accepted; expected an integer >= 1 (or leave it unset)")
-    if seed < 0:
-        raise ShardInputError(f"--seed={seed} is not accepted; expected an integer >= 0")
-    if fmt not in ("png", "jpg"):
-        raise ShardInputError(f"--format={fmt!r} is not accepted; expected 'png' or 'jpg'")
 
 
 def _iter_lines(manifest: Manifest) -> Iterator[str]:

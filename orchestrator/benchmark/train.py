@@ -39,7 +39,7 @@ import torch
 from cluster.local import LocalCluster
 from orchestrator.benchmark import checkpoint_upload
 from orchestrator.benchmark.common import STEP_LINE, interleaved, ratios, spread, summary
-from pipelines.cli import say
+from pipelines.cli import entry_point, say
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 128
@@ -241,7 +241,7 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
     }
     if observe_only:
         try:
-            print(f"[train] observe on vs off, {runs} interleaved rounds of {steps} steps ...", flush=True)
+            say(f"[train] observe on vs off, {runs} interleaved rounds of {steps} steps ...")
             result["observe"] = observe_overhead(tmp, ensure_digits_dataset(str(tmp / "digits")), steps, runs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -311,7 +311,7 @@ def run(repeats: int = 5, quick: bool = False, submit: bool = True, steps: int |
         if cluster is not None:
             cluster.down(grace_s=2)
 
-    print(f"[train] observe on vs off, {runs} interleaved rounds of {steps} steps ...", flush=True)
+    say(f"[train] observe on vs off, {runs} interleaved rounds of {steps} steps ...")
     result["observe"] = observe_overhead(tmp, data_url, steps, runs)
     if not quick:
         say("[train] the step around a checkpoint under Ray Train, storage on loopback S3 ...")
@@ -362,14 +362,23 @@ def tables(result: dict[str, Any]):
     return out
 
 
-def _local_main(overrides: list[str]) -> int:
-    """The training loop without Ray, one process: what `Ray Train, 1 worker` is compared with."""
+@entry_point
+def local_main(argv: list[str] | None = None) -> int:
+    """`python -m orchestrator.benchmark.train local key=value ...`: the training loop without Ray, one process,
+    what `Ray Train, 1 worker` is compared with."""
+    import argparse
+
     from orchestrator.config.load import load_config
     from orchestrator.train.launch import resolve_data
     from orchestrator.train.loop import Job, run_training
     from orchestrator.train.session import LocalSession
 
-    cfg = load_config(None, overrides)
+    p = argparse.ArgumentParser(prog="python -m orchestrator.benchmark.train",
+                                description="The training loop without Ray, in this process (used by the benchmark).")
+    p.add_argument("mode", choices=["local"], help="local: run_training with a LocalSession")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value, as for orchestrator.pretrain")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(None, args.overrides)
     torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))  # as Ray sets OMP_NUM_THREADS per worker
     data = resolve_data(cfg)
     job = Job(dataset_url=data.url, num_classes=data.num_classes, train_samples=data.train_samples,
@@ -380,7 +389,4 @@ def _local_main(overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "local":
-        print(__doc__)
-        raise SystemExit(2)
-    raise SystemExit(_local_main(sys.argv[2:]))
+    sys.exit(local_main())

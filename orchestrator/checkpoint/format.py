@@ -36,20 +36,33 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint's state.pt is missing, truncated or otherwise unreadable (not a safety refusal)."""
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects other than tensors and plain values: refused, never executed."""
+
+
+def read_weights(file, shown: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(file, weights_only=True)``: how every checkpoint file of ours is read (a run's state.pt,
+    fine-tuning's initial weights, a source of evaluate and finetune). `file` is a path or a file object,
+    `shown` the name a message gives it. DamagedCheckpointError when it cannot be read, UnsafeCheckpointError
+    when weights_only refuses what it holds; torch's error is the __cause__ of either."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise DamagedCheckpointError(f"checkpoint {shown} is damaged or truncated: {_first_line(e)}") from e
+        # name the file, not the payload
+        raise UnsafeCheckpointError(f"checkpoint {shown} cannot be loaded safely (weights_only=True): it holds "
+                                    "pickled objects other than tensors and plain values, which are not executed"
+                                    ) from e
+    except Exception as e:  # a truncated zip, a short read: the file is damaged
+        raise DamagedCheckpointError(f"checkpoint {shown} is damaged or truncated: {_first_line(e)}") from e
+
+
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint of this project: it has no {STATE_FILE}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise DamagedCheckpointError(f"checkpoint {path} is damaged or truncated: {_first_line(e)}") from None
-        # name the file, not the payload
-        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): it holds pickled "
-                         "objects other than tensors and plain values, which are not executed") from None
-    except Exception as e:  # a truncated zip, a short read: the file is damaged
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged or truncated: {_first_line(e)}") from None
+    state = read_weights(path, str(path), map_location)
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has an unknown format; expected format_version {FORMAT_VERSION}")
     return state

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from orchestrator.config.checks import validate
-from orchestrator.config.tree import Config, parse_config
+from orchestrator.config.parse import parse_config
+from orchestrator.config.tree import Config
 
 
 def load_config(preset_or_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:

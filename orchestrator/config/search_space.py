@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from orchestrator.config.checks import validate
-from orchestrator.config.tree import Config, ConfigError, config_from_dict, set_dotted
+from orchestrator.config.parse import config_from_dict, set_dotted
+from orchestrator.config.tree import Config, ConfigError
 
 SPACE_DIR = Path(__file__).parent / "spaces"
 DEFAULT_SPACE = "digits"

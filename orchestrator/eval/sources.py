@@ -36,7 +36,13 @@ import torch
 
 from model import MixerConfig, MlpMixer, adapt_resolution, load_state_dict_checked
 from model.state_dict_loading import check_state_dict, config_from_state_dict
-from orchestrator.checkpoint.format import FORMAT_VERSION, STATE_FILE
+from orchestrator.checkpoint.format import (
+    FORMAT_VERSION,
+    STATE_FILE,
+    DamagedCheckpointError,
+    UnsafeCheckpointError,
+    read_weights,
+)
 from orchestrator.checkpoint.runs import run_checkpoints
 from pipelines.cli import InputError, first_line
 
@@ -158,13 +164,14 @@ def _torch_load(fs, path: str, shown: str) -> Any:
         except Exception as e:
             raise CheckpointError(f"checkpoint {shown} is not a readable safetensors file: {e}") from None
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        detail = first_line(e) if "Weights only load failed" not in str(e) else (
+        return read_weights(io.BytesIO(data), shown)
+    except (DamagedCheckpointError, UnsafeCheckpointError) as e:
+        cause = e.__cause__  # torch's own error
+        detail = first_line(cause) if isinstance(e, DamagedCheckpointError) else (
             "it holds pickled objects other than tensors and plain values, which are not executed")
         raise CheckpointError(
             f"checkpoint {shown} cannot be loaded safely with torch.load(weights_only=True): "
-            f"{type(e).__name__}: {detail[:300]}"
+            f"{type(cause).__name__}: {detail[:300]}"
         ) from None
 
 

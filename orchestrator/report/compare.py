@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -50,10 +49,6 @@ from pipelines.redaction import redact
 log = logging.getLogger(__name__)
 
 REPORT_RUN_IDS_TAG = "mixer.report.run_ids"
-
-
-def default_tracking_uri() -> str:
-    return resolve_tracking_uri(None, str(mixer_home()))
 
 
 # ------------------------------------------------------------------------------------------ report --------
@@ -160,36 +155,6 @@ def _log_report_run(uri, experiment, parent_run_id, filter_string, rows, files) 
     if missing:
         log.warning("warning: %s", missing)
     return run_id
-
-
-def report_command(experiment: str, parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
-    """The command that compares a run with its siblings (printed at the end of pretrain and tune)."""
-    parts = ["python", "-m", "orchestrator.report", "--experiment", experiment]
-    if parent_run_id:
-        parts += ["--parent", parent_run_id]
-    if tracking_uri and tracking_uri != default_tracking_uri():
-        parts += ["--tracking-uri", _without_credentials(tracking_uri)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def mlflow_ui_hint(tracking_uri: str) -> str:
-    """Where to see the runs: an http(s) tracking server's own UI, else the `mlflow ui` command for the store."""
-    import urllib.parse
-
-    if urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https"):
-        return _without_credentials(tracking_uri)
-    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}   (then open http://127.0.0.1:5000)"
-
-
-def _without_credentials(uri: str) -> str:
-    """http://user:pw@host -> http://host (MLflow takes credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)."""
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme in ("http", "https") and "@" in parts.netloc:
-        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
-        return urllib.parse.urlunsplit(parts)
-    return redact(uri)
 
 
 # ------------------------------------------------------------------------------------------ CLI -----------

@@ -22,8 +22,9 @@ import argparse
 import shlex
 import sys
 
+from orchestrator.config.parse import parse_override
 from orchestrator.config.studies import POINTS_FILE, STUDY_KINDS, STUDY_TAG, list_study_files, load_study_file
-from orchestrator.config.tree import ConfigError, parse_override
+from orchestrator.config.tree import ConfigError
 from pipelines.cli import entry_point, say
 
 

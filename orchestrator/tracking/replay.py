@@ -142,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CommandError(f"{e}; nothing was replayed, {redact(url)} is unchanged") from None
     missing = tracker.unlogged_summary()
     if missing:
-        print(missing, file=sys.stderr)
-        print(f"what is not logged stays in {redact(url)}; run this command again once MLflow answers",
-              file=sys.stderr)
+        log.warning(missing)
+        log.warning("what is not logged stays in %s; run this command again once MLflow answers", redact(url))
         return 1
     print(f"replayed {len(state['metrics'])} metric values, {len(state['params'])} params, "
           f"{len(state['tags'])} tags, {len(state['artifacts'])} artifacts"

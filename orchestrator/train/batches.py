@@ -226,6 +226,12 @@ class BatchFetcher:
         if self.trace:
             self.trace.close()
 
+    def __enter__(self) -> BatchFetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:  # closed whatever ends the loop: the key trace file too
+        self.close()
+
 
 def time_device_stage(loader: ShardLoader, timer: StepTimer) -> None:
     """Time the loader's device stage (augment_on='device': RandAugment, normalisation on the training device)

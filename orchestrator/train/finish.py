@@ -2,7 +2,7 @@
 training curves (finish_run), or FAILED / KILLED with the reason (end_failed); either way what never reached
 MLflow is kept next to the checkpoints for the replay command (keep_unlogged).
 
-Used by orchestrator/pretrain.py (and so fine-tuning) and by every Tune trial (orchestrator/tune/trial.py). The
+Used by orchestrator/train/driver.py (pretrain and finetune) and by every Tune trial (orchestrator/tune/trial.py). The
 run's start (open_run) is orchestrator/tracking/run.py; this module reads the final checkpoint, which the
 tracking layer does not.
 """

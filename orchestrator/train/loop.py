@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.config.tree import Config, config_from_dict
+from orchestrator.config.parse import config_from_dict
+from orchestrator.config.tree import Config
 from orchestrator.train.data_counts import DataCounts
 from orchestrator.train.setup import build_run
 from orchestrator.train.step import train_step
@@ -62,7 +63,8 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
     first_step, final = state.step, {}
     last_epoch_counts = DataCounts()  # the unfinished epoch at the run's end: reported, not checkpointed
 
-    with run.observers:  # system metrics and the profiler window: stopped whatever ends the loop
+    # the loader (and the key trace file), system metrics and the profiler window: closed whatever ends the loop
+    with run.batches, run.observers:
         while state.step < plan.total_steps:
             run.observers.before_step(state.step)
             with state.clock.step():
@@ -104,7 +106,6 @@ def run_training(cfg: Config, session, job: Job, entered: float | None = None) -
                 run.group.leave(step)  # from it, or end the run here
                 break
 
-    run.batches.close()
     final["best_top1"] = run.evaluator.best_top1
     compute = {**state.clock.metrics(), **run.log.run_figures(state.step)}  # + data-wait fraction, MFU
     final.update(compute)

@@ -235,7 +235,9 @@ def quiet_per_report_logs() -> None:
     import logging
 
     try:
-        from ray.train.v2._internal.execution import context  # private: the one use, see the docstring
+        from ray.train.v2._internal.execution import (
+            context,  # private, see the docstring; README lists every one
+        )
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)

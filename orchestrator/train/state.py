@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.checkpoint.format import save_checkpoint
+from orchestrator.checkpoint.format import read_weights, save_checkpoint
 from orchestrator.train.checkpoints import load_agreed, rng_state, set_rng_state
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts
@@ -62,11 +62,12 @@ class TrainingState:
         return True
 
     def load_init_weights(self, url: str, storage_options: dict) -> None:
-        """A state_dict file (local path or fsspec URL): how fine-tuning starts every worker from its weights."""
+        """A state_dict file (local path or fsspec URL): how fine-tuning starts every worker from its weights.
+        Read like every checkpoint file (orchestrator/checkpoint/format.py read_weights: weights_only=True)."""
+        from pipelines.redaction import redact_url
         from pipelines.storage import read_bytes
 
-        self.model.load_state_dict(torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu",
-                                              weights_only=True))
+        self.model.load_state_dict(read_weights(io.BytesIO(read_bytes(url, storage_options)), redact_url(url)))
 
     def save(self, directory, world: int, rank: int, config: dict) -> None:
         """Every rank's RNG state and data position are gathered (a collective); rank 0 writes."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator.config.parse import list_presets
 from orchestrator.config.search_space import list_spaces
-from orchestrator.config.tree import ConfigError, list_presets
+from orchestrator.config.tree import ConfigError
 from orchestrator.tune.search import run_search
 from pipelines.cli import entry_point
 

@@ -176,7 +176,7 @@ def _close_parent(parent, rows, best, best_file, n_early, n_err, n_unfinished, b
         parent.log_artifact(str(best_file), "search")
     parent.end("KILLED" if n_unfinished else "FINISHED")
     print(f"MLflow parent  {parent.run_id} (experiment {base.tracking.experiment})")
-    from orchestrator.report.compare import mlflow_ui_hint, report_command
+    from orchestrator.tracking.links import mlflow_ui_hint, report_command
 
     print(f"MLflow UI      {mlflow_ui_hint(setup['tracking_uri'])}")
     print(f"compare trials {report_command(base.tracking.experiment, parent_run_id=parent.run_id, tracking_uri=setup['tracking_uri'])}")

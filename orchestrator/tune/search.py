@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 
 from orchestrator.config.load import load_config
+from orchestrator.config.parse import config_from_dict, parse_override
 from orchestrator.config.search_space import SearchSpace, load_space, parse_space
 from orchestrator.config.space_checks import PLAN_KEYS, RESOURCE_KEYS, candidate_configs, validate_space
-from orchestrator.config.tree import ConfigError, config_from_dict, parse_override
+from orchestrator.config.tree import ConfigError
 from orchestrator.train.plan import worker_group_resources
 from orchestrator.tune.mlflow_runs import log_parent_setup, open_parent_run
 from orchestrator.tune.planning import (

@@ -5,8 +5,9 @@ Lives in an importable module because Ray pickles the trainable by reference int
 
 from __future__ import annotations
 
+from orchestrator.config.parse import config_from_dict
 from orchestrator.config.search_space import apply, parse_space, resolved_values
-from orchestrator.config.tree import Config, config_from_dict
+from orchestrator.config.tree import Config
 from orchestrator.tune.mlflow_runs import SEARCH_TAG, STATUS_TAG, TRIAL_TAG
 from orchestrator.tune.planning import objective
 

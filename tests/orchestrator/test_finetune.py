@@ -211,6 +211,33 @@ def test_pickled_code_is_never_executed(bare_env, tmp_path, capsys):
     assert pickle  # the payload class is picklable (sanity of the test itself)
 
 
+def test_initial_weights_are_read_like_every_checkpoint_file(tmp_path):
+    """What fine-tuning hands the workers (orchestrator/train/state.py load_init_weights) goes through the one
+    reader (orchestrator/checkpoint/format.py read_weights): weights_only, a clear error for a bad file."""
+    from types import SimpleNamespace
+
+    from orchestrator.checkpoint.format import DamagedCheckpointError, UnsafeCheckpointError
+    from orchestrator.train.state import TrainingState
+
+    model = torch.nn.Linear(2, 2)
+    holder = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    TrainingState.load_init_weights(holder, str(tmp_path / "init.pt"), {})
+    assert torch.equal(holder.model.weight, model.weight)
+
+    data = (tmp_path / "init.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedCheckpointError, match="damaged or truncated") as damaged:
+        TrainingState.load_init_weights(holder, str(tmp_path / "cut.pt"), {})
+    assert str(tmp_path / "cut.pt") in str(damaged.value)
+
+    marker = tmp_path / "executed"
+    torch.save({"weight": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"cannot be loaded safely \(weights_only=True\)"):
+        TrainingState.load_init_weights(holder, str(tmp_path / "evil.pt"), {})
+    assert not marker.exists()
+
+
 def test_incompatible_models_and_resolutions(bare_env, tmp_path, capsys):
     run_dir = str(_untrained_checkpoint(tmp_path / "ok"))
     assert finetune.main(["--dry-run", "--from", run_dir]) == 0 and "img_size: 32" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 import pytest
 
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import ConfigError, list_presets
+from orchestrator.config.parse import list_presets
+from orchestrator.config.tree import ConfigError
 
 
 def test_presets_load_and_validate():

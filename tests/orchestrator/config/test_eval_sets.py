@@ -4,7 +4,8 @@ under its own key (eval.sets[1].url), names unique and usable as metric prefixes
 import pytest
 
 from orchestrator.config.load import load_config
-from orchestrator.config.tree import ConfigError, EvalSetSpec, config_from_dict
+from orchestrator.config.parse import config_from_dict
+from orchestrator.config.tree import ConfigError, EvalSetSpec
 
 
 def test_sets_from_an_override_and_from_yaml(tmp_path):

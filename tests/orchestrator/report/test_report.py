@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report.compare import main, make_report, report_command
+from orchestrator.report.compare import main, make_report
 from orchestrator.report.runs import ReportError
 from orchestrator.report.table import pareto_frontier
 from orchestrator.tracking.tracker import RunTracker
@@ -237,17 +237,6 @@ def test_bad_inputs(store, tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_report_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXER_HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert report_command("mixer-pretrain") == "python -m orchestrator.report --experiment mixer-pretrain"
-    default = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert report_command("my exp", tracking_uri=default) == "python -m orchestrator.report --experiment 'my exp'"
-    cmd = report_command("mixer-tune", parent_run_id="abc123", tracking_uri="http://u:pw@127.0.0.1:5000")
-    assert cmd == ("python -m orchestrator.report --experiment mixer-tune --parent abc123 "
-                   "--tracking-uri http://127.0.0.1:5000")
-
-
 def test_no_arguments_reports_the_default_pretrain_experiment(store, tmp_path, monkeypatch, capsys):
     # A plain `python -m orchestrator.pretrain` logs to the default preset's experiment; a plain report reads it.
     from orchestrator.config.load import load_config
@@ -262,15 +251,6 @@ def test_no_arguments_reports_the_default_pretrain_experiment(store, tmp_path, m
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "s32-bs4k" in out and f"wrote {home.resolve()}/reports/{experiment}/" in out
-
-
-def test_mlflow_ui_hint_names_the_server_for_http_and_the_command_for_a_store(tmp_path):
-    from orchestrator.report.compare import mlflow_ui_hint
-
-    assert mlflow_ui_hint("http://alice:s3cr3t@mlflow.example:5000") == "http://mlflow.example:5000"
-    assert mlflow_ui_hint("https://mlflow.example/") == "https://mlflow.example/"
-    hint = mlflow_ui_hint(f"sqlite:///{tmp_path}/mlflow.db")
-    assert hint.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db")
 
 
 def test_best_top1_is_val_where_the_minival_peaked_and_says_so(tmp_path):

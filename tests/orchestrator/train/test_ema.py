@@ -147,7 +147,7 @@ def _segment_rank(rank: int, world: int, store: str, cfg_dict: dict, job: dict, 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from orchestrator.config.tree import config_from_dict
+    from orchestrator.config.parse import config_from_dict
     from orchestrator.train import loop
     from orchestrator.train.session import LocalSession
 

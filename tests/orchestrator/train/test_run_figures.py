@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pretrain import figures_lines
 from orchestrator.train.compute import ComputeClock
 from orchestrator.train.data_counts import DataCounts
+from orchestrator.train.driver import figures_lines
 
 
 class FakeClock:

@@ -196,7 +196,7 @@ def test_bad_sigterm_settings_exit_2_and_start_nothing(override, words, tmp_path
 
 
 def test_end_summary_says_how_many_restarts_were_preemptions():
-    from orchestrator.pretrain import figures_lines
+    from orchestrator.train.driver import figures_lines
 
     restarts = {"world_sizes": "2 -> 2 -> 2", "goodput/restarts": 2, "goodput/resizes": 0,
                 "goodput/steps_redone": 3, "goodput/recovery_s": 20.0}
