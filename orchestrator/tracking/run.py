@@ -117,6 +117,21 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
     return tracker
 
 
+def logged_goodput(tracking_uri: str, run_id: str) -> dict:
+    """What earlier submissions of a continued run logged of its restarts: the latest goodput/* values and the
+    world_sizes tag (empty for a new run). The run's progress ledger counts on from them (train/progress.py)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        data = MlflowClient(tracking_uri).get_run(run_id).data
+    except Exception:  # unreachable now (the tracker buffers): this submission counts its own restarts only
+        return {}
+    out = {k: v for k, v in data.metrics.items() if k.startswith("goodput/")}
+    if "world_sizes" in data.tags:
+        out["world_sizes"] = data.tags["world_sizes"]
+    return out
+
+
 def _logged_params(tracking_uri: str, run_id: str) -> set[str]:
     from mlflow.tracking import MlflowClient
 

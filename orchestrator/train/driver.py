@@ -80,7 +80,8 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         # Rank 0 logs through an actor this process owns: what an outage buffers outlives any worker.
         relay = start_relay(run) if run else None
         job.tracker_actor = relay.name if relay else None
-        job.progress_actor, ledger = start_ledger()  # restarts, resizes, steps redone: across worker groups
+        # restarts, resizes, steps redone: across worker groups, and across submissions of a continued run
+        job.progress_actor, ledger = start_ledger(run_tracking.logged_goodput(tracking_uri, run.run_id) if run else None)
         mark(marks, "run_setup")
         job.startup = marks
         trainer = launch.build_trainer(cfg, job)
@@ -111,6 +112,10 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         reason = f"stopped by SIGTERM at step {metrics.get('step', 0)}, after its checkpoint was committed"
         say(f"[preemption] {reason}; submit again with run.name={cfg.run.name} (and the same run.storage_path) "
             "to resume from it")
+        # the stop is a restart the run announced: counted as a preemption, and the next submission counts on
+        restarts = ray.get(ledger.stop_for_resubmission.remote())
+        if run:
+            log_restarts(run, restarts, int(metrics.get("step", 0)))
         end_failed(cfg, run, relay, reason, status="KILLED")
         # not an error (no `error:` line): the run stopped as asked and resumes; the shell's status for SIGTERM
         raise SystemExit(128 + signal.SIGTERM)
@@ -118,13 +123,18 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
     metrics.update(restarts)
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     if run:
-        run.log_metrics({k: v for k, v in restarts.items() if k.startswith("goodput/")}, int(metrics.get("step", 0)))
-        run.set_tags({"world_sizes": restarts["world_sizes"]})
+        log_restarts(run, restarts, int(metrics.get("step", 0)))
         collect_relay(run, relay)
         finish_run(run, cfg, plan.model_cfg, result)
         keep_unlogged(cfg, run)
     print_summary(cfg, metrics, run, tracking_uri, checkpoint_path)
     return metrics
+
+
+def log_restarts(run, restarts: dict, step: int) -> None:
+    """The ledger's totals into the MLflow run: goodput/* at the step, the world sizes as a tag."""
+    run.log_metrics({k: v for k, v in restarts.items() if k.startswith("goodput/")}, step)
+    run.set_tags({"world_sizes": restarts["world_sizes"]})
 
 
 def print_summary(cfg: Config, metrics: dict, run, tracking_uri: str | None, checkpoint_path: str | None) -> None:

@@ -260,6 +260,9 @@ def test_sigterm_to_the_driver_stops_and_the_next_submission_resumes(cluster, da
     assert notice >= sent["step"]
     assert f"stopped by SIGTERM at step {notice}, after its checkpoint was committed" in text
     assert "submit again with run.name=sig-driver" in text
+    (stopped,) = _mlflow_runs(tmp_path, "sig-driver")  # the stop is counted as a preemption restart, not a failure
+    assert stopped.info.status == "KILLED"
+    assert (stopped.data.metrics["goodput/preemptions"], stopped.data.metrics["goodput/restarts"]) == (1, 1)
 
     again = cluster.submit(entry, working_dir=REPO, wait=False)
     text2 = _follow(cluster, again, lambda line: None)  # bounded: CASE_TIMEOUT_S
@@ -270,6 +273,9 @@ def test_sigterm_to_the_driver_stops_and_the_next_submission_resumes(cluster, da
     _check_keys(tmp_path / "trace", data_url, _planned_total(text2))
     (run,) = _mlflow_runs(tmp_path, "sig-driver")  # the second submission continued the first's MLflow run
     assert run.info.status == "FINISHED"
+    # the second submission's ledger counted on from the first's: the whole run had one restart, a preemption
+    assert (run.data.metrics["goodput/preemptions"], run.data.metrics["goodput/restarts"]) == (1, 1)
+    assert re.search(r"restarts\s+1 \(.*1 of them preemptions", text2), text2[-3000:]
     print(f"driver SIGTERM case: {time.monotonic() - t0:.0f}s")
 
 
