@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from orchestrator.benchmark.feed import make_loader
-from pipelines.cli import say
+from pipelines.cli import InputError, say
 
 PLACEMENTS = ("host", "device_aug", "device_decode")
 
@@ -81,7 +81,7 @@ def run(*, device: str = "cpu", quick: bool = False, model_name: str | None = No
 
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
+        raise InputError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
     model_name = model_name or ("mixer_b16_224" if cuda else "mixer_s32_224")
     batch = batch or (256 if cuda else 8)
     steps = steps or (30 if cuda else (3 if quick else 10))

@@ -26,7 +26,7 @@ from orchestrator.config.tree import OptimSection
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.plan import peak_tflops
 from orchestrator.train.step import train_step
-from pipelines.cli import say
+from pipelines.cli import InputError, say
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM / H200 dense bf16, when the GPU's name is not in PEAK_BF16_TFLOPS
 TIMM_MISSING = (
@@ -250,7 +250,7 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
+        raise InputError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
     timm_cls, timm_info = import_timm_mixer()
     if compile == "auto":
         compile_modes = [False, True] if dev.type == "cuda" else [False]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # Train GFLOP per image (3 x forward matmul FLOPs) from model.accounting, checked by hand:
@@ -32,6 +33,15 @@ def quick_run(tmp_path_factory):
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return json.loads(out.read_text()), r.stdout
+
+
+@pytest.mark.parametrize("part", ["model", "feed"])
+def test_cuda_parts_without_a_visible_gpu_exit_2_naming_the_flag(part, monkeypatch, capsys):
+    from orchestrator.benchmark.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([part, "--device", "cuda", "--quick"]) == 2
+    assert "error: --device cuda: no CUDA device is visible to torch here; use --device cpu" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(900)
