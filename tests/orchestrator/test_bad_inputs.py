@@ -311,7 +311,7 @@ def test_failure_after_the_start_ends_the_run_failed_with_the_reason(where, code
     monkeypatch.setattr(relay, "start_relay", lambda run: None)  # the tracking relay is a Ray actor
     from orchestrator.train import progress
 
-    monkeypatch.setattr(progress, "start_ledger", lambda: (None, None))  # so is the progress ledger
+    monkeypatch.setattr(progress, "start_ledger", lambda logged=None: (None, None))  # so is the progress ledger
     monkeypatch.setattr(launch, "check_capacity", too_small)
     monkeypatch.setattr(launch, "build_trainer", lambda cfg, job: BrokenTrainer())
     experiment = f"failures-{where}"
