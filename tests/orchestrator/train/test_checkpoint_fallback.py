@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_files import store_with_steps, truncate
+from gloo_ranks import leave_group
 
 from orchestrator.checkpoint.format import (
     DamagedCheckpointError,
@@ -174,8 +175,7 @@ def _agreeing_rank(rank: int, world: int, store: str, run: str, out: str) -> Non
     restored = load_agreed(candidates, rank, world, warn=lambda m: None)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(None if restored is None else [restored[1].name, restored[0]["step"]], f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group(dist)  # every rank done with gloo; no teardown (tests/gloo_ranks.py)
 
 
 @pytest.mark.parametrize("damaged_newest", [False, True], ids=["newest", "newest-damaged"])

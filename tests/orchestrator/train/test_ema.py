@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gloo_ranks import leave_group
 from torch import nn
 
 from orchestrator.train.ema import WeightEma
@@ -162,8 +163,7 @@ def _segment_rank(rank: int, world: int, store: str, cfg_dict: dict, job: dict, 
 
     _run_segment(config_from_dict(cfg_dict), GlooSession(run_dir, num_to_keep=20, device="cpu"),
                  loop.Job(**job), f"{out}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group(dist)  # every rank done with gloo; no teardown (tests/gloo_ranks.py)
 
 
 def _run_segment(cfg, session, job, out: str) -> None:
