@@ -109,7 +109,9 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
         # MLflow params are write-once: a resumed run adds only what it lacks (e.g. a first attempt that
         # died before logging them); a changed value (say, more epochs) is kept as first logged.
         say(f"[mlflow] continuing run {run_id} of {cfg.run.name}")
-        params = {k: v for k, v in params.items() if k not in _logged_params(tracking_uri, run_id)}
+        earlier = _earlier_data(tracking_uri, run_id)  # one read: its params and what its restarts were
+        params = {k: v for k, v in params.items() if k not in (earlier.params if earlier else {})}
+        tracker.earlier_goodput = _goodput(earlier) if earlier else {}
     if params:
         tracker.log_params(params)
     if run_id is None:
@@ -117,25 +119,21 @@ def open_run(cfg: Config, tracking_uri: str, model_cfg, plan) -> RunTracker:
     return tracker
 
 
-def logged_goodput(tracking_uri: str, run_id: str) -> dict:
+def _goodput(data) -> dict:
     """What earlier submissions of a continued run logged of its restarts: the latest goodput/* values and the
-    world_sizes tag (empty for a new run). The run's progress ledger counts on from them (train/progress.py)."""
-    from mlflow.tracking import MlflowClient
-
-    try:
-        data = MlflowClient(tracking_uri).get_run(run_id).data
-    except Exception:  # unreachable now (the tracker buffers): this submission counts its own restarts only
-        return {}
+    world_sizes tag. The run's progress ledger counts on from them (train/progress.py)."""
     out = {k: v for k, v in data.metrics.items() if k.startswith("goodput/")}
     if "world_sizes" in data.tags:
         out["world_sizes"] = data.tags["world_sizes"]
     return out
 
 
-def _logged_params(tracking_uri: str, run_id: str) -> set[str]:
+def _earlier_data(tracking_uri: str, run_id: str):
+    """The continued run's MLflow RunData, None when the store cannot be read now (the tracker buffers; refused
+    duplicate params are only counted, and this submission counts its own restarts only)."""
     from mlflow.tracking import MlflowClient
 
     try:
-        return set(MlflowClient(tracking_uri).get_run(run_id).data.params)
-    except Exception:  # unreachable now: the tracker buffers, and refused duplicates are only counted
-        return set()
+        return MlflowClient(tracking_uri).get_run(run_id).data
+    except Exception:
+        return None

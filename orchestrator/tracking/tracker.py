@@ -74,6 +74,8 @@ class RunTracker(ArtifactLogging):
         self.experiment, self.run_name, self.run_id = experiment, run_name, run_id
         self.experiment_id: str | None = None
         self.parent_run_id = parent_run_id
+        # a continued run's goodput/* totals and world_sizes tag, read by tracking.run.open_run (else empty)
+        self.earlier_goodput: dict = {}
         self._init_tags = dict(tags or {})
         self._client = None
         self.retry_seconds = retry_seconds

@@ -81,7 +81,7 @@ def pretrain(cfg: Config, *, init_weights_url: str | None = None, run_tags: dict
         relay = start_relay(run) if run else None
         job.tracker_actor = relay.name if relay else None
         # restarts, resizes, steps redone: across worker groups, and across submissions of a continued run
-        job.progress_actor, ledger = start_ledger(run_tracking.logged_goodput(tracking_uri, run.run_id) if run else None)
+        job.progress_actor, ledger = start_ledger(run.earlier_goodput if run else None)
         mark(marks, "run_setup")
         job.startup = marks
         trainer = launch.build_trainer(cfg, job)
